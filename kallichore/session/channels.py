@@ -1,0 +1,107 @@
+"""The ZeroMQ sockets that connect the supervisor to one kernel.
+
+shell, control and stdin are DEALERs that share one identity, so the kernel's stdin ROUTER can
+address `input_request`s to the client whose shell request asked for input. iopub is a SUB
+subscribed to everything; the heartbeat is a REQ that may resend after a missed reply.
+
+stdin is connected only once the kernel has answered on shell: ipykernel 7 never routes an
+`input_request` to a stdin DEALER that connected before its sockets were all set up (measured:
+an early connection gets nothing, the same connection made after kernel_info works).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import trio
+import zmq
+
+from kallichore.jupyter.connection import ConnectionInfo
+from kallichore.jupyter.wire import Channel, Message, Signer, deserialize, serialize
+from kallichore.trio_zmq import TrioSocket
+
+
+class KernelChannels:
+    """One kernel's sockets, connected (ZeroMQ connects lazily, so this never blocks)."""
+
+    def __init__(
+        self, context: zmq.Context[zmq.Socket[bytes]], info: ConnectionInfo, identity: bytes
+    ) -> None:
+        self.signer: Signer = info.signer()
+        self._context = context
+        self._info = info
+        self._identity = identity
+        self._sockets: dict[Channel, TrioSocket] = {}
+        try:
+            for channel in (Channel.SHELL, Channel.CONTROL):
+                self._sockets[channel] = self._open(
+                    context, zmq.DEALER, info.address(channel), identity
+                )
+            iopub = self._open(context, zmq.SUB, info.address(Channel.IOPUB))
+            iopub.socket.setsockopt(zmq.SUBSCRIBE, b"")
+            self._sockets[Channel.IOPUB] = iopub
+            heartbeat = self._open(context, zmq.REQ, info.address(Channel.HEARTBEAT))
+            self._sockets[Channel.HEARTBEAT] = heartbeat
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _open(
+        context: zmq.Context[zmq.Socket[bytes]],
+        socket_type: int,
+        address: str,
+        identity: bytes | None = None,
+    ) -> TrioSocket:
+        sock = context.socket(socket_type)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            if identity is not None:
+                sock.setsockopt(zmq.IDENTITY, identity)
+            if socket_type == zmq.REQ:
+                # A missed heartbeat must not wedge the REQ state machine: allow resending, and
+                # drop the late reply to an abandoned request.
+                sock.setsockopt(zmq.REQ_RELAXED, 1)
+                sock.setsockopt(zmq.REQ_CORRELATE, 1)
+            sock.connect(address)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return TrioSocket(sock)
+
+    def connect_stdin(self) -> TrioSocket:
+        """Connect the stdin DEALER; call once the kernel has answered a kernel_info_request."""
+        sock = self._open(
+            self._context, zmq.DEALER, self._info.address(Channel.STDIN), self._identity
+        )
+        self._sockets[Channel.STDIN] = sock
+        return sock
+
+    def socket(self, channel: Channel) -> TrioSocket:
+        return self._sockets[channel]
+
+    async def send(self, channel: Channel, message: Message) -> None:
+        sock = self._sockets.get(channel)
+        if sock is None:
+            raise trio.ClosedResourceError(f"the {channel} channel is not connected")
+        await sock.send_multipart(serialize(message, self.signer))
+
+    def parse(self, frames: list[bytes]) -> Message:
+        """Verify and parse frames received on any of the channels (raises `WireError`)."""
+        return deserialize(frames, self.signer)[1]
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+    def __enter__(self) -> KernelChannels:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,176 @@
+"""The ordered stream of what a session has to say to its clients.
+
+Every kernel message and every supervisor event (status changes, process output, exits) is
+appended to one `EventLog` per session, so every client sees one consistent order. Events wait
+in the log until a subscriber has taken them: a kernel's output while nobody is attached is
+delivered, in order, to the next subscriber. The log is bounded; when it overflows, the oldest
+events are dropped and the subscriber that missed them is told how many with `EventsDropped`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from types import TracebackType
+from typing import Literal
+
+import attrs
+import trio
+
+from kallichore.jupyter.wire import Channel, Message
+from kallichore.session.model import Status
+
+
+@attrs.frozen
+class JupyterEvent:
+    """A message from the kernel on one of its channels."""
+
+    channel: Channel
+    message: Message
+
+
+@attrs.frozen
+class StatusEvent:
+    status: Status
+    reason: str | None
+
+
+@attrs.frozen
+class OutputEvent:
+    """One line the kernel process wrote to its own stdout or stderr (not iopub)."""
+
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+@attrs.frozen
+class ExecutionQueuedEvent:
+    """An `execute_request` is held until the kernel finishes the one before it."""
+
+    msg_id: str
+
+
+@attrs.frozen
+class ExitedEvent:
+    """The kernel process ended: its exit code, or minus the signal number that ended it."""
+
+    exit_code: int
+
+
+@attrs.frozen
+class EventsDropped:
+    """`count` events were dropped, unseen by this subscriber, because the log overflowed."""
+
+    count: int
+
+
+Event = (
+    JupyterEvent | StatusEvent | OutputEvent | ExecutionQueuedEvent | ExitedEvent | EventsDropped
+)
+
+
+class EventLog:
+    """A bounded, ordered log of events with any number of independent subscribers.
+
+    Sequence numbers count every event ever published. An event is retained while some attached
+    subscriber has not read it yet, or while no subscriber has ever taken it; a new subscriber
+    starts at the first event nobody has taken.
+    """
+
+    def __init__(self, max_buffered: int = 100_000) -> None:
+        if max_buffered < 1:
+            raise ValueError("max_buffered must be at least 1")
+        self._max_buffered = max_buffered
+        self._events: deque[Event] = deque()
+        self._first_seq = 0
+        self._next_seq = 0
+        self._delivered = 0
+        self._subscribers: set[Subscription] = set()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closed = False
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def publish(self, event: Event) -> None:
+        if self._closed:
+            return
+        self._events.append(event)
+        self._next_seq += 1
+        self._trim()
+        self._lot.unpark_all()
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription(self, self._delivered)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def close(self) -> None:
+        """No more events: subscribers get what is left, then `trio.EndOfChannel`."""
+        self._closed = True
+        self._lot.unpark_all()
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+        self._trim()
+
+    def _take(self, subscription: Subscription, max_events: int) -> list[Event]:
+        taken: list[Event] = []
+        if subscription.cursor < self._first_seq:
+            taken.append(EventsDropped(self._first_seq - subscription.cursor))
+            subscription.cursor = self._first_seq
+        start = subscription.cursor - self._first_seq
+        stop = min(len(self._events), start + max_events)
+        taken.extend(self._events[i] for i in range(start, stop))
+        subscription.cursor += stop - start
+        self._delivered = max(self._delivered, subscription.cursor)
+        self._trim()
+        return taken
+
+    def _trim(self) -> None:
+        keep_from = min((s.cursor for s in self._subscribers), default=self._delivered)
+        while self._events and self._first_seq < keep_from:
+            self._events.popleft()
+            self._first_seq += 1
+        while len(self._events) > self._max_buffered:
+            self._events.popleft()
+            self._first_seq += 1
+
+
+class Subscription:
+    """One reader's position in an `EventLog`."""
+
+    def __init__(self, log: EventLog, cursor: int) -> None:
+        self._log = log
+        self.cursor = cursor
+
+    async def receive(self, max_events: int = 1000) -> list[Event]:
+        """Wait for events after the cursor and take up to `max_events` of them.
+
+        Cancellation-safe: a cancelled call takes nothing.
+        """
+        log = self._log
+        while self.cursor >= log._next_seq:
+            if log._closed:
+                await trio.lowlevel.checkpoint()
+                raise trio.EndOfChannel
+            await log._lot.park()
+        await trio.lowlevel.checkpoint()
+        return log._take(self, max_events)
+
+    def close(self) -> None:
+        self._log._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

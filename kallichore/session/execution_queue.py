@@ -1,0 +1,38 @@
+"""Kallichore's execution queue: one `execute_request` at the kernel at a time.
+
+Holding the rest in the supervisor (instead of letting them pile up in the kernel's socket)
+lets clients see what is pending, and lets an interrupt discard it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kallichore.jupyter.wire import Message
+
+
+class ExecutionQueue:
+    def __init__(self) -> None:
+        self.active: Message | None = None
+        self.pending: deque[Message] = deque()
+
+    def submit(self, request: Message) -> bool:
+        """Take a new request; True if it should be sent to the kernel now, False if held."""
+        if self.active is None:
+            self.active = request
+            return True
+        self.pending.append(request)
+        return False
+
+    def advance(self) -> Message | None:
+        """The kernel went idle: the next request to send, if any, becomes active."""
+        self.active = self.pending.popleft() if self.pending else None
+        return self.active
+
+    def clear(self) -> None:
+        self.active = None
+        self.pending.clear()
+
+    def __len__(self) -> int:
+        """The number of pending requests, not counting the active one."""
+        return len(self.pending)

@@ -1,0 +1,106 @@
+"""What a session is asked to run, and the states it reports."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+
+import attrs
+
+from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.jupyter.wire import PROTOCOL_VERSION
+
+
+class Status(StrEnum):
+    """A session's status, with Kallichore's names."""
+
+    UNINITIALIZED = "uninitialized"
+    STARTING = "starting"
+    READY = "ready"
+    IDLE = "idle"
+    BUSY = "busy"
+    OFFLINE = "offline"
+    EXITED = "exited"
+
+
+class InterruptMode(StrEnum):
+    """How to interrupt the kernel: SIGINT to its process group, or `interrupt_request`."""
+
+    SIGNAL = "signal"
+    MESSAGE = "message"
+
+
+class SessionMode(StrEnum):
+    CONSOLE = "console"
+    NOTEBOOK = "notebook"
+    BACKGROUND = "background"
+
+
+class VarActionType(StrEnum):
+    REPLACE = "replace"
+    APPEND = "append"
+    PREPEND = "prepend"
+
+
+@attrs.frozen
+class VarAction:
+    """One step of building a kernel's environment; no separator is inserted by append/prepend."""
+
+    action: VarActionType
+    name: str
+    value: str
+
+
+def resolve_environment(base: Mapping[str, str], actions: Iterable[VarAction]) -> dict[str, str]:
+    """Apply `actions` in order to a copy of `base`."""
+    env = dict(base)
+    for step in actions:
+        current = env.get(step.name, "")
+        if step.action is VarActionType.REPLACE:
+            env[step.name] = step.value
+        elif step.action is VarActionType.APPEND:
+            env[step.name] = current + step.value
+        else:
+            env[step.name] = step.value + current
+    return env
+
+
+# Session ids end up in file names (connection files, sockets), so they are restricted to a
+# portable file-name alphabet that still admits every id Positron generates.
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
+
+
+def validate_session_id(session_id: str) -> str:
+    if not _SESSION_ID.fullmatch(session_id):
+        raise KallichoreError(
+            ErrorCode.SESSION_CREATE_FAILED,
+            f"invalid session id {session_id!r}",
+            "a session id is 1 to 128 characters from A-Z a-z 0-9 . _ @ + = - "
+            "and starts with a letter or digit",
+        )
+    return session_id
+
+
+@attrs.frozen
+class SessionSpec:
+    """Everything needed to launch one kernel (Kallichore's NewSession, minus display-only fields).
+
+    `argv` may contain `{connection_file}`, replaced at every start by the path of the
+    connection file written for that start.
+    """
+
+    session_id: str = attrs.field(converter=validate_session_id)
+    argv: tuple[str, ...] = attrs.field(converter=tuple)
+    display_name: str = ""
+    language: str = ""
+    username: str = ""
+    working_directory: str = ""
+    env: tuple[VarAction, ...] = attrs.field(default=(), converter=tuple)
+    connection_timeout: float = 30.0
+    interrupt_mode: InterruptMode = InterruptMode.MESSAGE
+    protocol_version: str = PROTOCOL_VERSION
+    session_mode: SessionMode = SessionMode.CONSOLE
+    input_prompt: str = ""
+    continuation_prompt: str = ""
+    notebook_uri: str | None = None

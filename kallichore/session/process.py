@@ -1,0 +1,74 @@
+"""The kernel as an operating-system process: launching it, reading its output, signalling it.
+
+Kernels run in a session (and process group) of their own, as jupyter_client runs them: a
+Ctrl-C in the supervisor's terminal does not reach them, and the whole tree a kernel spawned
+can be signalled at once through the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+# A line longer than this is passed on in pieces rather than buffered without bound.
+MAX_LINE_BYTES = 64 * 1024
+
+LineHandler = Callable[[Literal["stdout", "stderr"], str], None]
+
+
+async def launch(argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> trio.Process:
+    """Start the kernel with piped stdout/stderr, no stdin, in its own process group."""
+    return await trio.lowlevel.open_process(
+        list(argv),
+        env=dict(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def signal_group(pid: int, signum: int) -> bool:
+    """Send `signum` to the process group led by `pid`; False if no such group exists."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        logger.warning("not allowed to signal process group %d", pid)
+        return False
+    return True
+
+
+def kill_group(pid: int) -> bool:
+    return signal_group(pid, signal.SIGKILL)
+
+
+async def read_lines(
+    stream: trio.abc.ReceiveStream,
+    name: Literal["stdout", "stderr"],
+    on_line: LineHandler,
+) -> None:
+    """Call `on_line` for each line (newline included) until end of file."""
+    pending = bytearray()
+    async for chunk in stream:
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) != -1:
+            on_line(name, pending[start : end + 1].decode(errors="replace"))
+            start = end + 1
+        del pending[:start]
+        while len(pending) >= MAX_LINE_BYTES:
+            on_line(name, pending[:MAX_LINE_BYTES].decode(errors="replace"))
+            del pending[:MAX_LINE_BYTES]
+    if pending:
+        on_line(name, pending.decode(errors="replace"))

@@ -1,0 +1,373 @@
+"""Kernel sessions against real ipykernel processes, through the embedded API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import psutil
+import pytest
+import trio
+
+from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.jupyter.wire import Channel
+from kallichore.session.events import (
+    Event,
+    ExecutionQueuedEvent,
+    ExitedEvent,
+    JupyterEvent,
+    OutputEvent,
+    StatusEvent,
+)
+from kallichore.session.kernel_session import KernelSession
+from kallichore.session.model import InterruptMode, Status, VarAction, VarActionType
+from kallichore.supervisor import Supervisor, open_supervisor
+from tests.conftest import ipykernel_spec
+from tests.kernel_client import collect_until, is_idle_for, of_type, replies_to, stdout_text
+
+
+async def run(session: KernelSession, code: str, **kwargs: bool) -> list[JupyterEvent | Event]:
+    """Execute `code` and return every event up to the kernel's idle for it."""
+    with session.events.subscribe() as sub:
+        msg_id = await session.execute(code, **kwargs)
+        return await collect_until(sub, is_idle_for(msg_id))
+
+
+async def execute_and_collect(session: KernelSession, code: str) -> tuple[str, list[Event]]:
+    with session.events.subscribe() as sub:
+        msg_id = await session.execute(code)
+        return msg_id, await collect_until(sub, is_idle_for(msg_id))
+
+
+def statuses(events: list[Event]) -> list[tuple[Status, str | None]]:
+    return [(e.status, e.reason) for e in events if isinstance(e, StatusEvent)]
+
+
+async def test_start_returns_kernel_info_and_session_is_idle(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    assert session.status is Status.UNINITIALIZED
+    info = await session.start()
+    assert info["status"] == "ok"
+    assert info["language_info"]["name"] == "python"
+    assert session.kernel_info == info
+    assert session.status is Status.IDLE
+    assert session.process_id is not None
+    with session.events.subscribe() as sub:
+        events = await sub.receive()
+    assert statuses(events)[:1] == [(Status.STARTING, "start API called")]
+    assert (Status.IDLE, "kernel_info_request") in statuses(events)
+    # The supervisor's own kernel_info exchange is not shown to clients.
+    assert not [
+        e
+        for e in events
+        if isinstance(e, JupyterEvent) and e.message.msg_type == "kernel_info_reply"
+    ]
+
+
+async def test_execute_stream_result_and_error(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    msg_id, events = await execute_and_collect(session, "print(6*7)\n6*7")
+    messages = replies_to(events, msg_id)
+    assert stdout_text(messages) == "42\n"
+    [result] = of_type(messages, "execute_result")
+    assert result.content["data"]["text/plain"] == "42"
+    assert statuses(events)[-2:] == [
+        (Status.BUSY, "execute_request"),
+        (Status.IDLE, "execute_request"),
+    ]
+
+    msg_id, events = await execute_and_collect(session, "1/0")
+    messages = replies_to(events, msg_id)
+    [error] = of_type(messages, "error")
+    assert error.content["ename"] == "ZeroDivisionError"
+    [reply] = of_type(messages, "execute_reply")
+    assert reply.content["status"] == "error"
+
+
+async def test_input_round_trip_through_stdin(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    with session.events.subscribe() as sub:
+        msg_id = await session.execute("answer = input('name? ')\nprint('hello', answer)")
+        [request_event] = [
+            e
+            for e in await collect_until(
+                sub, lambda e: isinstance(e, JupyterEvent) and e.message.msg_type == "input_request"
+            )
+            if isinstance(e, JupyterEvent) and e.message.msg_type == "input_request"
+        ]
+        assert request_event.channel is Channel.STDIN
+        assert request_event.message.content["prompt"] == "name? "
+        reply = session.message(
+            "input_reply", {"value": "world"}, parent=request_event.message.header
+        )
+        await session.send(Channel.STDIN, reply)
+        events = await collect_until(sub, is_idle_for(msg_id))
+    assert "hello world\n" in stdout_text(replies_to(events, msg_id))
+
+
+@pytest.mark.parametrize("mode", [InterruptMode.SIGNAL, InterruptMode.MESSAGE])
+async def test_interrupt(supervisor: Supervisor, mode: InterruptMode) -> None:
+    session = await supervisor.create_session(ipykernel_spec(interrupt_mode=mode))
+    await session.start()
+    with session.events.subscribe() as sub:
+        msg_id = await session.execute("import time; time.sleep(60)")
+        await collect_until(sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.BUSY)
+        await session.interrupt()
+        events = await collect_until(sub, is_idle_for(msg_id), timeout=30)
+    [reply] = of_type(replies_to(events, msg_id), "execute_reply")
+    assert reply.content["status"] == "error"
+    assert reply.content["ename"] == "KeyboardInterrupt"
+    if mode is InterruptMode.MESSAGE:
+        interrupt_replies = [
+            e
+            for e in events
+            if isinstance(e, JupyterEvent) and e.message.msg_type == "interrupt_reply"
+        ]
+        assert interrupt_replies
+        assert interrupt_replies[0].channel is Channel.CONTROL
+    # Still usable afterwards.
+    msg_id, events = await execute_and_collect(session, "print('after')")
+    assert stdout_text(replies_to(events, msg_id)) == "after\n"
+
+
+async def test_restart_clears_state_and_keeps_the_session(
+    supervisor: Supervisor, tmp_path: object
+) -> None:
+    session = await supervisor.create_session(
+        ipykernel_spec(env=[VarAction(VarActionType.REPLACE, "KALLICHORE_TEST", "before")])
+    )
+    await session.start()
+    await run(session, "x = 41")
+    first_pid = session.process_id
+    with session.events.subscribe() as sub:
+        info = await session.restart(
+            env=[VarAction(VarActionType.REPLACE, "KALLICHORE_TEST", "after")]
+        )
+        events = await sub.receive()
+    assert info["status"] == "ok"
+    assert session.session_id == "python-test"
+    assert session.process_id not in (None, first_pid)
+    assert supervisor.get("python-test") is session
+    order = statuses(events)
+    exited = order.index((Status.EXITED, "child process exited"))
+    assert order[exited + 1] == (Status.STARTING, "start API called")
+    assert order[-1] == (Status.IDLE, "kernel_info_request")
+    assert any(isinstance(e, ExitedEvent) for e in events)
+    assert any(
+        isinstance(e, JupyterEvent)
+        and e.message.msg_type == "shutdown_reply"
+        and e.channel is Channel.CONTROL
+        for e in events
+    )
+    msg_id, events = await execute_and_collect(
+        session, "import os; print(os.environ['KALLICHORE_TEST']); x"
+    )
+    messages = replies_to(events, msg_id)
+    assert stdout_text(messages) == "after\n"
+    [error] = of_type(messages, "error")
+    assert error.content["ename"] == "NameError"
+
+
+async def test_restart_in_a_new_working_directory(
+    supervisor: Supervisor, tmp_path: os.PathLike[str]
+) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    await session.restart(working_directory=os.fspath(tmp_path))
+    msg_id, events = await execute_and_collect(session, "import os; print(os.getcwd())")
+    assert stdout_text(replies_to(events, msg_id)) == f"{os.path.realpath(tmp_path)}\n"
+
+
+async def test_restart_of_a_session_that_is_not_running_starts_it(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    info = await session.restart()
+    assert info["status"] == "ok"
+    assert session.status is Status.IDLE
+
+
+async def test_kill_reports_the_signal(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    pid = session.process_id
+    assert pid is not None
+    with session.events.subscribe() as sub:
+        await session.kill()
+        events = await collect_until(sub, lambda e: isinstance(e, ExitedEvent))
+    assert events[-1] == ExitedEvent(-signal.SIGKILL)
+    assert (Status.EXITED, "child process exited") in statuses(events)
+    assert session.status is Status.EXITED
+    assert session.process_id is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(KallichoreError) as raised:
+        await session.kill()
+    assert raised.value.code is ErrorCode.SESSION_NOT_RUNNING
+
+
+async def test_kernel_that_exits_on_its_own(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    with session.events.subscribe() as sub:
+        await session.execute("import os; os._exit(3)")
+        events = await collect_until(sub, lambda e: isinstance(e, ExitedEvent), timeout=10)
+    assert events[-1] == ExitedEvent(3)
+    assert session.status is Status.EXITED
+    # No message is fed to a kernel that is not there.
+    with pytest.raises(KallichoreError) as raised:
+        await session.execute("1")
+    assert raised.value.code is ErrorCode.SESSION_NOT_RUNNING
+
+
+async def test_bad_argv_fails_the_start_clearly(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(
+        ipykernel_spec(argv=["/nonexistent/kernel", "{connection_file}"])
+    )
+    with pytest.raises(StartupError) as raised:
+        await session.start()
+    assert raised.value.code is ErrorCode.PROCESS_START_FAILED
+    assert raised.value.exit_code == 2  # ENOENT
+    assert "/nonexistent/kernel" in raised.value.message
+    assert session.status is Status.EXITED
+    assert not list(supervisor.runtime_dir.iterdir())
+
+
+async def test_kernel_that_exits_during_start(supervisor: Supervisor) -> None:
+    code = "import sys; print('cannot start today'); print('details', file=sys.stderr); sys.exit(7)"
+    session = await supervisor.create_session(ipykernel_spec(argv=[sys.executable, "-c", code]))
+    with pytest.raises(StartupError) as raised:
+        await session.start()
+    error = raised.value
+    assert error.code is ErrorCode.PROCESS_ABNORMAL_EXIT
+    assert error.exit_code == 7
+    assert "cannot start today\n" in error.output
+    assert "details\n" in error.output
+    assert session.status is Status.EXITED
+    assert not session.is_running
+    assert not list(supervisor.runtime_dir.iterdir())
+
+
+async def test_kernel_that_never_connects_times_out_and_is_killed(supervisor: Supervisor) -> None:
+    code = "import time; print('sleeping', flush=True); time.sleep(600)"
+    session = await supervisor.create_session(
+        ipykernel_spec(argv=[sys.executable, "-c", code], connection_timeout=1.0)
+    )
+    with pytest.raises(StartupError) as raised:
+        await session.start()
+    assert raised.value.code is ErrorCode.SESSION_CONNECTION_TIMEOUT
+    assert "sleeping\n" in raised.value.output
+    assert session.status is Status.EXITED
+    assert not psutil.Process().children(recursive=True)
+
+
+async def test_events_wait_for_the_next_subscriber(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    with session.events.subscribe() as sub:
+        await sub.receive()  # startup events, taken by an earlier client
+    msg_id = await session.execute("for i in range(50): print(i)")
+    with trio.fail_after(60):
+        while session.execution_queue.active is not None:  # noqa: ASYNC110 (a client's view)
+            await trio.sleep(0.05)
+    with session.events.subscribe() as sub:
+        events = await collect_until(sub, is_idle_for(msg_id))
+    assert stdout_text(replies_to(events, msg_id)) == "".join(f"{i}\n" for i in range(50))
+    kinds = [e.message.msg_type for e in events if isinstance(e, JupyterEvent)]
+    assert kinds[0] == "status"
+    assert kinds.index("execute_input") < kinds.index("stream")
+
+
+async def test_execution_queue_holds_requests_while_the_kernel_is_busy(
+    supervisor: Supervisor,
+) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    with session.events.subscribe() as sub:
+        first = await session.execute("import time; time.sleep(0.5); a = 1")
+        second = await session.execute("b = a + 1")
+        third = await session.execute("print(a + b)")
+        assert session.execution_queue.active is not None
+        assert session.execution_queue.active.msg_id == first
+        assert [m.msg_id for m in session.execution_queue.pending] == [second, third]
+        events = await collect_until(sub, is_idle_for(third))
+    queued = [e.msg_id for e in events if isinstance(e, ExecutionQueuedEvent)]
+    assert queued == [second, third]
+    assert stdout_text(replies_to(events, third)) == "3\n"
+    assert session.execution_queue.active is None
+
+
+async def test_heartbeat_loss_and_recovery(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    pid = session.process_id
+    assert pid is not None
+    with session.events.subscribe() as sub:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await collect_until(
+                sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.OFFLINE
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        events = await collect_until(
+            sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.IDLE
+        )
+    assert (Status.IDLE, "heartbeat detected after offline") in statuses(events)
+
+
+async def test_kernel_output_lines_become_output_events(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    with session.events.subscribe() as sub:
+        await session.execute("import os; os.write(2, b'straight to stderr\\n')")
+        events = await collect_until(
+            sub, lambda e: isinstance(e, OutputEvent) and "stderr" in e.text
+        )
+    assert events[-1] == OutputEvent("stderr", "straight to stderr\n")
+
+
+async def test_delete_only_when_not_running(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    with pytest.raises(KallichoreError) as raised:
+        await supervisor.delete("python-test")
+    assert raised.value.code is ErrorCode.SESSION_RUNNING
+    await session.shutdown()
+    assert session.status is Status.EXITED
+    await supervisor.delete("python-test")
+    with pytest.raises(KallichoreError) as missing:
+        supervisor.get("python-test")
+    assert missing.value.code is ErrorCode.SESSION_NOT_FOUND
+
+
+async def test_duplicate_and_invalid_session_ids(supervisor: Supervisor) -> None:
+    await supervisor.create_session(ipykernel_spec())
+    with pytest.raises(KallichoreError) as raised:
+        await supervisor.create_session(ipykernel_spec())
+    assert raised.value.code is ErrorCode.SESSION_EXISTS
+    with pytest.raises(KallichoreError) as invalid:
+        ipykernel_spec("../escape")
+    assert invalid.value.code is ErrorCode.SESSION_CREATE_FAILED
+
+
+async def test_leaving_the_supervisor_leaves_no_process_or_file(tmp_path: os.PathLike[str]) -> None:
+    async with open_supervisor() as sup:
+        runtime_dir = sup.runtime_dir
+        sessions = [await sup.create_session(ipykernel_spec(f"python-{i}")) for i in range(3)]
+        async with trio.open_nursery() as nursery:
+            for session in sessions:
+                nursery.start_soon(session.start)
+        # One kernel is busy and one has a background child in its process group.
+        await sessions[0].execute("import time; time.sleep(600)")
+        await run(sessions[1], "import subprocess; p = subprocess.Popen(['sleep', '600'])")
+        assert len(psutil.Process().children(recursive=True)) >= 4
+        assert list(runtime_dir.iterdir())
+    assert psutil.Process().children(recursive=True) == []
+    assert not runtime_dir.exists()
+
+
+async def test_an_error_in_the_block_comes_out_as_itself() -> None:
+    with pytest.raises(ValueError, match="mine"):
+        async with open_supervisor():
+            raise ValueError("mine")
