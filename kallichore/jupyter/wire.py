@@ -47,7 +47,12 @@ class Channel(StrEnum):
 
 def dumps(value: Any) -> bytes:
     """Compact JSON, as kernels and jupyter_client write it."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (valid in JSON as an escape like \ud800) has no UTF-8 form: keep it
+        # escaped rather than fail, since a peer may send one and expect it back.
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def loads(data: bytes | str) -> Any:

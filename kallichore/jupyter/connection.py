@@ -1,0 +1,204 @@
+"""Connection files: the ports and key a kernel is told to use, and how we pick them.
+
+A kernel learns where to bind its five sockets, and which key signs its messages, from a JSON
+connection file passed on its command line. The file holds a secret, so it is written readable
+by its owner only, and atomically, so a kernel that starts quickly never reads half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel, Signer
+
+TRANSPORTS = ("tcp", "ipc")
+_REQUIRED = ("control_port", "shell_port", "stdin_port", "hb_port", "iopub_port", "key")
+_OPTIONAL = ("signature_scheme", "transport", "ip")
+# Give up rather than loop forever if the OS keeps handing back ports we have reserved.
+_MAX_ATTEMPTS_PER_PORT = 100
+
+
+def _check_port(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    # bool is an int subclass, but `true` in a connection file is a mistake, not port 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be an integer, got {value!r}")
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be between 1 and 65535, got {value}")
+
+
+def _check_str(_instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{attribute.name} must be a string, got {value!r}")
+
+
+def _check_scheme(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value != SIGNATURE_SCHEME:
+        raise ValueError(f"{attribute.name} must be {SIGNATURE_SCHEME!r}, got {value!r}")
+
+
+def _check_transport(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in TRANSPORTS:
+        raise ValueError(f"{attribute.name} must be one of {TRANSPORTS}, got {value!r}")
+
+
+def _check_ip(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must not be empty")
+
+
+@attrs.frozen
+class ConnectionInfo:
+    """The contents of a connection file. Validated on construction, whatever the source."""
+
+    control_port: int = attrs.field(validator=_check_port)
+    shell_port: int = attrs.field(validator=_check_port)
+    stdin_port: int = attrs.field(validator=_check_port)
+    hb_port: int = attrs.field(validator=_check_port)
+    iopub_port: int = attrs.field(validator=_check_port)
+    key: str = attrs.field(validator=_check_str)
+    signature_scheme: str = attrs.field(
+        default=SIGNATURE_SCHEME, validator=[_check_str, _check_scheme]
+    )
+    transport: str = attrs.field(default="tcp", validator=[_check_str, _check_transport])
+    ip: str = attrs.field(default="127.0.0.1", validator=[_check_str, _check_ip])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The connection file's JSON object, keys in the order Jupyter tools write them."""
+        return {
+            "control_port": self.control_port,
+            "shell_port": self.shell_port,
+            "stdin_port": self.stdin_port,
+            "hb_port": self.hb_port,
+            "iopub_port": self.iopub_port,
+            "signature_scheme": self.signature_scheme,
+            "key": self.key,
+            "transport": self.transport,
+            "ip": self.ip,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConnectionInfo:
+        """Parse a connection file's object; extra keys (kernel_name, ...) are ignored.
+
+        Raises `ValueError` naming the missing or invalid field.
+        """
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise ValueError(f"connection info is missing {', '.join(missing)}")
+        fields = {name: data[name] for name in (*_REQUIRED, *_OPTIONAL) if name in data}
+        return cls(**fields)
+
+    def address(self, channel: Channel) -> str:
+        """The ZeroMQ endpoint of `channel`."""
+        port = self.port(channel)
+        if self.transport == "ipc":
+            # Jupyter's convention: the ip field is a path prefix, one socket file per channel.
+            return f"ipc://{self.ip}-{port}"
+        return f"tcp://{self.ip}:{port}"
+
+    def port(self, channel: Channel) -> int:
+        """The port of `channel` (for ipc, the number in its socket file name)."""
+        port: int = getattr(self, f"{channel.value}_port")
+        return port
+
+    def signer(self) -> Signer:
+        return Signer(self.key.encode(), self.signature_scheme)
+
+
+def new_key() -> str:
+    """A fresh signing key: 128 random bits as lowercase hex."""
+    return secrets.token_hex(16)
+
+
+def write_connection_file(path: os.PathLike[str] | str, info: ConnectionInfo) -> None:
+    """Write `info` to `path` atomically, readable by the owner only.
+
+    The data goes to a 0600 temp file in the same directory (so it is never world-readable,
+    even for a moment, and the final rename stays on one filesystem), is fsynced, then replaces
+    `path`. On any failure the temp file is removed and `path` is left as it was.
+    """
+    target = Path(path)
+    data = (json.dumps(info.to_dict(), indent=2) + "\n").encode()
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_connection_file(path: os.PathLike[str] | str) -> ConnectionInfo:
+    """Load a connection file. Raises `ValueError` (naming the file) if it is not valid."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return ConnectionInfo.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)}: {exc}") from None
+
+
+class PortAllocator:
+    """Hands out free TCP ports on 127.0.0.1 and remembers which are in use by our own kernels,
+    so two sessions starting at once never get the same port.
+
+    A port is free when the OS lets us bind it; between our probe and the kernel's bind another
+    process could take it, which no allocator can prevent, but our own kernels cannot collide.
+    """
+
+    def __init__(self) -> None:
+        self._reserved: set[int] = set()
+        # Sessions may be started from worker threads as well as the event loop.
+        self._lock = threading.Lock()
+
+    @property
+    def reserved(self) -> frozenset[int]:
+        """The ports handed out and not yet released."""
+        with self._lock:
+            return frozenset(self._reserved)
+
+    def allocate(self, count: int = 5) -> list[int]:
+        """`count` distinct free ports, reserved until `release`d."""
+        if count < 0:
+            raise ValueError(f"count must not be negative, got {count}")
+        ports: list[int] = []
+        probes: list[socket.socket] = []
+        with self._lock:
+            try:
+                while len(ports) < count:
+                    if len(probes) == count * _MAX_ATTEMPTS_PER_PORT:
+                        raise OSError(f"could not find {count} free ports")
+                    # Keep every probe bound until the end, so the OS cannot hand out the same
+                    # port twice within this call.
+                    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    probes.append(probe)
+                    probe.bind(("127.0.0.1", 0))
+                    port: int = probe.getsockname()[1]
+                    if port not in self._reserved and port not in ports:
+                        ports.append(port)
+            finally:
+                for probe in probes:
+                    probe.close()
+            self._reserved.update(ports)
+        return ports
+
+    def release(self, ports: Iterable[int]) -> None:
+        """Return ports to the pool once the kernel that used them has exited."""
+        with self._lock:
+            self._reserved.difference_update(ports)
