@@ -1,3 +1,54 @@
-"""kallichore: a headless Jupyter kernel supervisor built on trio."""
+"""kallichore: a headless Jupyter kernel supervisor built on trio.
+
+The embeddable API in one import::
+
+    from kallichore import open_supervisor, SessionSpec, python_kernelspec
+"""
+
+from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.jupyter.kernelspec import KernelSpec, get_kernelspec, python_kernelspec
+from kallichore.jupyter.wire import Channel, Message
+from kallichore.session.events import (
+    Event,
+    EventsDropped,
+    ExecutionQueuedEvent,
+    ExitedEvent,
+    JupyterEvent,
+    OutputEvent,
+    StatusEvent,
+    Subscription,
+)
+from kallichore.session.kernel_session import KernelSession, SessionConfig
+from kallichore.session.model import InterruptMode, SessionSpec, Status, VarAction, VarActionType
+from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Channel",
+    "ErrorCode",
+    "Event",
+    "EventsDropped",
+    "ExecutionQueuedEvent",
+    "ExitedEvent",
+    "InterruptMode",
+    "JupyterEvent",
+    "KallichoreError",
+    "KernelSession",
+    "KernelSpec",
+    "Message",
+    "OutputEvent",
+    "SessionConfig",
+    "SessionSpec",
+    "StartupError",
+    "Status",
+    "StatusEvent",
+    "Subscription",
+    "Supervisor",
+    "SupervisorConfig",
+    "VarAction",
+    "VarActionType",
+    "get_kernelspec",
+    "open_supervisor",
+    "python_kernelspec",
+]

@@ -73,7 +73,7 @@ class EventLog:
 
     Sequence numbers count every event ever published. An event is retained while some attached
     subscriber has not read it yet, or while no subscriber has ever taken it; a new subscriber
-    starts at the first event nobody has taken.
+    starts at the first event nobody has taken. Overflow drops the oldest events first.
     """
 
     def __init__(self, max_buffered: int = 100_000) -> None:
@@ -103,8 +103,16 @@ class EventLog:
         self._trim()
         self._lot.unpark_all()
 
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self, self._delivered)
+    def subscribe(self, *, backlog: bool = True) -> Subscription:
+        """Follow the log from the first event nobody has taken.
+
+        Without `backlog`, follow it from now on as an observer: what an observer reads still
+        counts as undelivered for the next subscriber that takes the backlog.
+        """
+        if backlog:
+            subscription = Subscription(self, self._delivered, delivers=True)
+        else:
+            subscription = Subscription(self, self._next_seq, delivers=False)
         self._subscribers.add(subscription)
         return subscription
 
@@ -126,12 +134,14 @@ class EventLog:
         stop = min(len(self._events), start + max_events)
         taken.extend(self._events[i] for i in range(start, stop))
         subscription.cursor += stop - start
-        self._delivered = max(self._delivered, subscription.cursor)
+        if subscription.delivers:
+            self._delivered = max(self._delivered, subscription.cursor)
         self._trim()
         return taken
 
     def _trim(self) -> None:
         keep_from = min((s.cursor for s in self._subscribers), default=self._delivered)
+        keep_from = min(keep_from, self._delivered)
         while self._events and self._first_seq < keep_from:
             self._events.popleft()
             self._first_seq += 1
@@ -143,9 +153,10 @@ class EventLog:
 class Subscription:
     """One reader's position in an `EventLog`."""
 
-    def __init__(self, log: EventLog, cursor: int) -> None:
+    def __init__(self, log: EventLog, cursor: int, *, delivers: bool) -> None:
         self._log = log
         self.cursor = cursor
+        self.delivers = delivers
 
     async def receive(self, max_events: int = 1000) -> list[Event]:
         """Wait for events after the cursor and take up to `max_events` of them.

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
+from typing import Any
 
 import attrs
 
 from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.jupyter.kernelspec import KernelSpec
 from kallichore.jupyter.wire import PROTOCOL_VERSION
 
 
@@ -82,6 +85,14 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _var_actions(values: Iterable[VarAction]) -> tuple[VarAction, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class SessionSpec:
     """Everything needed to launch one kernel (Kallichore's NewSession, minus display-only fields).
@@ -91,12 +102,12 @@ class SessionSpec:
     """
 
     session_id: str = attrs.field(converter=validate_session_id)
-    argv: tuple[str, ...] = attrs.field(converter=tuple)
+    argv: tuple[str, ...] = attrs.field(converter=_strings)
     display_name: str = ""
     language: str = ""
     username: str = ""
     working_directory: str = ""
-    env: tuple[VarAction, ...] = attrs.field(default=(), converter=tuple)
+    env: tuple[VarAction, ...] = attrs.field(default=(), converter=_var_actions)
     connection_timeout: float = 30.0
     interrupt_mode: InterruptMode = InterruptMode.MESSAGE
     protocol_version: str = PROTOCOL_VERSION
@@ -104,3 +115,31 @@ class SessionSpec:
     input_prompt: str = ""
     continuation_prompt: str = ""
     notebook_uri: str | None = None
+
+    @classmethod
+    def from_kernelspec(cls, session_id: str, kernelspec: KernelSpec, **fields: Any) -> SessionSpec:
+        """A spec that launches `kernelspec`; `fields` set or override the other attributes.
+
+        As jupyter_client does, a kernelspec that runs plain `python` is run with this
+        interpreter, so a supervisor started from a virtualenv gets that virtualenv's kernel.
+        """
+        argv = list(kernelspec.argv)
+        if argv[0] in _PYTHON_NAMES:
+            argv[0] = sys.executable
+        resource_dir = str(kernelspec.resource_dir or "")
+        argv = [arg.replace("{resource_dir}", resource_dir) for arg in argv]
+        env = tuple(
+            VarAction(VarActionType.REPLACE, name, value.replace("{resource_dir}", resource_dir))
+            for name, value in kernelspec.env.items()
+        )
+        defaults: dict[str, Any] = {
+            "display_name": kernelspec.display_name,
+            "language": kernelspec.language,
+            "env": env,
+            "interrupt_mode": InterruptMode(kernelspec.interrupt_mode),
+            "protocol_version": kernelspec.protocol_version or PROTOCOL_VERSION,
+        }
+        return cls(session_id=session_id, argv=argv, **(defaults | fields))
+
+
+_PYTHON_NAMES = {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"}

@@ -1,0 +1,104 @@
+"""The session event log: order, retention while nobody listens, bounds, cancellation."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from kallichore.session.events import EventLog, EventsDropped, ExecutionQueuedEvent
+
+
+def queued(n: int) -> ExecutionQueuedEvent:
+    return ExecutionQueuedEvent(str(n))
+
+
+async def test_events_published_with_no_subscriber_reach_the_next_one_in_order() -> None:
+    log = EventLog()
+    for i in range(5):
+        log.publish(queued(i))
+    with log.subscribe() as sub:
+        assert await sub.receive() == [queued(i) for i in range(5)]
+    log.publish(queued(5))
+    with log.subscribe() as sub:
+        # What the first subscriber took is not delivered twice.
+        assert await sub.receive() == [queued(5)]
+
+
+async def test_receive_waits_for_new_events() -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        async with trio.open_nursery() as nursery:
+            got: list[object] = []
+
+            async def reader() -> None:
+                got.extend(await sub.receive())
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            log.publish(queued(1))
+        assert got == [queued(1)]
+
+
+async def test_each_subscriber_sees_every_event() -> None:
+    log = EventLog()
+    with log.subscribe() as a, log.subscribe() as b:
+        for i in range(3):
+            log.publish(queued(i))
+        assert await a.receive(max_events=2) == [queued(0), queued(1)]
+        assert await b.receive() == [queued(i) for i in range(3)]
+        assert await a.receive() == [queued(2)]
+
+
+async def test_overflow_drops_the_oldest_and_says_so() -> None:
+    log = EventLog(max_buffered=3)
+    for i in range(10):
+        log.publish(queued(i))
+    assert len(log) == 3
+    with log.subscribe() as sub:
+        assert await sub.receive() == [EventsDropped(7), queued(7), queued(8), queued(9)]
+
+
+async def test_a_slow_subscriber_is_told_what_it_missed() -> None:
+    log = EventLog(max_buffered=2)
+    with log.subscribe() as sub:
+        for i in range(5):
+            log.publish(queued(i))
+        assert await sub.receive() == [EventsDropped(3), queued(3), queued(4)]
+
+
+async def test_an_observer_leaves_the_backlog_for_the_next_client() -> None:
+    log = EventLog()
+    log.publish(queued(0))
+    with log.subscribe(backlog=False) as observer:
+        log.publish(queued(1))
+        assert await observer.receive() == [queued(1)]
+    with log.subscribe() as client:
+        assert await client.receive() == [queued(0), queued(1)]
+
+
+async def test_cancelled_receive_takes_nothing() -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        log.publish(queued(0))
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sub.receive()
+        assert await sub.receive() == [queued(0)]
+
+
+async def test_close_ends_subscribers_after_the_remaining_events() -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        log.publish(queued(0))
+        log.close()
+        log.publish(queued(1))
+        assert await sub.receive() == [queued(0)]
+        with pytest.raises(trio.EndOfChannel):
+            await sub.receive()
+
+
+def test_the_bound_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        EventLog(max_buffered=0)
