@@ -371,3 +371,34 @@ async def test_an_error_in_the_block_comes_out_as_itself() -> None:
     with pytest.raises(ValueError, match="mine"):
         async with open_supervisor():
             raise ValueError("mine")
+
+
+async def test_a_cancelled_start_leaves_nothing_running(supervisor: Supervisor) -> None:
+    session = await supervisor.create_session(ipykernel_spec())
+    with trio.move_on_after(0.05) as scope:
+        await session.start()
+    assert scope.cancelled_caught
+    assert session.status is Status.EXITED
+    assert not session.is_running
+    assert psutil.Process().children(recursive=True) == []
+    assert not list(supervisor.runtime_dir.iterdir())
+    # The session can still be started afterwards.
+    info = await session.start()
+    assert info["status"] == "ok"
+
+
+async def test_shutdown_kills_a_kernel_that_does_not_exit_in_time(supervisor: Supervisor) -> None:
+    code = "import time; time.sleep(600)"
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    pid = session.process_id
+    with session.events.subscribe() as sub:
+        await session.execute(code)
+        await collect_until(sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.BUSY)
+        await session.shutdown(grace=0.5)
+        events = await collect_until(sub, lambda e: isinstance(e, ExitedEvent))
+    assert session.status is Status.EXITED
+    # A busy ipykernel does not act on shutdown_request: the grace period ran out.
+    assert events[-1] == ExitedEvent(-signal.SIGKILL)
+    assert pid is not None
+    assert not psutil.pid_exists(pid)

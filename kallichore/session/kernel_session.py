@@ -366,13 +366,19 @@ class KernelSession:
         if cwd is not None and not os.path.isdir(cwd):
             logger.warning("session %s: working directory %r does not exist", self.session_id, cwd)
             cwd = None
+        channels: KernelChannels | None = None
         try:
+            channels = KernelChannels(self._context, info, self.session_id.encode())
             write_connection_file(path, info)
             process = await kernel_process.launch(argv, env, cwd)
-        except OSError as exc:
+        except BaseException as exc:
+            if channels is not None:
+                channels.close()
             self._ports.release(ports)
             path.unlink(missing_ok=True)
             self._set_status(Status.EXITED, f"failed to spawn process: {exc}")
+            if not isinstance(exc, OSError):
+                raise
             raise StartupError(
                 ErrorCode.PROCESS_START_FAILED,
                 f"failed to start the kernel {argv[0]!r}: {exc.strerror or exc}",
@@ -381,7 +387,7 @@ class KernelSession:
         self.connection_info = info
         return _KernelRun(
             process=process,
-            channels=KernelChannels(self._context, info, self.session_id.encode()),
+            channels=channels,
             connection=info,
             connection_file=path,
             ports=ports,
