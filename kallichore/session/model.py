@@ -40,6 +40,15 @@ class SessionMode(StrEnum):
     BACKGROUND = "background"
 
 
+class StartupEnvironment(StrEnum):
+    """How the kernel is launched: directly, or through the user's shell (Unix only)."""
+
+    NONE = "none"
+    SHELL = "shell"
+    COMMAND = "command"
+    SCRIPT = "script"
+
+
 class VarActionType(StrEnum):
     REPLACE = "replace"
     APPEND = "append"
@@ -115,6 +124,8 @@ class SessionSpec:
     input_prompt: str = ""
     continuation_prompt: str = ""
     notebook_uri: str | None = None
+    startup_environment: StartupEnvironment = StartupEnvironment.NONE
+    startup_environment_arg: str | None = None
 
     @classmethod
     def from_kernelspec(cls, session_id: str, kernelspec: KernelSpec, **fields: Any) -> SessionSpec:
