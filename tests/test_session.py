@@ -268,7 +268,7 @@ async def test_events_wait_for_the_next_subscriber(supervisor: Supervisor) -> No
         await sub.receive()  # startup events, taken by an earlier client
     msg_id = await session.execute("for i in range(50): print(i)")
     with trio.fail_after(60):
-        while session.execution_queue.active is not None:  # noqa: ASYNC110 (a client's view)
+        while session.execution_queue.active is not None:
             await trio.sleep(0.05)
     with session.events.subscribe() as sub:
         events = await collect_until(sub, is_idle_for(msg_id))

@@ -120,14 +120,19 @@ def new_key() -> str:
 
 
 def write_connection_file(path: os.PathLike[str] | str, info: ConnectionInfo) -> None:
-    """Write `info` to `path` atomically, readable by the owner only.
+    """Write `info` to `path` atomically, readable by the owner only."""
+    write_json_file(path, info.to_dict())
+
+
+def write_json_file(path: os.PathLike[str] | str, contents: Mapping[str, Any]) -> None:
+    """Write a JSON object holding a secret to `path` atomically, readable by the owner only.
 
     The data goes to a 0600 temp file in the same directory (so it is never world-readable,
     even for a moment, and the final rename stays on one filesystem), is fsynced, then replaces
     `path`. On any failure the temp file is removed and `path` is left as it was.
     """
     target = Path(path)
-    data = (json.dumps(info.to_dict(), indent=2) + "\n").encode()
+    data = (json.dumps(contents, indent=2) + "\n").encode()
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

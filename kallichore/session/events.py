@@ -16,8 +16,10 @@ from typing import Literal
 import attrs
 import trio
 
+from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message
 from kallichore.session.model import Status
+from kallichore.session.resources import ResourceUsage
 
 
 @attrs.frozen
@@ -57,6 +59,26 @@ class ExitedEvent:
 
 
 @attrs.frozen
+class WorkingDirChangedEvent:
+    """The kernel's current directory changed during an execution."""
+
+    path: str
+
+
+@attrs.frozen
+class ResourceUsageEvent:
+    usage: ResourceUsage
+
+
+@attrs.frozen
+class HandshakeCompletedEvent:
+    """A kernel registered itself through the JEP 66 handshake, at these ports."""
+
+    session_id: str
+    connection: ConnectionInfo
+
+
+@attrs.frozen
 class EventsDropped:
     """`count` events were dropped, unseen by this subscriber, because the log overflowed."""
 
@@ -64,7 +86,15 @@ class EventsDropped:
 
 
 Event = (
-    JupyterEvent | StatusEvent | OutputEvent | ExecutionQueuedEvent | ExitedEvent | EventsDropped
+    JupyterEvent
+    | StatusEvent
+    | OutputEvent
+    | ExecutionQueuedEvent
+    | ExitedEvent
+    | WorkingDirChangedEvent
+    | ResourceUsageEvent
+    | HandshakeCompletedEvent
+    | EventsDropped
 )
 
 

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from kallichore.jupyter.connection import (
     ConnectionInfo,
     PortAllocator,
     new_key,
-    write_connection_file,
+    write_json_file,
 )
 from kallichore.jupyter.wire import Channel, JSONObject, Message, WireError
 from kallichore.session import process as kernel_process
@@ -37,17 +38,28 @@ from kallichore.session.events import (
     EventLog,
     ExecutionQueuedEvent,
     ExitedEvent,
+    HandshakeCompletedEvent,
     JupyterEvent,
     OutputEvent,
     StatusEvent,
+    WorkingDirChangedEvent,
 )
 from kallichore.session.execution_queue import ExecutionQueue
+from kallichore.session.handshake import HandshakeError, Registration, wants_handshake
 from kallichore.session.model import (
     InterruptMode,
     SessionSpec,
+    StartupEnvironment,
     Status,
     VarAction,
     resolve_environment,
+)
+from kallichore.session.resources import ResourceUsage
+from kallichore.session.startup import (
+    build_command,
+    choose_shell,
+    is_marker_line,
+    startup_failure_details,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +67,8 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_PAYLOAD = b"kallichore-heartbeat"
 # Output lines kept for a StartupError; a kernel that prints more before failing is cut short.
 MAX_STARTUP_OUTPUT_LINES = 2000
+# An adopted kernel has no process to watch; this many missed heartbeats in a row end it.
+ADOPTED_HEARTBEAT_MISSES = 3
 # How long the output readers may go on after the process exits (a grandchild can hold a pipe).
 OUTPUT_DRAIN_SECONDS = 1.0
 
@@ -71,22 +85,30 @@ class SessionConfig:
 
 @attrs.define(eq=False)
 class _KernelRun:
-    """One kernel process from launch to exit."""
+    """One kernel from launch (or adoption) to exit."""
 
-    process: trio.Process
-    channels: KernelChannels
-    connection: ConnectionInfo
-    connection_file: Path
-    ports: list[int]
+    process: trio.Process | None
+    connection: ConnectionInfo | None = None
+    channels: KernelChannels | None = None
+    registration: Registration | None = None
+    connection_file: Path | None = None
+    ports: list[int] = attrs.field(factory=list)
+    shell: str | None = None
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     ready: bool = False
     exit_code: int | None = None
     exited: trio.Event = attrs.field(factory=trio.Event)
     startup_output: list[str] = attrs.field(factory=list)
+    markers_seen: list[str] = attrs.field(factory=list)
     # Our own kernel_info_requests: their replies and busy/idle are not forwarded to clients.
     startup_requests: set[str] = attrs.field(factory=set)
     kernel_info_received: trio.Event = attrs.field(factory=trio.Event)
     iopub_alive: trio.Event = attrs.field(factory=trio.Event)
+
+    def require_channels(self) -> KernelChannels:
+        if self.channels is None:
+            raise KallichoreError(ErrorCode.SESSION_NOT_RUNNING, "the kernel is still starting")
+        return self.channels
 
 
 class KernelSession:
@@ -114,6 +136,11 @@ class KernelSession:
         self.connection_info: ConnectionInfo | None = None
         self.idle_since: float | None = None
         self.busy_since: float | None = None
+        # Set by the API layer while a channels client is attached.
+        self.connected = False
+        self.resource_usage: ResourceUsage | None = None
+        self.input_prompt = spec.input_prompt
+        self.continuation_prompt = spec.continuation_prompt
         self._context = context
         self._ports = ports
         self._runtime_dir = runtime_dir
@@ -128,7 +155,8 @@ class KernelSession:
 
     @property
     def process_id(self) -> int | None:
-        return self._kernel.process.pid if self._kernel else None
+        kernel = self._kernel
+        return kernel.process.pid if kernel is not None and kernel.process is not None else None
 
     @property
     def is_running(self) -> bool:
@@ -202,6 +230,10 @@ class KernelSession:
             raise KallichoreError(
                 ErrorCode.SESSION_NOT_RUNNING, f"session {self.session_id} is not running"
             )
+        if kernel.process is None:
+            raise KallichoreError(
+                ErrorCode.NO_PROCESS, f"session {self.session_id} has no kernel process to kill"
+            )
         self.execution_queue.clear()
         if not kernel_process.kill_group(kernel.process.pid):
             raise KallichoreError(
@@ -215,13 +247,50 @@ class KernelSession:
         """Interrupt the kernel's current work, by signal or by message per `interrupt_mode`."""
         kernel = self._require_kernel(ErrorCode.SESSION_INTERRUPT_FAILED)
         if self.spec.interrupt_mode is InterruptMode.SIGNAL:
-            if not kernel_process.signal_group(kernel.process.pid, signal.SIGINT):
+            if kernel.process is None or not kernel_process.signal_group(
+                kernel.process.pid, signal.SIGINT
+            ):
                 raise KallichoreError(
                     ErrorCode.SESSION_INTERRUPT_FAILED,
-                    f"kernel process {kernel.process.pid} not found",
+                    f"session {self.session_id} has no kernel process to signal",
                 )
         else:
             await self.send(Channel.CONTROL, self.message("interrupt_request"))
+
+    async def adopt(self, connection: ConnectionInfo) -> JSONObject:
+        """Take over a kernel somebody else started, given its connection info.
+
+        Messages are signed with the key in `connection` (which, in Positron's flow, is the
+        one `external_connection_info()` handed out). There is no process to watch: the kernel
+        is considered gone after its `shutdown_reply` or several missed heartbeats.
+        """
+        async with self._lifecycle:
+            if self._kernel is not None:
+                raise KallichoreError(
+                    ErrorCode.SESSION_CONNECTION_FAILED,
+                    f"session {self.session_id} already has a running kernel",
+                )
+            self.connection_info = connection
+            return await self._start_run(adopt=connection)
+
+    def external_connection_info(self) -> ConnectionInfo:
+        """The connection info for a kernel to be started by somebody else and then adopted."""
+        if self.connection_info is None:
+            try:
+                ports = self._ports.allocate(5)
+            except OSError as exc:
+                raise KallichoreError(
+                    ErrorCode.NO_CONNECTION_INFO, f"could not allocate ports: {exc}"
+                ) from exc
+            self.connection_info = ConnectionInfo(
+                control_port=ports[0],
+                shell_port=ports[1],
+                iopub_port=ports[2],
+                hb_port=ports[3],
+                stdin_port=ports[4],
+                key=self.key,
+            )
+        return self.connection_info
 
     async def aclose(self, grace: float | None = None) -> None:
         """Shut the kernel down and end the session: its event log closes, its nursery ends."""
@@ -272,7 +341,7 @@ class KernelSession:
                 return
         elif message.msg_type in ("interrupt_request", "shutdown_request"):
             self.execution_queue.clear()
-        await kernel.channels.send(channel, message)
+        await kernel.require_channels().send(channel, message)
 
     async def execute(
         self,
@@ -300,34 +369,38 @@ class KernelSession:
 
     # -- the kernel run ----------------------------------------------------------------------
 
-    async def _start_run(self) -> JSONObject:
+    async def _start_run(self, adopt: ConnectionInfo | None = None) -> JSONObject:
         if self._nursery is None:
             raise RuntimeError("the session is not running in a supervisor")
-        kernel_info: JSONObject = await self._nursery.start(self._run_kernel)
+        kernel_info: JSONObject = await self._nursery.start(partial(self._run_kernel, adopt=adopt))
         return kernel_info
 
-    async def _run_kernel(self, *, task_status: trio.TaskStatus[JSONObject]) -> None:
-        self._set_status(Status.STARTING, "start API called")
-        kernel = await self._launch()
+    async def _run_kernel(
+        self, *, adopt: ConnectionInfo | None, task_status: trio.TaskStatus[JSONObject]
+    ) -> None:
+        if adopt is None:
+            self._set_status(Status.STARTING, "start API called")
+            kernel = await self._launch()
+        else:
+            kernel = _KernelRun(process=None, connection=adopt)
         self._kernel = kernel
-        failure: StartupError | None = None
+        failure: KallichoreError | None = None
         try:
             with kernel.cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_process, kernel)
-                    nursery.start_soon(self._pump_iopub, kernel)
-                    for channel in (Channel.SHELL, Channel.CONTROL):
-                        nursery.start_soon(self._pump_channel, kernel, channel)
-                    failure = await self._await_ready(kernel)
+                    if kernel.process is not None:
+                        nursery.start_soon(self._watch_process, kernel, kernel.process)
+                    failure = await self._connect(kernel, nursery)
                     if failure is not None:
                         kernel.cancel_scope.cancel()
                     else:
-                        kernel.channels.connect_stdin()
-                        nursery.start_soon(self._pump_channel, kernel, Channel.STDIN)
+                        channels = kernel.require_channels()
+                        channels.connect_stdin()
+                        nursery.start_soon(self._pump_channel, kernel, channels, Channel.STDIN)
                         kernel.ready = True
                         kernel.startup_output.clear()
                         self._set_status(Status.IDLE, "kernel_info_request")
-                        nursery.start_soon(self._monitor_heartbeat, kernel)
+                        nursery.start_soon(self._monitor_heartbeat, kernel, channels)
                         task_status.started(self.kernel_info)
         except Exception:
             if not kernel.ready:
@@ -337,125 +410,185 @@ class KernelSession:
             with trio.CancelScope(shield=True):
                 await self._reap(kernel)
         if not kernel.ready:
-            raise failure or StartupError(
-                ErrorCode.PROCESS_ABNORMAL_EXIT,
-                f"the kernel exited with code {kernel.exit_code} before it was ready",
-                "the kernel process exited during startup",
-                exit_code=kernel.exit_code,
-                output="".join(kernel.startup_output),
-            )
+            raise failure or self._exited_during_start(kernel)
 
     async def _launch(self) -> _KernelRun:
+        """Spawn the kernel, told where to connect by a connection or registration file."""
         if not self.spec.argv:
             self._set_status(Status.EXITED, "failed to spawn process: empty argv")
             raise StartupError(ErrorCode.PROCESS_START_FAILED, "the session has no argv to start")
-        ports = self._ports.allocate(5)
-        info = ConnectionInfo(
-            control_port=ports[0],
-            shell_port=ports[1],
-            iopub_port=ports[2],
-            hb_port=ports[3],
-            stdin_port=ports[4],
-            key=self.key,
-        )
-        path = self._runtime_dir / f"kernel-{self.session_id}.json"
-        argv = [arg.replace("{connection_file}", str(path)) for arg in self.spec.argv]
         env = resolve_environment(os.environ, self.env_actions)
         self.initial_env = env
         cwd = self.working_directory or None
         if cwd is not None and not os.path.isdir(cwd):
             logger.warning("session %s: working directory %r does not exist", self.session_id, cwd)
             cwd = None
-        channels: KernelChannels | None = None
+        mode = self.spec.startup_environment
+        shell = choose_shell(os.environ) if mode is not StartupEnvironment.NONE else None
+        kernel = _KernelRun(process=None, shell=shell)
         try:
-            channels = KernelChannels(self._context, info, self.session_id.encode())
-            write_connection_file(path, info)
-            process = await kernel_process.launch(argv, env, cwd)
+            if wants_handshake(self.spec.protocol_version):
+                kernel.registration = Registration(self._context, self.key)
+                path = self._runtime_dir / f"registration-{self.session_id}.json"
+                contents = kernel.registration.file_contents()
+            else:
+                kernel.ports = self._ports.allocate(5)
+                kernel.connection = ConnectionInfo(
+                    control_port=kernel.ports[0],
+                    shell_port=kernel.ports[1],
+                    iopub_port=kernel.ports[2],
+                    hb_port=kernel.ports[3],
+                    stdin_port=kernel.ports[4],
+                    key=self.key,
+                )
+                path = self._runtime_dir / f"kernel-{self.session_id}.json"
+                contents = kernel.connection.to_dict()
+            kernel.connection_file = path
+            argv = [arg.replace("{connection_file}", str(path)) for arg in self.spec.argv]
+            command = build_command(
+                argv, mode, self.spec.startup_environment_arg, working_directory=cwd, shell=shell
+            )
+            write_json_file(path, contents)
+            kernel.process = await kernel_process.launch(command, env, cwd)
         except BaseException as exc:
-            if channels is not None:
-                channels.close()
-            self._ports.release(ports)
-            path.unlink(missing_ok=True)
-            self._set_status(Status.EXITED, f"failed to spawn process: {exc}")
+            self._release(kernel)
+            reason = exc.message if isinstance(exc, KallichoreError) else str(exc)
+            self._set_status(Status.EXITED, f"failed to spawn process: {reason}")
             if not isinstance(exc, OSError):
                 raise
             raise StartupError(
                 ErrorCode.PROCESS_START_FAILED,
-                f"failed to start the kernel {argv[0]!r}: {exc.strerror or exc}",
+                f"failed to start the kernel {self.spec.argv[0]!r}: {exc.strerror or exc}",
                 exit_code=exc.errno,
             ) from exc
-        self.connection_info = info
-        return _KernelRun(
-            process=process,
-            channels=channels,
-            connection=info,
-            connection_file=path,
-            ports=ports,
-        )
+        self.connection_info = kernel.connection
+        return kernel
 
-    async def _await_ready(self, kernel: _KernelRun) -> StartupError | None:
-        """kernel_info_reply on shell, and proof that our iopub subscription is live.
+    async def _connect(self, kernel: _KernelRun, nursery: trio.Nursery) -> KallichoreError | None:
+        """Handshake (JEP 66), ZeroMQ connect and kernel_info, within `connection_timeout`.
 
-        ipykernel 7 proves the latter with `iopub_welcome`; for other kernels a fresh
+        Readiness needs the kernel_info_reply on shell and proof that our iopub subscription
+        is live. ipykernel 7 proves the latter with `iopub_welcome`; for other kernels a fresh
         kernel_info_request makes them publish busy/idle, so we ask again, backing off, until
         something arrives on iopub.
         """
         timeout = self.spec.connection_timeout
         try:
             with trio.fail_after(timeout):
-                await self._request_kernel_info(kernel)
+                if kernel.registration is not None:
+                    failure = await self._await_handshake(kernel)
+                    if failure is not None:
+                        return failure
+                assert kernel.connection is not None
+                channels = KernelChannels(
+                    self._context, kernel.connection, self.session_id.encode()
+                )
+                kernel.channels = channels
+                nursery.start_soon(self._pump_iopub, kernel, channels)
+                nursery.start_soon(self._pump_channel, kernel, channels, Channel.SHELL)
+                nursery.start_soon(self._pump_channel, kernel, channels, Channel.CONTROL)
+                await self._request_kernel_info(kernel, channels)
                 await kernel.kernel_info_received.wait()
                 delay = 0.1
                 while not kernel.iopub_alive.is_set():
                     with trio.move_on_after(delay):
                         await kernel.iopub_alive.wait()
                     if not kernel.iopub_alive.is_set():
-                        await self._request_kernel_info(kernel)
+                        await self._request_kernel_info(kernel, channels)
                         delay = min(delay * 2, 1.0)
         except trio.TooSlowError:
+            if kernel.registration is not None and kernel.connection is None:
+                return StartupError(
+                    ErrorCode.HANDSHAKE_FAILED,
+                    f"the kernel did not register within {timeout:g} seconds",
+                    "timed out waiting for the JEP 66 handshake",
+                )
             return StartupError(
                 ErrorCode.SESSION_CONNECTION_TIMEOUT,
                 f"the kernel did not connect within {timeout:g} seconds",
-                "the kernel failed to connect to its ZeroMQ sockets",
+                self._failure_details(kernel, "the kernel failed to connect to its ZeroMQ sockets"),
                 exit_code=130,
                 output="".join(kernel.startup_output),
             )
         return None
 
-    async def _request_kernel_info(self, kernel: _KernelRun) -> None:
+    async def _await_handshake(self, kernel: _KernelRun) -> KallichoreError | None:
+        assert kernel.registration is not None
+        try:
+            with kernel.registration:
+                kernel.connection = await kernel.registration.wait()
+        except HandshakeError as exc:
+            return StartupError(
+                ErrorCode.HANDSHAKE_FAILED,
+                f"the kernel's JEP 66 handshake failed: {exc}",
+                output="".join(kernel.startup_output),
+            )
+        self.connection_info = kernel.connection
+        self.events.publish(HandshakeCompletedEvent(self.session_id, kernel.connection))
+        return None
+
+    def _exited_during_start(self, kernel: _KernelRun) -> StartupError:
+        output = "".join(kernel.startup_output)
+        if kernel.registration is not None and kernel.connection is None:
+            return StartupError(
+                ErrorCode.EXITED_BEFORE_CONNECTION,
+                f"the kernel exited with code {kernel.exit_code} before it registered",
+                self._failure_details(kernel, "the kernel exited before connecting"),
+                exit_code=kernel.exit_code,
+                output=output,
+            )
+        return StartupError(
+            ErrorCode.PROCESS_ABNORMAL_EXIT,
+            f"the kernel exited with code {kernel.exit_code} before it was ready",
+            self._failure_details(kernel, "the kernel process exited during startup"),
+            exit_code=kernel.exit_code,
+            output=output,
+        )
+
+    def _failure_details(self, kernel: _KernelRun, default: str) -> str:
+        details = startup_failure_details(
+            self.spec.startup_environment,
+            self.spec.startup_environment_arg,
+            kernel.shell,
+            "".join(kernel.markers_seen),
+        )
+        return details or default
+
+    async def _request_kernel_info(self, kernel: _KernelRun, channels: KernelChannels) -> None:
         request = self.message("kernel_info_request")
         kernel.startup_requests.add(request.msg_id)
-        await kernel.channels.send(Channel.SHELL, request)
+        await channels.send(Channel.SHELL, request)
 
-    async def _watch_process(self, kernel: _KernelRun) -> None:
+    async def _watch_process(self, kernel: _KernelRun, process: trio.Process) -> None:
         """Read the kernel's output until it exits, then end the run."""
         async with trio.open_nursery() as readers:
             on_line = self._output_line_handler(kernel)
-            if kernel.process.stdout is not None:
-                readers.start_soon(
-                    kernel_process.read_lines, kernel.process.stdout, "stdout", on_line
-                )
-            if kernel.process.stderr is not None:
-                readers.start_soon(
-                    kernel_process.read_lines, kernel.process.stderr, "stderr", on_line
-                )
-            kernel.exit_code = await kernel.process.wait()
+            if process.stdout is not None:
+                readers.start_soon(kernel_process.read_lines, process.stdout, "stdout", on_line)
+            if process.stderr is not None:
+                readers.start_soon(kernel_process.read_lines, process.stderr, "stderr", on_line)
+            kernel.exit_code = await process.wait()
             readers.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_SECONDS
         kernel.cancel_scope.cancel()
 
     def _output_line_handler(self, kernel: _KernelRun) -> kernel_process.LineHandler:
         def on_line(stream: Literal["stdout", "stderr"], text: str) -> None:
+            if is_marker_line(text):
+                # The shell wrapper's progress markers explain a failed start; clients never
+                # see them.
+                kernel.markers_seen.append(text)
+                return
             if not kernel.ready and len(kernel.startup_output) < MAX_STARTUP_OUTPUT_LINES:
                 kernel.startup_output.append(text)
             self.events.publish(OutputEvent(stream, text))
 
         return on_line
 
-    async def _pump_iopub(self, kernel: _KernelRun) -> None:
-        sock = kernel.channels.socket(Channel.IOPUB)
+    async def _pump_iopub(self, kernel: _KernelRun, channels: KernelChannels) -> None:
+        sock = channels.socket(Channel.IOPUB)
         while True:
             for frames in await sock.recv_batch():
-                message = self._parse(kernel, Channel.IOPUB, frames)
+                message = self._parse(channels, Channel.IOPUB, frames)
                 if message is None:
                     continue
                 kernel.iopub_alive.set()
@@ -465,10 +598,10 @@ class KernelSession:
                 ):
                     continue
                 if message.msg_type == "status":
-                    await self._on_kernel_status(kernel, message)
+                    await self._on_kernel_status(channels, message)
                 self.events.publish(JupyterEvent(Channel.IOPUB, message))
 
-    async def _on_kernel_status(self, kernel: _KernelRun, message: Message) -> None:
+    async def _on_kernel_status(self, channels: KernelChannels, message: Message) -> None:
         try:
             state = message.content.get("execution_state")
         except WireError:
@@ -479,15 +612,25 @@ class KernelSession:
             self._set_status(Status.BUSY, message.parent_msg_type)
         elif state == "idle":
             self._set_status(Status.IDLE, message.parent_msg_type)
+            if message.parent_msg_type == "execute_request":
+                self._track_working_directory()
             following = self.execution_queue.advance()
             if following is not None:
-                await kernel.channels.send(Channel.SHELL, following)
+                await channels.send(Channel.SHELL, following)
 
-    async def _pump_channel(self, kernel: _KernelRun, channel: Channel) -> None:
-        sock = kernel.channels.socket(channel)
+    def _track_working_directory(self) -> None:
+        cwd = self._kernel_cwd()
+        if cwd is not None and cwd != self.working_directory:
+            self.working_directory = cwd
+            self.events.publish(WorkingDirChangedEvent(cwd))
+
+    async def _pump_channel(
+        self, kernel: _KernelRun, channels: KernelChannels, channel: Channel
+    ) -> None:
+        sock = channels.socket(channel)
         while True:
             for frames in await sock.recv_batch():
-                message = self._parse(kernel, channel, frames)
+                message = self._parse(channels, channel, frames)
                 if message is None:
                     continue
                 if message.parent_msg_id in kernel.startup_requests:
@@ -499,50 +642,85 @@ class KernelSession:
                         kernel.kernel_info_received.set()
                     continue
                 self.events.publish(JupyterEvent(channel, message))
+                if kernel.process is None and message.msg_type == "shutdown_reply":
+                    # An adopted kernel is going away; there is no process to watch for it.
+                    kernel.cancel_scope.cancel()
 
     def _store_kernel_info(self, reply: Message) -> None:
         try:
             self.kernel_info = reply.content
         except WireError as exc:
             logger.warning("session %s: unreadable kernel_info_reply: %s", self.session_id, exc)
+            return
+        language_info = self.kernel_info.get("language_info")
+        positron = language_info.get("positron") if isinstance(language_info, dict) else None
+        if isinstance(positron, dict):
+            if isinstance(prompt := positron.get("input_prompt"), str):
+                self.input_prompt = prompt
+            if isinstance(prompt := positron.get("continuation_prompt"), str):
+                self.continuation_prompt = prompt
 
-    def _parse(self, kernel: _KernelRun, channel: Channel, frames: list[bytes]) -> Message | None:
+    def _parse(
+        self, channels: KernelChannels, channel: Channel, frames: list[bytes]
+    ) -> Message | None:
         try:
-            return kernel.channels.parse(frames)
+            return channels.parse(frames)
         except WireError as exc:
             logger.warning("session %s: dropped a message on %s: %s", self.session_id, channel, exc)
             return None
 
-    async def _monitor_heartbeat(self, kernel: _KernelRun) -> None:
-        """Mark the session offline when the kernel misses a heartbeat, and back when it answers."""
-        sock = kernel.channels.socket(Channel.HEARTBEAT)
+    async def _monitor_heartbeat(self, kernel: _KernelRun, channels: KernelChannels) -> None:
+        """Mark the session offline when the kernel misses a heartbeat, and back when it answers.
+
+        An adopted kernel has no process to watch: missing several beats in a row ends it.
+        """
+        sock = channels.socket(Channel.HEARTBEAT)
+        misses = 0
         while True:
             await sock.send_multipart([HEARTBEAT_PAYLOAD])
             with trio.move_on_after(self._config.heartbeat_timeout) as timer:
                 await sock.recv_multipart()
             if timer.cancelled_caught:
+                misses += 1
                 if self.status is not Status.OFFLINE:
                     self._set_status(Status.OFFLINE, "lost heartbeat")
-            elif self.status is Status.OFFLINE:
-                self._set_status(Status.IDLE, "heartbeat detected after offline")
+                if kernel.process is None and misses >= ADOPTED_HEARTBEAT_MISSES:
+                    kernel.cancel_scope.cancel()
+            else:
+                misses = 0
+                if self.status is Status.OFFLINE:
+                    self._set_status(Status.IDLE, "heartbeat detected after offline")
             await trio.sleep(self._config.heartbeat_interval)
 
     async def _reap(self, kernel: _KernelRun) -> None:
         """Make sure the kernel's process group is gone, then release everything of the run."""
-        kernel_process.kill_group(kernel.process.pid)
-        if kernel.process.returncode is None:
-            # It may have left its process group; the group kill would then miss it.
-            kernel.process.kill()
-        exit_code = await kernel.process.wait()
-        if kernel.exit_code is None:
-            kernel.exit_code = exit_code
-        kernel.channels.close()
-        kernel.connection_file.unlink(missing_ok=True)
-        self._ports.release(kernel.ports)
+        process = kernel.process
+        if process is not None:
+            kernel_process.kill_group(process.pid)
+            if process.returncode is None:
+                # It may have left its process group; the group kill would then miss it.
+                process.kill()
+            exit_code = await process.wait()
+            if kernel.exit_code is None:
+                kernel.exit_code = exit_code
+            reason = "child process exited"
+        else:
+            kernel.exit_code = 0
+            reason = "all sockets disconnected from an adopted kernel"
+        self._release(kernel)
         self._kernel = None
-        self._set_status(Status.EXITED, "child process exited")
+        self._set_status(Status.EXITED, reason)
         self.events.publish(ExitedEvent(kernel.exit_code))
         kernel.exited.set()
+
+    def _release(self, kernel: _KernelRun) -> None:
+        if kernel.channels is not None:
+            kernel.channels.close()
+        if kernel.registration is not None:
+            kernel.registration.close()
+        if kernel.connection_file is not None:
+            kernel.connection_file.unlink(missing_ok=True)
+        self._ports.release(kernel.ports)
 
     async def _stop_kernel(self, *, restart: bool, grace: float) -> None:
         kernel = self._kernel
@@ -555,7 +733,10 @@ class KernelSession:
             with trio.move_on_after(grace):
                 await kernel.exited.wait()
         if not kernel.exited.is_set():
-            kernel_process.kill_group(kernel.process.pid)
+            if kernel.process is not None:
+                kernel_process.kill_group(kernel.process.pid)
+            else:
+                kernel.cancel_scope.cancel()
             await kernel.exited.wait()
 
     # -- state -------------------------------------------------------------------------------
@@ -577,10 +758,11 @@ class KernelSession:
         return self._kernel
 
     def _kernel_cwd(self) -> str | None:
-        if self._kernel is None:
+        pid = self.process_id
+        if pid is None:
             return None
         try:
-            cwd: str = psutil.Process(self._kernel.process.pid).cwd()
+            cwd: str = psutil.Process(pid).cwd()
         except psutil.Error:
             return None
         return cwd

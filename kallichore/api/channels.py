@@ -1,0 +1,163 @@
+"""One client per session on the channels stream, handed over without loss or duplication.
+
+A session's channel client reads the session's event log and forwards what the client sends
+to the kernel. When a second client connects, the first is *displaced*: it finishes the batch it
+is sending, is told `clientDisconnected` and closed, and only then does the new client start
+reading, from exactly the event after the last one the old client was sent. The transport (a
+Quart WebSocket or a WebSocket on a per-session Unix socket) is behind `ClientTransport`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from kallichore.api.envelope import (
+    FrameError,
+    client_error,
+    decode_buffers,
+    encode_event,
+    kernel_event,
+    parse_client_frame,
+)
+from kallichore.errors import KallichoreError
+from kallichore.jupyter.wire import utc_now
+from kallichore.session.events import Subscription
+from kallichore.session.kernel_session import KernelSession
+
+logger = logging.getLogger(__name__)
+
+# WebSocket close codes.
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+
+
+class ClientTransport(Protocol):
+    async def send(self, text: str) -> None: ...
+
+    async def receive(self) -> str | None:
+        """The next text frame; None once the client has closed the connection."""
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class ChannelClient:
+    """A client attached to one session's channels."""
+
+    def __init__(self, session: KernelSession, transport: ClientTransport) -> None:
+        self.session = session
+        self._transport = transport
+        self._displaced = False
+        self._waiting: trio.CancelScope | None = None
+        self._finished = trio.Event()
+
+    async def run(self, stopping: trio.Event) -> None:
+        """Serve the client until it leaves, is displaced, or the server stops."""
+        try:
+            with self.session.events.subscribe() as events:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._forward_events, events, nursery.cancel_scope)
+                    nursery.start_soon(self._forward_client_messages, nursery.cancel_scope)
+                    nursery.start_soon(self._close_when, stopping, nursery.cancel_scope)
+        finally:
+            self._finished.set()
+
+    async def displace(self) -> None:
+        """Stop this client for a newer one, and wait until it has let go of the event log."""
+        self._displaced = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        await self._finished.wait()
+
+    async def _forward_events(self, events: Subscription, done: trio.CancelScope) -> None:
+        while not self._displaced:
+            batch = None
+            with trio.CancelScope() as self._waiting:
+                try:
+                    batch = await events.receive()
+                except trio.EndOfChannel:
+                    break
+            self._waiting = None
+            if batch is None:
+                break
+            for event in batch:
+                await self._transport.send(encode_event(event))
+        if self._displaced:
+            reason = "another client connected to this session"
+            await self._transport.send(kernel_event("clientDisconnected", reason))
+            await self._transport.close(POLICY_VIOLATION, reason)
+        else:
+            await self._transport.close(GOING_AWAY, "the session was deleted")
+        done.cancel()
+
+    async def _forward_client_messages(self, done: trio.CancelScope) -> None:
+        while True:
+            text = await self._transport.receive()
+            if not text:
+                break
+            await self._forward(text)
+        done.cancel()
+
+    async def _forward(self, text: str) -> None:
+        msg_id = None
+        try:
+            channel, data = parse_client_frame(text)
+            header = data["header"]
+            msg_id = header["msg_id"]
+            parent = data.get("parent_header") or {}
+            message = self.session.message(
+                header["msg_type"],
+                data.get("content", {}),
+                msg_id=msg_id,
+                parent=self._rebuild(parent) if parent.get("msg_id") else None,
+                metadata=data.get("metadata", {}),
+                buffers=decode_buffers(data),
+            )
+            await self.session.send(channel, message)
+        except FrameError as error:
+            logger.info("session %s: refused a client frame: %s", self.session.session_id, error)
+            await self._transport.send(client_error(error, error.msg_id))
+        except KallichoreError as error:
+            await self._transport.send(client_error(error, msg_id))
+
+    def _rebuild(self, parent: dict[str, object]) -> dict[str, object]:
+        """A parent header as the kernel expects it, from the msg_id/msg_type clients keep."""
+        spec = self.session.spec
+        return {
+            "msg_id": parent.get("msg_id"),
+            "msg_type": parent.get("msg_type"),
+            "session": self.session.session_id,
+            "username": spec.username or "kallichore",
+            "date": utc_now(),
+            "version": spec.protocol_version,
+        }
+
+    async def _close_when(self, stopping: trio.Event, done: trio.CancelScope) -> None:
+        await stopping.wait()
+        await self._transport.close(GOING_AWAY, "the server is shutting down")
+        done.cancel()
+
+
+class ChannelBroker:
+    """Which client is attached to which session."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, ChannelClient] = {}
+        self.stopping = trio.Event()
+
+    async def serve(self, session: KernelSession, transport: ClientTransport) -> None:
+        session_id = session.session_id
+        previous = self._clients.get(session_id)
+        client = ChannelClient(session, transport)
+        self._clients[session_id] = client
+        if previous is not None:
+            await previous.displace()
+        session.connected = True
+        try:
+            await client.run(self.stopping)
+        finally:
+            if self._clients.get(session_id) is client:
+                del self._clients[session_id]
+                session.connected = False

@@ -1,0 +1,153 @@
+"""Kallichore's channel envelope: session events -> WebSocket text, client text -> messages.
+
+Towards the client every frame is a JSON object tagged by `kind`: `"jupyter"` for a kernel
+message (headers trimmed to `msg_id`/`msg_type`, buffers as base64) and `"kernel"` for a
+supervisor event with one camelCase key. A kernel message's content and metadata are spliced in
+as the bytes the kernel sent: this is the hot path, and re-encoding content is what it avoids.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.jupyter.wire import Channel, JSONObject, Message, dumps
+from kallichore.session.events import (
+    Event,
+    EventsDropped,
+    ExecutionQueuedEvent,
+    ExitedEvent,
+    HandshakeCompletedEvent,
+    JupyterEvent,
+    OutputEvent,
+    ResourceUsageEvent,
+    StatusEvent,
+    WorkingDirChangedEvent,
+)
+from kallichore.session.model import Status
+
+CLIENT_CHANNELS = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}
+
+
+def wire_status(status: Status) -> str:
+    """A never-started session reads `idle` on the wire, as Kallichore's clients expect."""
+    return Status.IDLE.value if status is Status.UNINITIALIZED else status.value
+
+
+def trimmed_header(header: JSONObject) -> JSONObject | None:
+    if not header:
+        return None
+    return {"msg_id": header.get("msg_id"), "msg_type": header.get("msg_type")}
+
+
+def jupyter_fields(message: Message, channel: Channel) -> bytes:
+    """The fields of a channel message after `kind`: header ... buffers, as JSON bytes."""
+    parent = trimmed_header(message.parent_header)
+    buffers = ",".join(f'"{base64.b64encode(b).decode()}"' for b in message.buffers)
+    return b"".join(
+        (
+            b'"header":',
+            dumps(trimmed_header(message.header)),
+            b',"parent_header":',
+            dumps(parent) if parent else b"null",
+            b',"channel":"',
+            channel.value.encode(),
+            b'","content":',
+            message.content_json or b"{}",
+            b',"metadata":',
+            message.metadata_json or b"{}",
+            b',"buffers":[',
+            buffers.encode(),
+            b"]",
+        )
+    )
+
+
+def queued_message(message: Message) -> JSONObject:
+    """An execution-queue entry as ActiveSession shows it: the channel message without `kind`."""
+    parsed: JSONObject = json.loads(b"{" + jupyter_fields(message, Channel.SHELL) + b"}")
+    return parsed
+
+
+def kernel_event(key: str, payload: Any) -> str:
+    return '{"kind":"kernel","' + key + '":' + dumps(payload).decode() + "}"
+
+
+def encode_event(event: Event) -> str:
+    """One text frame for the client."""
+    match event:
+        case JupyterEvent(channel=channel, message=message):
+            frame = b'{"kind":"jupyter",' + jupyter_fields(message, channel) + b"}"
+            return frame.decode(errors="replace")
+        case StatusEvent(status=status, reason=reason):
+            return kernel_event("status", {"status": wire_status(status), "reason": reason})
+        case OutputEvent(stream=stream, text=text):
+            return kernel_event("output", [stream, text])
+        case ExecutionQueuedEvent(msg_id=msg_id):
+            return kernel_event("executionQueued", msg_id)
+        case ExitedEvent(exit_code=exit_code):
+            return kernel_event("exited", exit_code)
+        case WorkingDirChangedEvent(path=path):
+            return kernel_event("workingDirChanged", path)
+        case ResourceUsageEvent(usage=usage):
+            return kernel_event("resourceUsage", usage.to_dict())
+        case HandshakeCompletedEvent(session_id=session_id, connection=connection):
+            return kernel_event("handshakeCompleted", [session_id, connection.to_dict()])
+        case EventsDropped(count=count):
+            return kernel_event("eventsDropped", count)
+    raise TypeError(f"unknown event {event!r}")
+
+
+def client_error(error: KallichoreError, msg_id: str | None = None) -> str:
+    """Our extension: a `kernel` event telling one client that its message was refused."""
+    body: JSONObject = {"code": error.code.wire, "message": error.message}
+    if msg_id is not None:
+        body["msg_id"] = msg_id
+    return kernel_event("error", body)
+
+
+class FrameError(KallichoreError):
+    """A client frame that is not a channel message; the message says what is wrong."""
+
+    def __init__(self, message: str, msg_id: str | None = None) -> None:
+        super().__init__(ErrorCode.ZMQ_PROXY_ERROR, message)
+        self.msg_id = msg_id
+
+
+def parse_client_frame(text: str) -> tuple[Channel, JSONObject]:
+    """Validate a client's channel message; returns its channel and the parsed object."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise FrameError(f"the frame is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FrameError("the frame must be a JSON object")
+    header = data.get("header")
+    if not isinstance(header, dict):
+        raise FrameError("the message has no header object")
+    msg_id = header.get("msg_id")
+    if not isinstance(msg_id, str) or not isinstance(header.get("msg_type"), str):
+        raise FrameError("the header needs string msg_id and msg_type")
+    channel = CLIENT_CHANNELS.get(data.get("channel"))  # type: ignore[arg-type]
+    if channel is None:
+        raise FrameError(f"cannot send on channel {data.get('channel')!r}", msg_id)
+    for key in ("content", "metadata"):
+        if not isinstance(data.get(key, {}), dict):
+            raise FrameError(f"{key} must be a JSON object", msg_id)
+    parent = data.get("parent_header")
+    if parent is not None and not isinstance(parent, dict):
+        raise FrameError("parent_header must be an object or null", msg_id)
+    buffers = data.get("buffers", [])
+    if not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers):
+        raise FrameError("buffers must be an array of base64 strings", msg_id)
+    return channel, data
+
+
+def decode_buffers(data: JSONObject) -> list[bytes]:
+    try:
+        return [base64.b64decode(b, validate=True) for b in data.get("buffers", [])]
+    except binascii.Error as exc:
+        raise FrameError(f"a buffer is not valid base64: {exc}", data["header"]["msg_id"]) from None

@@ -1,0 +1,366 @@
+"""The Kallichore API's JSON bodies as attrs classes, and the one cattrs converter for them.
+
+Field names and enum strings are exactly those of the wire. Request bodies are structured
+strictly (a number where a string belongs is an error naming the field, never silently
+converted) but leniently about absence: every field Positron may leave out has a default,
+so both the older (`run_in_shell`) and newer (`startup_environment`) NewSession shapes work.
+Unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+
+from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.jupyter.connection import ConnectionInfo
+from kallichore.jupyter.wire import PROTOCOL_VERSION, JSONObject
+from kallichore.session.model import (
+    InterruptMode,
+    SessionMode,
+    SessionSpec,
+    StartupEnvironment,
+    VarAction,
+    VarActionType,
+)
+
+T = TypeVar("T")
+
+
+class BodyError(ValueError):
+    """A request body that is not JSON or does not match its model; the message names the field."""
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+@attrs.define
+class VarActionBody:
+    action: VarActionType
+    name: str
+    value: str
+
+    def to_model(self) -> VarAction:
+        return VarAction(self.action, self.name, self.value)
+
+
+@attrs.define
+class NewSession:
+    session_id: str
+    argv: list[str] = attrs.Factory(list)
+    display_name: str = ""
+    language: str = ""
+    username: str = ""
+    input_prompt: str = ""
+    continuation_prompt: str = ""
+    session_mode: SessionMode = SessionMode.CONSOLE
+    working_directory: str = ""
+    notebook_uri: str | None = None
+    env: list[VarActionBody] = attrs.Factory(list)
+    connection_timeout: int = 30
+    interrupt_mode: InterruptMode = InterruptMode.MESSAGE
+    protocol_version: str = PROTOCOL_VERSION
+    startup_environment: StartupEnvironment | None = None
+    startup_environment_arg: str | None = None
+    run_in_shell: bool | None = None
+
+    def to_spec(self) -> SessionSpec:
+        if self.connection_timeout <= 0:
+            raise BodyError("connection_timeout must be a positive number of seconds")
+        startup = self.startup_environment
+        if startup is None:
+            startup = StartupEnvironment.SHELL if self.run_in_shell else StartupEnvironment.NONE
+        return SessionSpec(
+            session_id=self.session_id,
+            argv=self.argv,
+            display_name=self.display_name,
+            language=self.language,
+            username=self.username,
+            working_directory=self.working_directory,
+            env=[action.to_model() for action in self.env],
+            connection_timeout=float(self.connection_timeout),
+            interrupt_mode=self.interrupt_mode,
+            protocol_version=self.protocol_version,
+            session_mode=self.session_mode,
+            input_prompt=self.input_prompt,
+            continuation_prompt=self.continuation_prompt,
+            notebook_uri=self.notebook_uri,
+            startup_environment=startup,
+            startup_environment_arg=self.startup_environment_arg,
+        )
+
+
+@attrs.define
+class RestartSession:
+    working_directory: str | None = None
+    env: list[VarActionBody] | None = None
+
+
+@attrs.define
+class ClientHeartbeat:
+    process_id: int | None = None
+
+
+@attrs.define
+class ServerConfiguration:
+    idle_shutdown_hours: int | None = None
+    resource_sample_interval_ms: int | None = None
+    log_level: str | None = None
+
+
+@attrs.define
+class ConnectionInfoBody:
+    control_port: int
+    shell_port: int
+    stdin_port: int
+    hb_port: int
+    iopub_port: int
+    key: str
+    signature_scheme: str = "hmac-sha256"
+    transport: str = "tcp"
+    ip: str = "127.0.0.1"
+
+    def to_model(self) -> ConnectionInfo:
+        try:
+            return ConnectionInfo(**attrs.asdict(self))
+        except ValueError as exc:
+            raise BodyError(str(exc)) from None
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+def optional(default: Any = None) -> Any:
+    """A response field left out of the JSON when it is None (Kallichore's "opt" fields)."""
+    return attrs.field(default=default, metadata={"omit_if_none": True})
+
+
+@attrs.define
+class ErrorBody:
+    code: str
+    message: str
+    details: str | None = optional()
+
+    @classmethod
+    def of(cls, error: KallichoreError) -> ErrorBody:
+        return cls(error.code.wire, error.message, error.details)
+
+
+@attrs.define
+class StartupErrorBody:
+    error: ErrorBody
+    exit_code: int | None = optional()
+    output: str | None = optional()
+
+    @classmethod
+    def of(cls, error: KallichoreError) -> StartupErrorBody:
+        if isinstance(error, StartupError):
+            return cls(ErrorBody.of(error), error.exit_code, error.output or None)
+        return cls(ErrorBody.of(error))
+
+
+@attrs.define
+class ExecutionQueueBody:
+    length: int
+    pending: list[JSONObject]
+    active: JSONObject | None = optional()
+
+
+@attrs.define
+class ActiveSession:
+    session_id: str
+    argv: list[str]
+    username: str
+    display_name: str
+    language: str
+    interrupt_mode: InterruptMode
+    initial_env: dict[str, str]
+    connected: bool
+    started: str
+    session_mode: SessionMode
+    working_directory: str
+    input_prompt: str
+    continuation_prompt: str
+    execution_queue: ExecutionQueueBody
+    status: str
+    kernel_info: JSONObject
+    idle_seconds: int
+    busy_seconds: int
+    process_id: int | None = optional()
+    notebook_uri: str | None = optional()
+    resource_usage: dict[str, int] | None = optional()
+    socket_path: str | None = optional()
+
+
+# Kallichore serialises ActiveSession in this order; attrs needs defaults last, so the JSON
+# order is restored here.
+ACTIVE_SESSION_ORDER = (
+    "session_id",
+    "argv",
+    "process_id",
+    "username",
+    "display_name",
+    "language",
+    "interrupt_mode",
+    "initial_env",
+    "connected",
+    "started",
+    "session_mode",
+    "working_directory",
+    "notebook_uri",
+    "input_prompt",
+    "continuation_prompt",
+    "execution_queue",
+    "status",
+    "kernel_info",
+    "resource_usage",
+    "idle_seconds",
+    "busy_seconds",
+    "socket_path",
+)
+
+
+@attrs.define
+class SessionList:
+    total: int
+    sessions: list[ActiveSession]
+
+
+@attrs.define
+class ServerStatus:
+    sessions: int
+    active: int
+    busy: bool
+    idle_seconds: int
+    busy_seconds: int
+    uptime_seconds: int
+    version: str
+    process_id: int
+    started: str
+    server_id: str
+
+
+@attrs.define
+class ServerConfigurationBody:
+    resource_sample_interval_ms: int
+    idle_shutdown_hours: int | None = optional()
+    log_level: str | None = optional()
+
+
+@attrs.define
+class NewSessionReply:
+    session_id: str
+
+
+def rfc3339(timestamp: float) -> str:
+    """Kallichore's timestamp format: RFC 3339 in UTC with a `Z` suffix."""
+    return (
+        datetime.fromtimestamp(timestamp, UTC)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+# -- the converter ----------------------------------------------------------------------------
+
+
+def _strict(kind: type, name: str) -> Callable[[Any, type], Any]:
+    """A hook that accepts only JSON values of `kind` (cattrs would happily call str(5)).
+
+    Registered for `str`, it also receives str subclasses such as our StrEnums, which are then
+    looked up by value.
+    """
+
+    def structure(value: Any, target: type) -> Any:
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {name}, got a boolean")
+        if not isinstance(value, kind):
+            raise TypeError(f"expected {name}, got {type(value).__name__}")
+        return value if target is kind else target(value)
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=False)
+    converter.register_structure_hook(str, _strict(str, "a string"))
+    converter.register_structure_hook(int, _strict(int, "an integer"))
+    converter.register_structure_hook(bool, _strict(bool, "a boolean"))
+
+    def is_list(kind: Any) -> bool:
+        return typing.get_origin(kind) is list
+
+    def list_hook(kind: Any) -> Callable[[Any, type], Any]:
+        (item,) = typing.get_args(kind)
+
+        def structure(value: Any, _: type) -> list[Any]:
+            if not isinstance(value, list):
+                raise TypeError(f"expected an array, got {type(value).__name__}")
+            return [converter.structure(element, item) for element in value]
+
+        return structure
+
+    converter.register_structure_hook_factory(is_list, list_hook)
+
+    def is_dict(kind: Any) -> bool:
+        return typing.get_origin(kind) is dict or kind is dict
+
+    def dict_hook(kind: Any) -> Callable[[Any, type], Any]:
+        def structure(value: Any, _: type) -> dict[str, Any]:
+            if not isinstance(value, dict):
+                raise TypeError(f"expected an object, got {type(value).__name__}")
+            return value
+
+        return structure
+
+    converter.register_structure_hook_factory(is_dict, dict_hook)
+
+    def unstructure_attrs(kind: type) -> Callable[[Any], dict[str, Any]]:
+        fields = attrs.fields(kind)
+
+        def unstructure(value: Any) -> dict[str, Any]:
+            result: dict[str, Any] = {}
+            for field in fields:
+                item = getattr(value, field.name)
+                if item is None and field.metadata.get("omit_if_none"):
+                    continue
+                result[field.name] = converter.unstructure(item)
+            return result
+
+        return unstructure
+
+    converter.register_unstructure_hook_factory(attrs.has, unstructure_attrs)
+    converter.register_unstructure_hook(Enum, lambda value: value.value)
+
+    def unstructure_session(value: ActiveSession) -> dict[str, Any]:
+        body = unstructure_attrs(ActiveSession)(value)
+        return {key: body[key] for key in ACTIVE_SESSION_ORDER if key in body}
+
+    converter.register_unstructure_hook(ActiveSession, unstructure_session)
+    return converter
+
+
+converter = _make_converter()
+
+
+def structure_body(data: Any, model: type[T]) -> T:
+    """Structure a parsed JSON body into `model`, or raise `BodyError` naming the bad field."""
+    if not isinstance(data, dict):
+        raise BodyError(f"the body must be a JSON object ({model.__name__})")
+    try:
+        return converter.structure(data, model)
+    except cattrs.BaseValidationError as exc:
+        problems = "; ".join(cattrs.transform_error(exc, path=model.__name__))
+        raise BodyError(problems) from None
+    except (TypeError, ValueError) as exc:
+        raise BodyError(f"{model.__name__}: {exc}") from None
+
+
+def not_found(session_id: str) -> KallichoreError:
+    return KallichoreError(ErrorCode.SESSION_NOT_FOUND, f"session {session_id} not found")

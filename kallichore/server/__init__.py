@@ -1,0 +1,1 @@
+"""Serving the APIs: hypercorn in the supervisor's nursery, and its transports."""
