@@ -722,3 +722,20 @@ async def test_restart_of_a_stopped_session_starts_it(api: Api) -> None:
     assert response.status_code == 200
     assert (await api.session("python-1"))["status"] == "idle"
     assert (await api.session("python-1"))["kernel_info"]["status"] == "ok"
+
+
+async def test_cpu_is_tracked_per_session(api: Api, supervisor: Supervisor) -> None:
+    supervisor.resource_sample_interval_ms = 200
+    await started_session(api, "python-1")
+    await started_session(api, "python-2")
+    async with api.channels("python-1") as one, api.channels("python-2") as two:
+        samples: dict[str, list[int]] = {}
+        for session_id, channels in (("python-1", one), ("python-2", two)):
+            frames = await channels.until(lambda f: "resourceUsage" in f, timeout=20)
+            for _ in range(4):
+                frames += await channels.until(lambda f: "resourceUsage" in f, timeout=20)
+            samples[session_id] = [u["cpu_percent"] for u in kernel_events(frames, "resourceUsage")]
+    assert all(samples.values())
+    # Two idle kernels: nobody is charged for the other's CPU or for the whole machine.
+    assert max(samples["python-2"]) < 150
+    assert max(samples["python-1"]) < 150
