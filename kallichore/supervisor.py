@@ -23,7 +23,7 @@ from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import PortAllocator
 from kallichore.session.events import ResourceUsageEvent
 from kallichore.session.kernel_session import KernelSession, SessionConfig
-from kallichore.session.model import SessionSpec, Status
+from kallichore.session.model import SessionSpec
 from kallichore.session.resources import ResourceSampler
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ class Supervisor:
         self._sessions: dict[str, KernelSession] = {}
         self._resource_sample_interval_ms = config.resource_sample_interval_ms
         self._sampling_changed = trio.Event()
+        # When a session last became idle or exited, or a client last showed up (trio clock).
+        self.last_activity = trio.current_time()
+
+    def note_activity(self) -> None:
+        """Something happened that restarts the idle-shutdown period."""
+        self.last_activity = trio.current_time()
 
     @property
     def resource_sample_interval_ms(self) -> int:
@@ -116,6 +122,7 @@ class Supervisor:
             ports=self._ports,
             runtime_dir=self._runtime_dir,
             config=self._config.session,
+            on_rest=self.note_activity,
         )
         self._sessions[spec.session_id] = session
         await self._nursery.start(session.run)
@@ -150,12 +157,10 @@ class Supervisor:
             for session in self._sessions.values():
                 nursery.start_soon(session.aclose, grace)
 
-    def running_sessions(self) -> list[KernelSession]:
-        return [
-            s
-            for s in self._sessions.values()
-            if s.status not in (Status.EXITED, Status.UNINITIALIZED)
-        ]
+    def kill_all(self) -> None:
+        """SIGKILL every kernel now (a second Ctrl-C while shutting down)."""
+        for session in self._sessions.values():
+            session.kill_now()
 
 
 @asynccontextmanager

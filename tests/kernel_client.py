@@ -57,3 +57,25 @@ def stdout_text(messages: list[Message]) -> str:
         for m in messages
         if m.msg_type == "stream" and m.content.get("name") == "stdout"
     )
+
+
+def is_done(msg_id: str) -> Callable[[Event], bool]:
+    """True once both the execute_reply (shell) and the idle (iopub) for `msg_id` were seen.
+
+    The two come on different sockets, so either may arrive first.
+    """
+    seen: set[str] = set()
+    idle = is_idle_for(msg_id)
+
+    def check(event: Event) -> bool:
+        if idle(event):
+            seen.add("idle")
+        if (
+            isinstance(event, JupyterEvent)
+            and event.message.msg_type == "execute_reply"
+            and event.message.parent_msg_id == msg_id
+        ):
+            seen.add("reply")
+        return len(seen) == 2
+
+    return check

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio_websocket
 
+from kallichore.api.app import ServerState
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.supervisor import Supervisor
 from tests.api_client import (
@@ -35,7 +36,7 @@ TOKEN = "test-token-0123456789"
 @pytest.fixture
 async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
     running: RunningServer = await nursery.start(
-        partial(serve_api, supervisor, binds=["127.0.0.1:0"], token=TOKEN)
+        partial(serve_api, supervisor, ServerState(token=TOKEN), binds=["127.0.0.1:0"])
     )
     return running
 
@@ -675,7 +676,7 @@ async def test_status_configuration_and_heartbeat(api: Api, server: RunningServe
     response = await api.anonymous.post("/client_heartbeat", json={"process_id": os.getpid()})
     assert response.status_code == 200
     assert response.json() is None
-    assert server.state.client_pid == os.getpid()
+    assert server.state.idle.client_pid == os.getpid()
 
 
 async def test_shutdown_stops_every_kernel(api: Api, server: RunningServer) -> None:

@@ -24,20 +24,20 @@ from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import InterruptMode, Status, VarAction, VarActionType
 from kallichore.supervisor import Supervisor, open_supervisor
 from tests.conftest import ipykernel_spec
-from tests.kernel_client import collect_until, is_idle_for, of_type, replies_to, stdout_text
+from tests.kernel_client import collect_until, is_done, of_type, replies_to, stdout_text
 
 
 async def run(session: KernelSession, code: str, **kwargs: bool) -> list[JupyterEvent | Event]:
     """Execute `code` and return every event up to the kernel's idle for it."""
     with session.events.subscribe() as sub:
         msg_id = await session.execute(code, **kwargs)
-        return await collect_until(sub, is_idle_for(msg_id))
+        return await collect_until(sub, is_done(msg_id))
 
 
 async def execute_and_collect(session: KernelSession, code: str) -> tuple[str, list[Event]]:
     with session.events.subscribe() as sub:
         msg_id = await session.execute(code)
-        return msg_id, await collect_until(sub, is_idle_for(msg_id))
+        return msg_id, await collect_until(sub, is_done(msg_id))
 
 
 def statuses(events: list[Event]) -> list[tuple[Status, str | None]]:
@@ -104,7 +104,7 @@ async def test_input_round_trip_through_stdin(supervisor: Supervisor) -> None:
             "input_reply", {"value": "world"}, parent=request_event.message.header
         )
         await session.send(Channel.STDIN, reply)
-        events = await collect_until(sub, is_idle_for(msg_id))
+        events = await collect_until(sub, is_done(msg_id))
     assert "hello world\n" in stdout_text(replies_to(events, msg_id))
 
 
@@ -116,7 +116,7 @@ async def test_interrupt(supervisor: Supervisor, mode: InterruptMode) -> None:
         msg_id = await session.execute("import time; time.sleep(60)")
         await collect_until(sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.BUSY)
         await session.interrupt()
-        events = await collect_until(sub, is_idle_for(msg_id), timeout=30)
+        events = await collect_until(sub, is_done(msg_id), timeout=30)
     [reply] = of_type(replies_to(events, msg_id), "execute_reply")
     assert reply.content["status"] == "error"
     assert reply.content["ename"] == "KeyboardInterrupt"
@@ -271,7 +271,7 @@ async def test_events_wait_for_the_next_subscriber(supervisor: Supervisor) -> No
         while session.execution_queue.active is not None:
             await trio.sleep(0.05)
     with session.events.subscribe() as sub:
-        events = await collect_until(sub, is_idle_for(msg_id))
+        events = await collect_until(sub, is_done(msg_id))
     assert stdout_text(replies_to(events, msg_id)) == "".join(f"{i}\n" for i in range(50))
     kinds = [e.message.msg_type for e in events if isinstance(e, JupyterEvent)]
     assert kinds[0] == "status"
@@ -290,7 +290,7 @@ async def test_execution_queue_holds_requests_while_the_kernel_is_busy(
         assert session.execution_queue.active is not None
         assert session.execution_queue.active.msg_id == first
         assert [m.msg_id for m in session.execution_queue.pending] == [second, third]
-        events = await collect_until(sub, is_idle_for(third))
+        events = await collect_until(sub, is_done(third))
     queued = [e.msg_id for e in events if isinstance(e, ExecutionQueuedEvent)]
     assert queued == [second, third]
     assert stdout_text(replies_to(events, third)) == "3\n"

@@ -11,10 +11,12 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import attrs
 from quart import Response, request, websocket
@@ -41,7 +43,9 @@ from kallichore.api.models import (
     StartupErrorBody,
     structure_body,
 )
+from kallichore.api.openapi import openapi_document
 from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.idle_shutdown import IdleShutdown
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import Status
 from kallichore.supervisor import Supervisor
@@ -57,15 +61,23 @@ class ServerState:
     """What the API knows about the server beyond its sessions."""
 
     token: str | None
-    server_id: str
+    server_id: str = attrs.Factory(lambda: secrets.token_hex(8))
     started: float = attrs.Factory(time.time)
     started_monotonic: float = attrs.Factory(time.monotonic)
-    idle_shutdown_hours: int | None = None
+    idle: IdleShutdown = attrs.Factory(IdleShutdown)
     log_level: str | None = "info"
-    client_pid: int | None = None
-    last_activity: float = attrs.Factory(time.monotonic)
     # Called by POST /shutdown; the server decides how to stop.
     request_shutdown: Callable[[], None] = lambda: None
+
+
+class ChannelSockets(Protocol):
+    """Per-session channel sockets (the socket transport), provided by the server layer."""
+
+    async def open(self, session: KernelSession) -> Path: ...
+
+    def path(self, session_id: str) -> Path | None: ...
+
+    def close(self, session_id: str) -> None: ...
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -110,7 +122,7 @@ async def read_json() -> Any:
         raise BodyError(f"the body is not valid JSON: {exc}") from None
 
 
-def active_session(session: KernelSession) -> ActiveSession:
+def active_session(session: KernelSession, sockets: ChannelSockets | None) -> ActiveSession:
     queue = session.execution_queue
     now = time.monotonic()
     return ActiveSession(
@@ -139,8 +151,15 @@ def active_session(session: KernelSession) -> ActiveSession:
         resource_usage=session.resource_usage.to_dict() if session.resource_usage else None,
         idle_seconds=int(now - session.idle_since) if session.idle_since is not None else 0,
         busy_seconds=int(now - session.busy_since) if session.busy_since is not None else 0,
-        socket_path=None,
+        socket_path=_socket_path(session, sockets),
     )
+
+
+def _socket_path(session: KernelSession, sockets: ChannelSockets | None) -> str | None:
+    if sockets is None or not session.connected:
+        return None
+    path = sockets.path(session.session_id)
+    return str(path) if path else None
 
 
 def argv_problem(argv: list[str]) -> str | None:
@@ -180,7 +199,13 @@ def server_status(supervisor: Supervisor, state: ServerState) -> ServerStatus:
 Handler = Callable[..., Awaitable[Response]]
 
 
-def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker) -> QuartTrio:
+def create_app(
+    supervisor: Supervisor,
+    state: ServerState,
+    broker: ChannelBroker,
+    sockets: ChannelSockets | None = None,
+) -> QuartTrio:
+    """The app; with `sockets`, `GET .../channels` hands out per-session socket paths."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
@@ -201,7 +226,7 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
 
     @app.get("/sessions")
     async def list_sessions() -> Response:
-        sessions = [active_session(s) for s in supervisor.sessions()]
+        sessions = [active_session(s, sockets) for s in supervisor.sessions()]
         return json_response(SessionList(total=len(sessions), sessions=sessions))
 
     @app.put("/sessions")
@@ -225,7 +250,7 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
     @app.get("/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:
         session = lookup(session_id)
-        return json_response(active_session(session)) if session else empty(404)
+        return json_response(active_session(session, sockets)) if session else empty(404)
 
     @app.delete("/sessions/<session_id>")
     @protected
@@ -236,6 +261,8 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
             await supervisor.delete(session_id)
         except KallichoreError as error:
             return error_response(error)
+        if sockets is not None:
+            sockets.close(session_id)
         return json_response(None)
 
     @app.post("/sessions/<session_id>/start")
@@ -290,6 +317,8 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
             await session.kill()
         except KallichoreError as error:
             return error_response(error)
+        if sockets is not None:
+            sockets.close(session_id)
         return json_response(None)
 
     @app.put("/sessions/<session_id>/adopt")
@@ -331,9 +360,27 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
             )
             return error_response(error)
         await websocket.accept()
-        state.last_activity = time.monotonic()
+        supervisor.note_activity()
         await broker.serve(session, QuartTransport())
         return None
+
+    @app.get("/sessions/<session_id>/channels")
+    @protected
+    async def channel_socket(session_id: str) -> Response:
+        session = lookup(session_id)
+        if session is None:
+            return empty(404)
+        if sockets is None:
+            return json_response(
+                ErrorBody("400", "on the TCP transport, channels is a WebSocket upgrade"), 400
+            )
+        try:
+            path = await sockets.open(session)
+        except ValueError as error:
+            return json_response(ErrorBody("socket_path_too_long", str(error)), 400)
+        except OSError as error:
+            return json_response(ErrorBody("domain_socket_error", str(error)), 400)
+        return json_response(str(path))
 
     @app.post("/shutdown")
     @protected
@@ -351,10 +398,10 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
             body = structure_body(await read_json(), ClientHeartbeat)
         except BodyError as error:
             return body_error(error)
-        state.last_activity = time.monotonic()
-        if body.process_id is not None and body.process_id != state.client_pid:
+        supervisor.note_activity()
+        if body.process_id is not None and body.process_id != state.idle.client_pid:
             logger.info("client process is now %d", body.process_id)
-            state.client_pid = body.process_id
+            state.idle.client_pid = body.process_id
         return json_response(None)
 
     @app.get("/server_configuration")
@@ -362,7 +409,7 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
         return json_response(
             ServerConfigurationBody(
                 resource_sample_interval_ms=supervisor.resource_sample_interval_ms,
-                idle_shutdown_hours=state.idle_shutdown_hours,
+                idle_shutdown_hours=state.idle.hours if state.idle.period is not None else None,
                 log_level=state.log_level if state.log_level in LOG_LEVELS else None,
             )
         )
@@ -376,9 +423,8 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
         if body.idle_shutdown_hours is not None:
             if body.idle_shutdown_hours > 65535:
                 return json_response(ErrorBody("400", "idle_shutdown_hours is too large"), 400)
-            state.idle_shutdown_hours = (
-                body.idle_shutdown_hours if body.idle_shutdown_hours >= 0 else None
-            )
+            hours = body.idle_shutdown_hours
+            state.idle.configure(hours=hours if hours >= 0 else None)
         if body.resource_sample_interval_ms is not None:
             if body.resource_sample_interval_ms < 0:
                 return json_response(
@@ -389,6 +435,10 @@ def create_app(supervisor: Supervisor, state: ServerState, broker: ChannelBroker
                 interval if interval == 0 else max(interval, 100)
             )
         return json_response(None)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return Response(json.dumps(openapi_document()), status=200, content_type="application/json")
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:

@@ -7,7 +7,6 @@ waiting for hypercorn's graceful timeout), then hypercorn stops accepting and dr
 from __future__ import annotations
 
 import logging
-import secrets
 from functools import partial
 
 import attrs
@@ -15,7 +14,7 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from kallichore.api.app import ServerState, create_app
+from kallichore.api.app import ChannelSockets, ServerState, create_app
 from kallichore.api.channels import ChannelBroker
 from kallichore.supervisor import Supervisor
 
@@ -31,7 +30,10 @@ class RunningServer:
 
     urls: list[str]
     state: ServerState
+    broker: ChannelBroker
     shutdown_requested: trio.Event
+    # Set once the kernels are down and the HTTP server has stopped.
+    finished: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def url(self) -> str:
@@ -40,35 +42,44 @@ class RunningServer:
 
 async def serve_api(
     supervisor: Supervisor,
+    state: ServerState,
     *,
     binds: list[str],
-    token: str | None,
+    broker: ChannelBroker | None = None,
+    sockets: ChannelSockets | None = None,
+    shutdown_grace: float | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until `POST /shutdown` (which first shuts every kernel down) or cancellation.
+    """Serve until a shutdown is requested (which first shuts every kernel down).
 
     `binds` are hypercorn bind strings: `127.0.0.1:0` (any free port) or `unix:/path`.
+    `POST /shutdown` requests the shutdown; so may the caller, with `state.request_shutdown()`.
     """
     shutdown_requested = trio.Event()
-    state = ServerState(token=token, server_id=secrets.token_hex(8))
     state.request_shutdown = shutdown_requested.set
-    broker = ChannelBroker()
-    app = create_app(supervisor, state, broker)
+    broker = broker or ChannelBroker()
+    app = create_app(supervisor, state, broker, sockets)
     config = Config()
     config.bind = binds
     config.accesslog = None
     config.graceful_timeout = 2.0
     config.websocket_ping_interval = PING_INTERVAL_SECONDS
     stop_http = trio.Event()
-    async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(
-            partial(hypercorn.trio.serve, app, config, shutdown_trigger=stop_http.wait)
-        )
-        task_status.started(RunningServer(urls, state, shutdown_requested))
-        try:
-            await shutdown_requested.wait()
-            logger.info("shutdown requested: stopping every kernel")
-            await supervisor.shutdown()
-        finally:
-            broker.stopping.set()
-            stop_http.set()
+    running: RunningServer | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            urls: list[str] = await nursery.start(
+                partial(hypercorn.trio.serve, app, config, shutdown_trigger=stop_http.wait)
+            )
+            running = RunningServer(urls, state, broker, shutdown_requested)
+            task_status.started(running)
+            try:
+                await shutdown_requested.wait()
+                logger.info("shutting down: stopping every kernel")
+                await supervisor.shutdown(shutdown_grace)
+            finally:
+                broker.stopping.set()
+                stop_http.set()
+    finally:
+        if running is not None:
+            running.finished.set()

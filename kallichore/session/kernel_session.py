@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +122,7 @@ class KernelSession:
         ports: PortAllocator,
         runtime_dir: Path,
         config: SessionConfig,
+        on_rest: Callable[[], None] = lambda: None,
     ) -> None:
         self.spec = spec
         self.key = new_key()
@@ -145,6 +146,7 @@ class KernelSession:
         self._ports = ports
         self._runtime_dir = runtime_dir
         self._config = config
+        self._on_rest = on_rest
         self._kernel: _KernelRun | None = None
         self._nursery: trio.Nursery | None = None
         self._lifecycle = trio.Lock()
@@ -242,6 +244,12 @@ class KernelSession:
                 "could not send the kill signal",
             )
         await kernel.exited.wait()
+
+    def kill_now(self) -> None:
+        """SIGKILL the kernel's process group without waiting (the exit is processed as usual)."""
+        kernel = self._kernel
+        if kernel is not None and kernel.process is not None:
+            kernel_process.kill_group(kernel.process.pid)
 
     async def interrupt(self) -> None:
         """Interrupt the kernel's current work, by signal or by message per `interrupt_mode`."""
@@ -750,6 +758,8 @@ class KernelSession:
         self.busy_since = now if status is Status.BUSY else None
         if status is Status.EXITED:
             self.execution_queue.clear()
+        if self.idle_since is not None:
+            self._on_rest()
         self.events.publish(StatusEvent(status, reason))
 
     def _require_kernel(self, code: ErrorCode) -> _KernelRun:

@@ -1,0 +1,929 @@
+"""The OpenAPI 3.0 document of our Kallichore-compatible API, served at `GET /openapi.json`.
+
+Component schemas are generated from the attrs models in `kallichore.api.models` (and the enums
+they use), so a field added to a model shows up here without an edit. What a Python type cannot
+say (a description, the enum behind a plain `str`) is noted per field, and a note naming a field
+that no longer exists is an error, not silently dropped. Paths are written by hand, since auth
+and status codes are behaviour of the routes in `kallichore.api.app`; tests/test_openapi.py
+keeps them in step with the app's routes and with what the server actually sends.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+import attrs
+
+from kallichore import __version__
+from kallichore.api import models
+from kallichore.api.envelope import CLIENT_CHANNELS, wire_status
+from kallichore.errors import ErrorCode
+from kallichore.jupyter.connection import TRANSPORTS
+from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel
+from kallichore.session.model import (
+    _SESSION_ID,
+    InterruptMode,
+    SessionMode,
+    StartupEnvironment,
+    Status,
+    VarActionType,
+)
+from kallichore.session.resources import ResourceUsage
+
+Schema = dict[str, Any]
+# A field note: a description, or the whole schema when the Python type says too little.
+Note = str | Schema
+
+# The levels `GET /server_configuration` reports: `kallichore.api.app.LOG_LEVELS`, which cannot
+# be imported here because the app imports this module (the tests check they agree).
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+
+# Every attrs class on the wire, with its schema name and what it is.
+WIRE_MODELS: dict[type, tuple[str, str]] = {
+    models.NewSession: (
+        "NewSession",
+        "A session to create. Only `session_id` is required. `startup_environment`, when "
+        "given, wins over the older `run_in_shell`.",
+    ),
+    models.NewSessionReply: ("NewSessionReply", "The id of the session just created."),
+    models.VarActionBody: (
+        "VarAction",
+        "One step of building a kernel's environment, applied in order to the server's own "
+        "environment at each start. `append` and `prepend` insert no separator.",
+    ),
+    models.RestartSession: (
+        "RestartSession",
+        "Changes for the restarted kernel. An empty string or array is the same as leaving "
+        "the field out.",
+    ),
+    models.ClientHeartbeat: ("ClientHeartbeat", "A client's sign of life."),
+    models.ServerConfiguration: (
+        "ServerConfiguration",
+        "Changes to the server's configuration; a field left out is left as it is.",
+    ),
+    models.ServerConfigurationBody: ("ServerConfigurationBody", "The server's configuration."),
+    models.ConnectionInfoBody: (
+        "ConnectionInfo",
+        "A kernel's connection file: the ports of its five sockets and the key that signs its "
+        "messages. Fields with a default may be left out of a request; responses always carry "
+        "all nine.",
+    ),
+    models.ErrorBody: ("Error", "What went wrong."),
+    models.StartupErrorBody: ("StartupError", "Why a kernel failed to start."),
+    models.ExecutionQueueBody: (
+        "ExecutionQueueBody",
+        "The `execute_request`s held back until the kernel has finished the one before.",
+    ),
+    models.ActiveSession: ("ActiveSession", "A session as the server reports it."),
+    models.SessionList: ("SessionList", "Every session the server has, exited ones included."),
+    models.ServerStatus: ("ServerStatus", "The server and its sessions at a glance."),
+    ResourceUsage: (
+        "ResourceUsage",
+        "One sample of the CPU, memory and threads of a kernel's process tree (the kernel and "
+        "the descendants still in its process group).",
+    ),
+}
+
+ENUM_NOTES: dict[type[Enum], str] = {
+    InterruptMode: (
+        "How the kernel is interrupted: `signal` sends SIGINT to its process group, `message` "
+        "sends an `interrupt_request` on the control channel."
+    ),
+    SessionMode: "What the session is for; stored and reported, never acted on.",
+    StartupEnvironment: (
+        "How the kernel is launched: directly (`none`), through the user's login shell "
+        "(`shell`), or through it after running a command (`command`) or sourcing a script "
+        "(`script`). Ignored on Windows."
+    ),
+    VarActionType: "What a VarAction does with the variable's current value.",
+}
+
+_PORT: Schema = {"type": "integer", "minimum": 1, "maximum": 65535}
+_KERNEL_INFO = "The content of the kernel's `kernel_info_reply`."
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error_codes() -> str:
+    return ", ".join(f"`{code.wire}` {code.name.lower()}" for code in ErrorCode)
+
+
+FIELD_NOTES: dict[type, dict[str, Note]] = {
+    models.NewSession: {
+        "session_id": {
+            "type": "string",
+            "pattern": f"^{_SESSION_ID.pattern}$",
+            "description": "Chosen by the client; ends up in file names, hence the alphabet.",
+        },
+        "argv": (
+            "The kernel's command line. `{connection_file}` in any element is replaced by the "
+            "path of the connection file written at each start. `argv[0]` must be an existing "
+            "file or be found on the server's PATH. Empty for a kernel that will be adopted."
+        ),
+        "username": "Sent as `username` in the header of every message to the kernel.",
+        "input_prompt": "Replaced by the kernel's own if its kernel_info_reply has one.",
+        "continuation_prompt": "Replaced by the kernel's own if its kernel_info_reply has one.",
+        "working_directory": "Where the kernel starts; empty for the server's own directory.",
+        "notebook_uri": "Stored and reported only.",
+        "env": "Environment actions, applied in order at every start.",
+        "connection_timeout": {
+            "type": "integer",
+            "minimum": 1,
+            "description": (
+                "Seconds to wait for the kernel to connect (and, for protocol 5.5 or later, to "
+                "register through the JEP 66 handshake)."
+            ),
+        },
+        "protocol_version": (
+            "The Jupyter protocol version the kernel speaks. From 5.5 on, the kernel is "
+            "expected to register its ports through the JEP 66 handshake."
+        ),
+        "startup_environment": "When absent, `run_in_shell` chooses `shell` or `none`.",
+        "startup_environment_arg": "The command (`command`) or script path (`script`).",
+        "run_in_shell": "The older form of `startup_environment: shell`.",
+    },
+    models.RestartSession: {
+        "working_directory": (
+            "An existing directory to start the new kernel in; by default the old kernel's "
+            "current directory."
+        ),
+        "env": "Replaces the session's environment actions, for this start and later ones.",
+    },
+    models.ClientHeartbeat: {
+        "process_id": (
+            "The client's process: while it is alive, idle shutdown does not stop the server."
+        ),
+    },
+    models.ServerConfiguration: {
+        "idle_shutdown_hours": (
+            "Hours of inactivity after which the server shuts down: negative disables idle "
+            "shutdown, 0 means 30 seconds, at most 65535."
+        ),
+        "resource_sample_interval_ms": (
+            "Milliseconds between resource usage samples: 0 disables sampling, values below "
+            "100 are raised to 100, negative is an error."
+        ),
+        "log_level": "Accepted and ignored: the log level is chosen when the server starts.",
+    },
+    models.ServerConfigurationBody: {
+        "idle_shutdown_hours": "Absent while idle shutdown is disabled.",
+        "resource_sample_interval_ms": "0 while resource sampling is disabled.",
+        "log_level": {
+            "type": "string",
+            "enum": list(LOG_LEVELS),
+            "description": "The server's log level; absent if it is not one of these names.",
+        },
+    },
+    models.ConnectionInfoBody: {
+        "control_port": _PORT,
+        "shell_port": _PORT,
+        "stdin_port": _PORT,
+        "hb_port": _PORT,
+        "iopub_port": _PORT,
+        "key": "The HMAC key that signs messages; empty for unsigned messages.",
+        "signature_scheme": {"type": "string", "enum": [SIGNATURE_SCHEME]},
+        "transport": {"type": "string", "enum": list(TRANSPORTS)},
+    },
+    models.ErrorBody: {
+        "code": (
+            f"`KS-<n>` for an error of the supervisor ({_error_codes()}); for a request the "
+            "API refused before reaching the supervisor, the HTTP status as a string (`400`, "
+            "`413`); `socket_path_too_long` or `domain_socket_error` when a channel socket "
+            "cannot be made."
+        ),
+        "message": "For people: clients show it and should not parse it.",
+    },
+    models.StartupErrorBody: {
+        "exit_code": "The kernel's exit code, if it exited.",
+        "output": "Everything the kernel wrote to its stdout and stderr before it failed.",
+    },
+    models.ExecutionQueueBody: {
+        "length": "How many requests are pending, not counting the active one.",
+        "pending": {"type": "array", "items": _ref("QueuedMessage")},
+        "active": {
+            "allOf": [_ref("QueuedMessage")],
+            "description": "The request sent to the kernel and not yet finished, if any.",
+        },
+    },
+    models.ActiveSession: {
+        "argv": "As given at creation: `{connection_file}` is not substituted.",
+        "process_id": "The kernel's process while it runs; never set for an adopted kernel.",
+        "initial_env": (
+            "The whole environment of the kernel's last launch (the server's environment "
+            "after the actions); `{}` before the first start."
+        ),
+        "connected": "Whether a client is attached to the session's channels.",
+        "started": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When the session was created (not when its kernel started).",
+        },
+        "working_directory": "The kernel's current directory, tracked after each execution.",
+        "input_prompt": "The kernel's own prompt, once its kernel_info_reply has given one.",
+        "status": _ref("Status"),
+        "kernel_info": f"{_KERNEL_INFO} `{{}}` until the kernel has answered.",
+        "resource_usage": {
+            "allOf": [_ref("ResourceUsage")],
+            "description": "The last sample taken, if any.",
+        },
+        "idle_seconds": "Whole seconds since the session became idle; 0 while it is not.",
+        "busy_seconds": "Whole seconds since the session became busy; 0 while it is not.",
+        "socket_path": (
+            "The session's channel socket while a client is attached to it (socket transport)."
+        ),
+    },
+    models.SessionList: {"total": "How many sessions there are."},
+    models.ServerStatus: {
+        "sessions": "How many sessions there are.",
+        "active": "How many sessions have not exited (never-started ones included).",
+        "busy": "Whether any session is busy.",
+        "idle_seconds": (
+            "Seconds since the last session became idle (since the server started, when there "
+            "are no sessions)."
+        ),
+        "busy_seconds": "Seconds since the longest-busy session became busy; 0 if none is.",
+        "version": "This server's version.",
+        "process_id": "The server's process id.",
+        "started": {"type": "string", "format": "date-time"},
+        "server_id": "Random, new for every server process.",
+    },
+    ResourceUsage: {
+        "cpu_percent": "CPU use over the sampling period; 100 is one whole core.",
+        "memory_bytes": "Resident memory, summed over the tree.",
+        "sampling_period_ms": "The sampling interval in force.",
+        "timestamp": "When the sample was taken, in milliseconds since the Unix epoch.",
+    },
+}
+
+_PRIMITIVES: dict[Any, Schema] = {
+    str: {"type": "string"},
+    int: {"type": "integer"},
+    bool: {"type": "boolean"},
+    float: {"type": "number"},
+}
+
+
+def _with(schema: Schema, **keys: Any) -> Schema:
+    """`schema` plus `keys`; a `$ref` takes no siblings in OpenAPI 3.0, so it is wrapped."""
+    if not keys:
+        return schema
+    if "$ref" in schema:
+        return {"allOf": [schema], **keys}
+    return {**schema, **keys}
+
+
+class _SchemaBuilder:
+    """Component schemas for attrs classes and the enums they use, by walking their fields."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, Schema] = {
+            "Status": {
+                "type": "string",
+                "enum": [status.value for status in Status if wire_status(status) == status],
+                "description": (
+                    "A session's status. `idle` is also reported for a session whose kernel "
+                    "has never been started."
+                ),
+            }
+        }
+
+    def add_model(self, cls: type) -> None:
+        name, description = WIRE_MODELS[cls]
+        fields = attrs.fields(cls)
+        notes = FIELD_NOTES.get(cls, {})
+        if stale := set(notes) - {field.name for field in fields}:
+            raise ValueError(f"notes for fields {cls.__name__} does not have: {sorted(stale)}")
+        hints = typing.get_type_hints(cls)
+        schema: Schema = {
+            "type": "object",
+            "description": description,
+            "properties": {
+                field.name: self._property(field, hints[field.name], notes.get(field.name))
+                for field in fields
+            },
+        }
+        if required := [field.name for field in fields if field.default is attrs.NOTHING]:
+            schema["required"] = required
+        self.schemas[name] = schema
+
+    def _property(self, field: attrs.Attribute[Any], kind: Any, note: Note | None) -> Schema:
+        """Fields omitted when None are optional, never null; other `X | None` are nullable."""
+        kind, nullable = _split_optional(kind)
+        schema = dict(note) if isinstance(note, dict) else self.type_schema(kind)
+        if nullable and not field.metadata.get("omit_if_none"):
+            schema = self._nullable(schema)
+        extra: dict[str, Any] = {}
+        if isinstance(note, str):
+            extra["description"] = note
+        default: Any = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # typed as a function
+            default = default.factory()
+        if default is not attrs.NOTHING and default is not None:
+            extra["default"] = models.converter.unstructure(default)
+        return _with(schema, **extra)
+
+    def type_schema(self, kind: Any) -> Schema:
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin is list:
+            return {"type": "array", "items": self.type_schema(args[0])}
+        if origin is dict or kind is dict:
+            if not args or args[1] is Any:
+                return {"type": "object"}
+            return {"type": "object", "additionalProperties": self.type_schema(args[1])}
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            schema = {"type": "string", "enum": [member.value for member in kind]}
+            if note := ENUM_NOTES.get(kind):
+                schema["description"] = note
+            self.schemas.setdefault(kind.__name__, schema)
+            return _ref(kind.__name__)
+        if attrs.has(kind):
+            return _ref(WIRE_MODELS[kind][0])
+        if kind in _PRIMITIVES:
+            return dict(_PRIMITIVES[kind])
+        raise TypeError(f"no JSON schema for {kind!r}")
+
+    def _nullable(self, schema: Schema) -> Schema:
+        """OpenAPI 3.0 cannot make a `$ref` nullable, so a nullable enum is written out."""
+        if "$ref" not in schema:
+            return {**schema, "nullable": True}
+        target = self.schemas.get(schema["$ref"].rpartition("/")[2], {})
+        if "enum" not in target:
+            raise TypeError(f"cannot make {schema['$ref']} nullable")
+        return {"type": "string", "enum": [*target["enum"], None], "nullable": True}
+
+
+def _split_optional(kind: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); anything else -> (kind, False)."""
+    if typing.get_origin(kind) not in (types.UnionType, typing.Union):
+        return kind, False
+    rest = [arg for arg in typing.get_args(kind) if arg is not types.NoneType]
+    if len(rest) != 1:
+        raise TypeError(f"no JSON schema for {kind!r}")
+    return rest[0], True
+
+
+# -- channel frames ----------------------------------------------------------------------------
+
+
+def _header(description: str, *, nullable: bool = False, required: bool = True) -> Schema:
+    schema: Schema = {
+        "type": "object",
+        "description": description,
+        "properties": {"msg_id": {"type": "string"}, "msg_type": {"type": "string"}},
+    }
+    if required:
+        schema["required"] = ["msg_id", "msg_type"]
+    if nullable:
+        schema["nullable"] = True
+    return schema
+
+
+_BUFFERS: Schema = {
+    "type": "array",
+    "items": {"type": "string", "format": "byte"},
+    "description": "Binary buffers, base64-encoded.",
+}
+_SERVER_CHANNELS = [channel.value for channel in Channel if channel is not Channel.HEARTBEAT]
+
+
+def _server_message(description: str, channels: list[str], *, kind: str | None) -> Schema:
+    """A kernel message as the server sends it: only `msg_id`/`msg_type` kept in headers."""
+    properties: Schema = {} if kind is None else {"kind": {"type": "string", "enum": [kind]}}
+    properties |= {
+        "header": _header("Trimmed to `msg_id` and `msg_type`."),
+        "parent_header": _header(
+            "The parent header, trimmed the same way; null when the message has none.",
+            nullable=True,
+        ),
+        "channel": {"type": "string", "enum": channels},
+        "content": {"type": "object"},
+        "metadata": {"type": "object"},
+        "buffers": _BUFFERS,
+    }
+    return {
+        "type": "object",
+        "description": description,
+        "properties": properties,
+        "required": list(properties),
+    }
+
+
+def _frame_schemas() -> dict[str, Schema]:
+    kernel_events: Schema = {
+        "status": {
+            "type": "object",
+            "description": (
+                "The session's status changed. `reason` says why: `start API called`, the "
+                "`msg_type` of the request the kernel went busy or idle for, `lost heartbeat`..."
+            ),
+            "properties": {
+                "status": _ref("Status"),
+                "reason": {"type": "string", "nullable": True},
+            },
+            "required": ["status", "reason"],
+        },
+        "output": {
+            "type": "array",
+            "description": (
+                "A line the kernel process wrote to its own stdout or stderr (not iopub): "
+                '`["stdout" | "stderr", line]`.'
+            ),
+            "items": {"type": "string"},
+            "minItems": 2,
+            "maxItems": 2,
+        },
+        "executionQueued": {
+            "type": "string",
+            "description": "The `msg_id` of an `execute_request` held in the execution queue.",
+        },
+        "exited": {
+            "type": "integer",
+            "description": (
+                "The kernel ended: its exit code, or minus the number of the signal that killed it."
+            ),
+        },
+        "workingDirChanged": {
+            "type": "string",
+            "description": "The kernel's new current directory, noticed after an execution.",
+        },
+        "resourceUsage": _with(_ref("ResourceUsage"), description="A new sample."),
+        "handshakeCompleted": {
+            "type": "array",
+            "description": (
+                "The kernel registered through the JEP 66 handshake: `[session_id, "
+                "ConnectionInfo]`."
+            ),
+            "items": {"oneOf": [{"type": "string"}, _ref("ConnectionInfo")]},
+            "minItems": 2,
+            "maxItems": 2,
+        },
+        "clientDisconnected": {
+            "type": "string",
+            "description": (
+                "Another client connected to this session: this one is closed next (1008)."
+            ),
+        },
+        "error": {
+            "type": "object",
+            "description": (
+                "Our extension, sent only to the client concerned: a frame it sent was "
+                "refused (not a channel message, or no kernel is running). `msg_id` names the "
+                "message when it could be read."
+            ),
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "msg_id": {"type": "string"},
+            },
+            "required": ["code", "message"],
+        },
+        "eventsDropped": {
+            "type": "integer",
+            "description": (
+                "Our extension: this many events were dropped unseen because the session's "
+                "event buffer overflowed while nobody read it."
+            ),
+        },
+    }
+    return {
+        "JupyterChannelMessage": {
+            "type": "object",
+            "description": (
+                "A message from a client for the kernel (a text frame). Of the headers only "
+                "`msg_id` and `msg_type` are used: the server writes the rest. `kind`, if "
+                "present, is ignored."
+            ),
+            "properties": {
+                "header": _header("Extra keys are ignored."),
+                "parent_header": _header(
+                    "Used only if it has a `msg_id`; extra keys are ignored.",
+                    nullable=True,
+                    required=False,
+                ),
+                "channel": {"type": "string", "enum": list(CLIENT_CHANNELS)},
+                "content": {"type": "object", "default": {}},
+                "metadata": {"type": "object", "default": {}},
+                "buffers": {**_BUFFERS, "default": []},
+            },
+            "required": ["header", "channel"],
+        },
+        "QueuedMessage": _server_message(
+            "An `execute_request` in the execution queue.", [Channel.SHELL.value], kind=None
+        ),
+        "JupyterFrame": _server_message(
+            "A message from the kernel (a text frame).", _SERVER_CHANNELS, kind="jupyter"
+        ),
+        "KernelEventFrame": {
+            "type": "object",
+            "description": (
+                "An event of the supervisor (a text frame): `kind` and exactly one key naming "
+                "the event."
+            ),
+            "properties": {"kind": {"type": "string", "enum": ["kernel"]}} | kernel_events,
+            "required": ["kind"],
+            "additionalProperties": False,
+            "minProperties": 2,
+            "maxProperties": 2,
+        },
+        "ServerFrame": {
+            "description": "A text frame from the server on the channels WebSocket.",
+            "oneOf": [_ref("JupyterFrame"), _ref("KernelEventFrame")],
+            "discriminator": {
+                "propertyName": "kind",
+                "mapping": {
+                    "jupyter": "#/components/schemas/JupyterFrame",
+                    "kernel": "#/components/schemas/KernelEventFrame",
+                },
+            },
+        },
+    }
+
+
+# -- paths -------------------------------------------------------------------------------------
+
+_NULL: Schema = {"type": "object", "nullable": True, "enum": [None], "description": "`null`."}
+_UNAUTHORIZED: Schema = {"description": "The bearer token is missing or wrong (empty body)."}
+_NOT_FOUND: Schema = {"description": "There is no session with this id (empty body)."}
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _done(description: str) -> Schema:
+    return _json(_NULL, description)
+
+
+def _error(description: str) -> Schema:
+    return _json(_ref("Error"), description)
+
+
+_TOO_LARGE = _error("The body is larger than the server accepts (code `413`).")
+_BAD_BODY = "The body is not JSON or does not match {} (code `400`, naming the field)"
+
+
+def _operation(
+    operation_id: str,
+    tag: str,
+    summary: str,
+    responses: Mapping[str, Schema],
+    *,
+    description: str | None = None,
+    protected: bool = False,
+    body: str | None = None,
+    body_required: bool = True,
+) -> Schema:
+    operation: Schema = {"operationId": operation_id, "tags": [tag], "summary": summary}
+    if description:
+        operation["description"] = description
+    if body:
+        operation["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    responses = dict(responses)
+    if body:
+        responses["413"] = _TOO_LARGE
+    if protected:
+        operation["security"] = [{"bearerAuth": []}]
+        responses["401"] = _UNAUTHORIZED
+    operation["responses"] = dict(sorted(responses.items()))
+    return operation
+
+
+_CHANNELS_DESCRIPTION = """\
+The session's message stream. On the TCP transport, request it as a WebSocket upgrade; the
+token is checked on the upgrade too. On the socket transport, a plain GET opens a Unix socket
+for this session alone and answers with its path (a string); the client then connects to that
+socket and makes the WebSocket upgrade there (any request path, no token: the socket's 0600
+mode protects it). On the TCP transport a plain GET is refused with 400.
+
+Frames are JSON text. The client sends `JupyterChannelMessage`s (`shell`, `control` or `stdin`);
+binary frames are ignored and an empty text frame closes the connection. The server sends
+`ServerFrame`s, tagged by `kind`: `jupyter` (`JupyterFrame`, a kernel message, headers trimmed
+to `msg_id` and `msg_type`) or `kernel` (`KernelEventFrame`, an event of the supervisor under
+one key: `status`, `output`, `executionQueued`, `exited`, `workingDirChanged`, `resourceUsage`,
+`handshakeCompleted`, `clientDisconnected`, and our extensions `error` and `eventsDropped`).
+The `x-websocket` extension of this operation references both schemas.
+
+One client per session: a new client displaces the old, which is sent `clientDisconnected` and
+closed (1008); the new one receives exactly what the old one had not. Events are kept while no
+client is attached, so nothing is lost between connections unless the buffer overflows
+(`eventsDropped`). The server closes with 1001 when the session is deleted or the server shuts
+down."""
+
+
+def _paths() -> dict[str, Schema]:
+    session_id = {"$ref": "#/components/parameters/SessionId"}
+    kernel_info = {"type": "object", "description": _KERNEL_INFO}
+    return {
+        "/sessions": {
+            "get": _operation(
+                "listSessions",
+                "sessions",
+                "List the sessions",
+                {"200": _json(_ref("SessionList"), "Every session, exited ones included.")},
+            ),
+            "put": _operation(
+                "newSession",
+                "sessions",
+                "Create a session",
+                {
+                    "200": _json(_ref("NewSessionReply"), "The session was created."),
+                    "400": _error(
+                        _BAD_BODY.format("NewSession")
+                        + ", the session id is invalid (`KS-9`), `argv[0]` was not found "
+                        "(`KS-19`), or the id is taken (`KS-0`)."
+                    ),
+                },
+                description="Nothing is launched until the session is started.",
+                protected=True,
+                body="NewSession",
+            ),
+        },
+        "/sessions/{session_id}": {
+            "parameters": [session_id],
+            "get": _operation(
+                "getSession",
+                "sessions",
+                "Get a session",
+                {"200": _json(_ref("ActiveSession"), "The session."), "404": _NOT_FOUND},
+            ),
+            "delete": _operation(
+                "deleteSession",
+                "sessions",
+                "Delete a session",
+                {
+                    "200": _done("The session is gone; an attached client was closed (1001)."),
+                    "400": _error("The session's kernel is running (`KS-2`)."),
+                    "404": _NOT_FOUND,
+                },
+                description="Only a session whose kernel is not running can be deleted.",
+                protected=True,
+            ),
+        },
+        "/sessions/{session_id}/start": {
+            "parameters": [session_id],
+            "post": _operation(
+                "startSession",
+                "sessions",
+                "Start the session's kernel",
+                {
+                    "200": _json(kernel_info, "The kernel is connected and ready."),
+                    "404": _NOT_FOUND,
+                    "500": _json(_ref("StartupError"), "The kernel could not be started."),
+                },
+                description=(
+                    "Launches the kernel and waits until it is connected and has answered a "
+                    "`kernel_info_request`, within the session's `connection_timeout`. A "
+                    "kernel already running is left alone and its kernel info returned."
+                ),
+                protected=True,
+            ),
+        },
+        "/sessions/{session_id}/restart": {
+            "parameters": [session_id],
+            "post": _operation(
+                "restartSession",
+                "sessions",
+                "Restart the session's kernel",
+                {
+                    "200": _done("The new kernel is connected and ready."),
+                    "404": _NOT_FOUND,
+                    "500": _json(
+                        _ref("StartupError"),
+                        "The new kernel could not be started, a start or restart is already "
+                        "in progress (`KS-13`), or `working_directory` does not exist "
+                        "(`KS-13`).",
+                    ),
+                },
+                description=(
+                    "Asks the kernel to shut down (killing it if it does not), then starts it "
+                    "again as `start` does; a session whose kernel is not running is simply "
+                    "started. The body is optional: one that cannot be read is ignored."
+                ),
+                protected=True,
+                body="RestartSession",
+                body_required=False,
+            ),
+        },
+        "/sessions/{session_id}/interrupt": {
+            "parameters": [session_id],
+            "post": _operation(
+                "interruptSession",
+                "sessions",
+                "Interrupt the kernel",
+                {
+                    "200": _done("The signal or `interrupt_request` was sent."),
+                    "400": _error("The kernel is not running or cannot be reached (`KS-10`)."),
+                    "404": _NOT_FOUND,
+                },
+                description="As the session's `interrupt_mode` says.",
+                protected=True,
+            ),
+        },
+        "/sessions/{session_id}/kill": {
+            "parameters": [session_id],
+            "post": _operation(
+                "killSession",
+                "sessions",
+                "Kill the kernel",
+                {
+                    "200": _done("The kernel's process group was killed and has exited."),
+                    "400": _error(
+                        "The kernel is not running (`KS-3`), has no process of ours, being "
+                        "adopted (`KS-12`), or its process was not found (`KS-4`)."
+                    ),
+                    "404": _NOT_FOUND,
+                },
+                description="SIGKILL to the kernel's process group; the execution queue is "
+                "cleared.",
+                protected=True,
+            ),
+        },
+        "/sessions/{session_id}/adopt": {
+            "parameters": [session_id],
+            "put": _operation(
+                "adoptSession",
+                "sessions",
+                "Adopt a kernel started by somebody else",
+                {
+                    "200": _json(kernel_info, "The kernel is connected and ready."),
+                    "400": _error(_BAD_BODY.format("ConnectionInfo") + "."),
+                    "404": _NOT_FOUND,
+                    "500": _error(
+                        "The session already has a kernel or the kernel could not be reached "
+                        "(`KS-6`, `KS-7`)."
+                    ),
+                },
+                description=(
+                    "Connects to a running kernel at these ports, signing with this key "
+                    "(usually those `connection_info` handed out). There is no process to "
+                    "watch: the kernel is taken to be gone after its `shutdown_reply` or when "
+                    "its heartbeat is lost."
+                ),
+                protected=True,
+                body="ConnectionInfo",
+            ),
+        },
+        "/sessions/{session_id}/connection_info": {
+            "parameters": [session_id],
+            "get": _operation(
+                "connectionInfo",
+                "sessions",
+                "Get connection info for a kernel to adopt",
+                {
+                    "200": _json(_ref("ConnectionInfo"), "All nine keys."),
+                    "404": _NOT_FOUND,
+                    "500": _error("No free ports could be found (`KS-18`)."),
+                },
+                description=(
+                    "The connection info a kernel started by somebody else should use before "
+                    "the session adopts it: the session's key and, on the first call, fresh "
+                    "free ports, kept for later calls."
+                ),
+                protected=True,
+            ),
+        },
+        "/sessions/{session_id}/channels": {
+            "parameters": [session_id],
+            "get": {
+                **_operation(
+                    "channels",
+                    "channels",
+                    "Connect to the session's channels",
+                    {
+                        "101": {"description": "Switching to the WebSocket protocol."},
+                        "200": _json(
+                            {"type": "string"},
+                            "The path of the session's channel socket (socket transport).",
+                        ),
+                        "400": _error(
+                            "Upgrade: there is no such session (`KS-1`). Plain GET: the "
+                            "server is on the TCP transport (code `400`), or the socket "
+                            "could not be made (`socket_path_too_long`, "
+                            "`domain_socket_error`)."
+                        ),
+                        "404": {"description": "Plain GET: there is no such session."},
+                    },
+                    description=_CHANNELS_DESCRIPTION,
+                    protected=True,
+                ),
+                "x-websocket": {
+                    "clientFrame": _ref("JupyterChannelMessage"),
+                    "serverFrame": _ref("ServerFrame"),
+                },
+            },
+        },
+        "/shutdown": {
+            "post": _operation(
+                "shutdown",
+                "server",
+                "Shut the server down",
+                {"200": _done("Every kernel is being shut down; the server then exits.")},
+                protected=True,
+            ),
+        },
+        "/status": {
+            "get": _operation(
+                "serverStatus",
+                "server",
+                "Get the server's status",
+                {"200": _json(_ref("ServerStatus"), "The status.")},
+            ),
+        },
+        "/client_heartbeat": {
+            "post": _operation(
+                "clientHeartbeat",
+                "server",
+                "Tell the server a client is alive",
+                {
+                    "200": _done("Noted: the idle-shutdown timer starts again."),
+                    "400": _error(_BAD_BODY.format("ClientHeartbeat") + "."),
+                },
+                body="ClientHeartbeat",
+            ),
+        },
+        "/server_configuration": {
+            "get": _operation(
+                "getServerConfiguration",
+                "server",
+                "Get the server's configuration",
+                {"200": _json(_ref("ServerConfigurationBody"), "The configuration.")},
+            ),
+            "post": _operation(
+                "setServerConfiguration",
+                "server",
+                "Change the server's configuration",
+                {
+                    "200": _done("The changes were applied."),
+                    "400": _error(
+                        _BAD_BODY.format("ServerConfiguration") + ", or a value is out of "
+                        "range (code `400`; fields before it are applied already)."
+                    ),
+                },
+                description="Needs no token, as in Kallichore.",
+                body="ServerConfiguration",
+            ),
+        },
+        "/openapi.json": {
+            "get": _operation(
+                "openapi",
+                "server",
+                "Get this document",
+                {"200": _json({"type": "object"}, "This OpenAPI document.")},
+            ),
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document, built afresh so that callers may change their copy."""
+    builder = _SchemaBuilder()
+    for cls in WIRE_MODELS:
+        builder.add_model(cls)
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Kallichore API",
+            "version": __version__,
+            "description": (
+                "A Jupyter kernel supervisor's HTTP and WebSocket API, wire-compatible with "
+                "Posit's Kallichore (`kcserver`). Action endpoints answer `null`; 401 and 404 "
+                "answers have empty bodies; an unknown path is 404 and a wrong method 405, "
+                "both empty. Bearer auth applies only when the server was started with a "
+                "token."
+            ),
+        },
+        "tags": [
+            {"name": "sessions", "description": "Sessions and their kernels."},
+            {"name": "channels", "description": "The stream of a session's messages."},
+            {"name": "server", "description": "The server itself."},
+        ],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The token the server was started with.",
+                }
+            },
+            "parameters": {
+                "SessionId": {
+                    "name": "session_id",
+                    "in": "path",
+                    "required": True,
+                    "description": "The id the session was created with.",
+                    "schema": {"type": "string"},
+                }
+            },
+            "schemas": builder.schemas | _frame_schemas(),
+        },
+    }

@@ -1,0 +1,229 @@
+"""The `kallichore` (alias `kcserver`) command line, with kcserver's flags and rules.
+
+Invalid combinations are refused before anything is bound or written: a message on stderr
+starting with `Error:` and exit status 1, as kcserver does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import trio
+
+from kallichore import __version__
+from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
+
+logger = logging.getLogger("kallichore")
+
+LOG_LEVELS = {
+    "trace": 5,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+MAX_TOKEN_LENGTH = 64
+
+
+class UsageError(Exception):
+    """A bad flag or combination of flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kallichore",
+        description=(
+            "A headless Jupyter kernel supervisor: starts kernels and serves them over HTTP and "
+            "WebSocket, wire-compatible with Posit's Kallichore (kcserver)."
+        ),
+        epilog=(
+            "Without --transport, the API is served on TCP, or on a Unix socket when "
+            "--unix-socket, --connection-file or --handshake-socket is given."
+        ),
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"kcserver {__version__}")
+    where = parser.add_argument_group("where to listen")
+    where.add_argument(
+        "-p", "--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)"
+    )
+    where.add_argument("--transport", help="tcp, socket, or named-pipe (Windows only)")
+    where.add_argument("--unix-socket", type=Path, help="serve the API on this Unix socket path")
+    where.add_argument(
+        "--socket-dir",
+        type=Path,
+        help="directory for the sockets we name ourselves "
+        "(default: $XDG_RUNTIME_DIR or the temp dir)",
+    )
+    tell = parser.add_argument_group("telling the client")
+    tell.add_argument(
+        "--connection-file", type=Path, help="write where and how to connect here (JSON, mode 0600)"
+    )
+    tell.add_argument(
+        "--handshake-socket",
+        type=Path,
+        help="connect to this Unix socket, write the connection document there, and close it",
+    )
+    tell.add_argument(
+        "-t",
+        "--token",
+        help="file holding the bearer token (read, then deleted), or 'none' to turn auth off; "
+        "default: a random token",
+    )
+    behave = parser.add_argument_group("behaviour")
+    behave.add_argument(
+        "-i",
+        "--idle-shutdown-hours",
+        type=int,
+        help="exit after this many idle hours (0: 30 seconds)",
+    )
+    behave.add_argument(
+        "--idle-shutdown-seconds",
+        type=float,
+        help="exit after this many idle seconds (overrides hours)",
+    )
+    behave.add_argument(
+        "-r",
+        "--resource-sample-interval",
+        type=int,
+        default=1000,
+        help="milliseconds between CPU/memory samples of kernels (0: never)",
+    )
+    behave.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds a kernel gets to exit after shutdown_request before it is killed",
+    )
+    logs = parser.add_argument_group("logging")
+    logs.add_argument(
+        "-l", "--log-level", help="trace, debug, info, warn or error (default: $RUST_LOG or info)"
+    )
+    logs.add_argument(
+        "--log-file", type=Path, help="also write the log to this file (truncated at start)"
+    )
+    return parser
+
+
+def choose_transport(args: argparse.Namespace) -> Transport:
+    """kcserver's rule: explicit --transport, else a Unix socket for socket flags, else TCP."""
+    if args.transport is not None:
+        try:
+            transport = Transport(args.transport)
+        except ValueError:
+            raise UsageError(
+                f"invalid transport {args.transport!r}: expected tcp, socket or named-pipe"
+            ) from None
+    elif args.unix_socket or args.connection_file or args.handshake_socket:
+        transport = Transport.SOCKET
+    else:
+        transport = Transport.TCP
+    if transport is Transport.NAMED_PIPE:
+        raise UsageError("the named-pipe transport is only available on Windows; use tcp or socket")
+    if args.port != 0 and transport is not Transport.TCP:
+        raise UsageError(
+            f"--port can only be used with the tcp transport (transport is {transport})"
+        )
+    if args.unix_socket is not None and transport is not Transport.SOCKET:
+        raise UsageError(f"--unix-socket needs the socket transport (transport is {transport})")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    return transport
+
+
+def read_token(option: str | None) -> str | None:
+    """None for `--token none`; the file's token (the file is then deleted); else a new one."""
+    if option is None:
+        return secrets.token_hex(8)
+    if option == "none":
+        logger.warning("authentication is turned off (--token none)")
+        return None
+    path = Path(option)
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError(f"the token file {path} is empty")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise UsageError(f"the token in {path} is longer than {MAX_TOKEN_LENGTH} characters")
+    try:
+        path.unlink()
+    except OSError as exc:
+        logger.warning("could not delete the token file %s: %s", path, exc)
+    return token
+
+
+def configure_logging(level_name: str | None, log_file: Path | None) -> str:
+    """Log to stderr (and the file) at the named level; returns the effective level name."""
+    name = (level_name or os.environ.get("RUST_LOG") or "info").lower()
+    if name not in LOG_LEVELS:
+        print(f"unknown log level {name!r}; using info", file=sys.stderr)
+        name = "info"
+    logging.addLevelName(LOG_LEVELS["trace"], "TRACE")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        try:
+            handlers.append(logging.FileHandler(log_file, mode="w"))
+        except OSError as exc:
+            raise UsageError(
+                f"cannot open the log file {log_file}: {exc.strerror or exc}"
+            ) from None
+    logging.basicConfig(
+        level=LOG_LEVELS[name],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    return name
+
+
+def options_from(args: argparse.Namespace) -> DaemonOptions:
+    transport = choose_transport(args)
+    if args.idle_shutdown_hours is not None and not 0 <= args.idle_shutdown_hours <= 65535:
+        raise UsageError("--idle-shutdown-hours must be between 0 and 65535")
+    if args.idle_shutdown_seconds is not None and args.idle_shutdown_seconds <= 0:
+        raise UsageError("--idle-shutdown-seconds must be positive")
+    if args.resource_sample_interval < 0:
+        raise UsageError("--resource-sample-interval must not be negative")
+    if args.shutdown_grace < 0:
+        raise UsageError("--shutdown-grace must not be negative")
+    log_level = configure_logging(args.log_level, args.log_file)
+    return DaemonOptions(
+        transport=transport,
+        port=args.port,
+        unix_socket=args.unix_socket.absolute() if args.unix_socket else None,
+        socket_dir=args.socket_dir.absolute() if args.socket_dir else None,
+        connection_file=args.connection_file.absolute() if args.connection_file else None,
+        handshake_socket=args.handshake_socket,
+        token=read_token(args.token),
+        idle_shutdown_hours=args.idle_shutdown_hours,
+        idle_shutdown_seconds=args.idle_shutdown_seconds,
+        resource_sample_interval_ms=args.resource_sample_interval,
+        shutdown_grace=args.shutdown_grace,
+        log_level=log_level,
+        log_file=args.log_file.absolute() if args.log_file else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = options_from(args)
+        return trio.run(run_daemon, options)
+    except BaseException as error:
+        leaf = error
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if not isinstance(leaf, UsageError | DaemonError | OSError):
+            raise
+        print(f"Error: {leaf}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

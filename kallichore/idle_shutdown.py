@@ -1,0 +1,87 @@
+"""Kallichore's idle shutdown: exit after a full period in which nothing nudged the server.
+
+Nudges are sessions becoming idle or exiting, clients connecting, and client heartbeats. A tick
+comes at least one full period after the previous one and after the last nudge (missed ticks,
+say across a laptop's sleep, are not caught up). At a tick the server stays up while the client
+process that sent heartbeats is alive, or while any session is busy or has a client attached.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import psutil
+import trio
+
+from kallichore.session.model import Status
+from kallichore.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+# `--idle-shutdown-hours 0` means this many seconds, as in Kallichore.
+ZERO_HOURS_SECONDS = 30.0
+
+
+@attrs.define
+class IdleShutdown:
+    """The configured period and the client process whose life keeps the server up."""
+
+    hours: int | None = None
+    seconds: float | None = None
+    client_pid: int | None = None
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+    _configured_at: float = 0.0
+
+    @property
+    def period(self) -> float | None:
+        """Seconds of quiet before shutting down; None for never."""
+        if self.seconds is not None:
+            return self.seconds
+        if self.hours is None:
+            return None
+        return ZERO_HOURS_SECONDS if self.hours == 0 else self.hours * 3600.0
+
+    def configure(self, *, hours: int | None = None, seconds: float | None = None) -> None:
+        """Set a new period (or none), counted from now."""
+        self.hours = hours
+        self.seconds = seconds
+        self._configured_at = trio.current_time()
+        self._changed.set()
+
+    async def wait_until_idle(self, supervisor: Supervisor) -> None:
+        """Return when the server should shut down for idleness."""
+        started = trio.current_time()
+        last_tick = started
+        self._configured_at = started
+        while True:
+            self._changed = trio.Event()
+            period = self.period
+            if period is None:
+                await self._changed.wait()
+                continue
+            due = max(supervisor.last_activity, last_tick, self._configured_at) + period
+            with trio.move_on_at(due):
+                await self._changed.wait()
+                continue
+            if trio.current_time() < max(supervisor.last_activity, self._configured_at) + period:
+                continue
+            last_tick = trio.current_time()
+            if last_tick - started < period or self._client_alive() or _in_use(supervisor):
+                continue
+            logger.info("idle for %g seconds: shutting down", period)
+            return
+
+    def _client_alive(self) -> bool:
+        pid = self.client_pid
+        if pid is None or pid <= 1:
+            return False
+        if psutil.pid_exists(pid):
+            return True
+        logger.info("client process %d is gone", pid)
+        self.client_pid = None
+        return False
+
+
+def _in_use(supervisor: Supervisor) -> bool:
+    return any(s.status is Status.BUSY or s.connected for s in supervisor.sessions())

@@ -1,0 +1,221 @@
+"""The standalone daemon: bind, announce where, serve, and exit cleanly on every path.
+
+SIGINT, SIGTERM, `POST /shutdown` and idle shutdown all end the same way: every kernel gets a
+`shutdown_request` and a grace period, then its process group is killed; the sockets and files
+the daemon created are removed; the exit status is 0. A second SIGINT (or SIGTERM) during that
+kills the kernels at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from kallichore import __version__
+from kallichore.api.app import ServerState
+from kallichore.api.channels import ChannelBroker
+from kallichore.jupyter.connection import write_json_file
+from kallichore.server.http import RunningServer, serve_api
+from kallichore.server.session_sockets import MAX_SOCKET_PATH_BYTES, SessionSockets
+from kallichore.session.kernel_session import SessionConfig
+from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
+
+logger = logging.getLogger(__name__)
+
+
+class Transport(StrEnum):
+    TCP = "tcp"
+    SOCKET = "socket"
+    NAMED_PIPE = "named-pipe"
+
+
+@attrs.frozen
+class DaemonOptions:
+    transport: Transport
+    port: int = 0
+    unix_socket: Path | None = None
+    socket_dir: Path | None = None
+    connection_file: Path | None = None
+    handshake_socket: Path | None = None
+    token: str | None = None
+    idle_shutdown_hours: int | None = None
+    idle_shutdown_seconds: float | None = None
+    resource_sample_interval_ms: int = 1000
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+    log_file: Path | None = None
+
+
+class DaemonError(Exception):
+    """A fatal problem before serving (a bad socket path, an unwritable connection file)."""
+
+
+def socket_dir(options: DaemonOptions) -> Path:
+    """Where auto-named sockets go: --socket-dir, else $XDG_RUNTIME_DIR, else the temp dir."""
+    if options.socket_dir is not None:
+        return options.socket_dir
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        candidate = Path(runtime)
+        if len(os.fsencode(candidate / f"kc-{os.getpid()}.sock")) <= MAX_SOCKET_PATH_BYTES:
+            return candidate
+    return Path(tempfile.gettempdir())
+
+
+def main_socket_path(options: DaemonOptions) -> tuple[Path, bool]:
+    """The API's socket path, and whether we chose it (and so remove it at exit)."""
+    path = options.unix_socket or socket_dir(options) / f"kc-{os.getpid()}.sock"
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise DaemonError(
+            f"socket path {path} is {len(os.fsencode(path))} bytes long; "
+            f"the limit is {MAX_SOCKET_PATH_BYTES}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return path, options.unix_socket is None
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Create files (the API socket) private to the owner, with no window in between."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def connection_document(
+    options: DaemonOptions, server: RunningServer, socket_path: Path | None
+) -> dict[str, Any]:
+    """Kallichore's connection file: keys in its order, address keys for this transport only."""
+    document: dict[str, Any] = {}
+    if socket_path is None:
+        port = int(server.url.rsplit(":", 1)[1])
+        document["port"] = port
+        document["base_path"] = f"http://127.0.0.1:{port}"
+    else:
+        document["socket_path"] = str(socket_path)
+    document["transport"] = options.transport.value
+    document["server_path"] = server_executable()
+    document["server_pid"] = os.getpid()
+    document["bearer_token"] = options.token
+    document["log_path"] = str(options.log_file) if options.log_file else None
+    return document
+
+
+def server_executable() -> str:
+    program = sys.argv[0]
+    if os.path.isabs(program):
+        return program
+    return os.path.abspath(program) if os.path.exists(program) else sys.executable
+
+
+async def send_handshake(path: Path, document: dict[str, Any]) -> None:
+    """Newer Positron: connect to the client's socket, write the document, close."""
+    stream = await trio.open_unix_socket(str(path))
+    async with stream:
+        await stream.send_all(json.dumps(document).encode())
+
+
+async def run_daemon(options: DaemonOptions) -> int:
+    """Serve until shut down; returns the exit status."""
+    grace = options.shutdown_grace
+    config = SupervisorConfig(
+        session=SessionConfig(shutdown_grace=grace),
+        resource_sample_interval_ms=options.resource_sample_interval_ms,
+    )
+    state = ServerState(token=options.token, log_level=options.log_level)
+    if options.idle_shutdown_seconds is not None:
+        state.idle.seconds = options.idle_shutdown_seconds
+    state.idle.hours = options.idle_shutdown_hours
+    created: list[Path] = []
+    try:
+        async with open_supervisor(config) as supervisor, trio.open_nursery() as nursery:
+            broker = ChannelBroker()
+            sockets = None
+            socket_path = None
+            if options.transport is Transport.SOCKET:
+                socket_path, ours = main_socket_path(options)
+                if ours:
+                    created.append(socket_path)
+                sockets = SessionSockets(broker, socket_dir(options), os.getpid())
+                await nursery.start(sockets.run)
+                binds = [f"unix:{socket_path}"]
+            else:
+                binds = [f"127.0.0.1:{options.port}"]
+            with private_files():
+                server: RunningServer = await nursery.start(
+                    partial(
+                        serve_api,
+                        supervisor,
+                        state,
+                        binds=binds,
+                        broker=broker,
+                        sockets=sockets,
+                        shutdown_grace=grace,
+                    )
+                )
+            if socket_path is not None:
+                socket_path.chmod(0o600)
+            document = connection_document(options, server, socket_path)
+            if options.connection_file is not None:
+                write_json_file(options.connection_file, document)
+                created.append(options.connection_file)
+            if options.handshake_socket is not None:
+                await send_handshake(
+                    options.handshake_socket, {**document, "server_id": state.server_id}
+                )
+            announce(options, server, socket_path)
+            nursery.start_soon(shut_down_on_signals, server, supervisor)
+            nursery.start_soon(shut_down_when_idle, server, supervisor)
+            await server.finished.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        for path in created:
+            with suppress(OSError):
+                path.unlink()
+    logger.info("kallichore exited")
+    return 0
+
+
+def announce(options: DaemonOptions, server: RunningServer, socket_path: Path | None) -> None:
+    """Where we listen, on stdout (clients read the connection file, people read this)."""
+    if socket_path is not None:
+        print(f"Listening on Unix socket: {socket_path}", flush=True)
+    else:
+        print(f"Listening at {server.url.removeprefix('http://')}", flush=True)
+    print(f"kallichore {__version__} (kcserver-compatible)", flush=True)
+    if options.token and options.connection_file is None and options.handshake_socket is None:
+        logger.info("bearer token: %s", options.token)
+
+
+async def shut_down_on_signals(server: RunningServer, supervisor: Supervisor) -> None:
+    """The first SIGINT/SIGTERM shuts down gracefully; another one kills the kernels now."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not server.shutdown_requested.is_set():
+                logger.info("%s: shutting down", name)
+                server.state.request_shutdown()
+            else:
+                logger.info("%s again: killing every kernel now", name)
+                supervisor.kill_all()
+
+
+async def shut_down_when_idle(server: RunningServer, supervisor: Supervisor) -> None:
+    await server.state.idle.wait_until_idle(supervisor)
+    server.state.request_shutdown()

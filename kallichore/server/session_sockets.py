@@ -1,0 +1,340 @@
+"""Per-session Unix sockets that speak WebSocket: the channels stream of the socket transport.
+
+With `--transport socket`, `GET /sessions/{id}/channels` answers with the path of a socket that
+belongs to that session alone. A client connects to it and starts an ordinary HTTP WebSocket
+handshake (Positron asks for `/api/channels/<id>`; the path is ignored and no token is checked:
+the socket's 0600 mode is the protection). From then on the connection is served by the same
+`ChannelBroker` as the TCP WebSocket, so displacement and delivery work the same on both.
+
+Deliberate deviations from Kallichore: the full session id (or a hash of it) names the socket, so
+two sessions never share a path; a connection that does not start with `GET ` is closed instead
+of being spoken to in raw WebSocket frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from functools import partial
+from pathlib import Path
+
+import attrs
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from kallichore.api.channels import ChannelBroker
+from kallichore.session.kernel_session import KernelSession
+
+logger = logging.getLogger(__name__)
+
+# Kallichore's limit (macOS's sun_path); Linux allows 107 bytes.
+MAX_SOCKET_PATH_BYTES = 104
+
+# A WebSocket ping every 10 s; a client that leaves more than 3 unanswered is dropped.
+PING_INTERVAL_SECONDS = 10.0
+MAX_UNANSWERED_PINGS = 3
+
+# How long a new connection has to send its first 4 bytes, and then to finish the handshake.
+SNIFF_TIMEOUT_SECONDS = 5.0
+HANDSHAKE_TIMEOUT_SECONDS = 5.0
+# How long we wait for the client's Close frame before closing the socket regardless.
+CLOSE_TIMEOUT_SECONDS = 1.0
+# The limit Kallichore's WebSocket library applies to a message (trio-websocket's is 1 MiB).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+LISTEN_BACKLOG = 16
+
+
+class SocketPathTooLong(ValueError):
+    """No socket path for the session fits in MAX_SOCKET_PATH_BYTES: the socket dir is too long."""
+
+
+def session_socket_path(socket_dir: Path, session_id: str, server_pid: int) -> Path:
+    """Where the channels socket of `session_id` lives.
+
+    `kc-<pid>-<session id>.sock` when that fits, else `kc-<hash of both>.sock`; either way the
+    whole session id decides the name, so distinct sessions get distinct paths.
+    """
+    path = socket_dir / f"kc-{server_pid}-{session_id}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
+        return path
+    digest = hashlib.sha256(f"{session_id}\0{server_pid}".encode()).hexdigest()[:16]
+    path = socket_dir / f"kc-{digest}.sock"
+    length = len(os.fsencode(path))
+    if length > MAX_SOCKET_PATH_BYTES:
+        raise SocketPathTooLong(
+            f"the channels socket path {str(path)!r} is {length} bytes long; "
+            f"the limit is {MAX_SOCKET_PATH_BYTES} bytes: use a shorter socket directory"
+        )
+    return path
+
+
+@attrs.define
+class _Listener:
+    path: Path
+    scope: trio.CancelScope
+
+
+class SessionSockets:
+    """The per-session channel sockets of one server.
+
+    `close()` only stops listening (and removes the file): clients already attached stay until
+    they leave, are displaced by a newer client, their session's events end (delete), the broker
+    stops, or `run()` is cancelled. A re-`open()` therefore keeps the current client attached
+    until someone connects to the new socket.
+    """
+
+    def __init__(
+        self,
+        broker: ChannelBroker,
+        socket_dir: Path,
+        server_pid: int,
+        *,
+        ping_interval: float = PING_INTERVAL_SECONDS,
+    ) -> None:
+        self._broker = broker
+        self._socket_dir = socket_dir
+        self._server_pid = server_pid
+        self._ping_interval = ping_interval
+        self._listeners: dict[str, _Listener] = {}
+        self._nursery: trio.Nursery | None = None
+        self._opening = trio.Lock()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the listeners and connections until cancelled; then remove every socket file."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.close_all()
+
+    async def open(self, session: KernelSession) -> Path:
+        """(Re)create the listening socket of `session`; returns its path.
+
+        The new socket replaces the file of the previous one (the path depends only on the
+        session), and the previous listener stops. Opens are serialized, so concurrent calls
+        for one session leave exactly one listener, the one whose file is in place.
+        """
+        session_id = session.session_id
+        path = session_socket_path(self._socket_dir, session_id, self._server_pid)
+        async with self._opening:
+            listener = await _listen_privately(path)
+            if self._nursery is None:
+                listener.socket.close()
+                path.unlink()
+                raise RuntimeError("SessionSockets.open() needs SessionSockets.run() to be running")
+            previous = self._listeners.get(session_id)
+            if previous is not None:
+                previous.scope.cancel()
+            scope = trio.CancelScope()
+            self._listeners[session_id] = _Listener(path, scope)
+            self._nursery.start_soon(self._accept, session, listener, scope, self._nursery)
+        logger.info("session %s: channels socket at %s", session_id, path)
+        return path
+
+    def path(self, session_id: str) -> Path | None:
+        listener = self._listeners.get(session_id)
+        return listener.path if listener is not None else None
+
+    def close(self, session_id: str) -> None:
+        """Stop listening for `session_id` and remove its socket file; attached clients stay."""
+        listener = self._listeners.pop(session_id, None)
+        if listener is not None:
+            listener.scope.cancel()
+            listener.path.unlink(missing_ok=True)
+
+    def close_all(self) -> None:
+        for session_id in list(self._listeners):
+            self.close(session_id)
+
+    async def _accept(
+        self,
+        session: KernelSession,
+        listener: trio.SocketListener,
+        scope: trio.CancelScope,
+        nursery: trio.Nursery,
+    ) -> None:
+        """Accept until `scope` is cancelled; connections run in `nursery`, outliving this."""
+        with scope:
+            await trio.serve_listeners(
+                partial(self._serve_connection, session), [listener], handler_nursery=nursery
+            )
+
+    async def _serve_connection(self, session: KernelSession, stream: trio.SocketStream) -> None:
+        """Serve one accepted connection; its failures are logged and end only that connection."""
+        session_id = session.session_id
+        try:
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader task runs here
+                ws = await _accept_websocket(nursery, stream, session_id)
+                if ws is not None:
+                    try:
+                        await self._serve_websocket(session, ws)
+                    finally:
+                        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+                            await ws.aclose()
+                nursery.cancel_scope.cancel()
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.info("session %s: a channels client went away", session_id)
+        except* Exception:
+            logger.exception("session %s: a channels connection failed", session_id)
+
+    async def _serve_websocket(self, session: KernelSession, ws: WebSocketConnection) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drop_if_unresponsive, ws, session.session_id, nursery)
+            await self._broker.serve(session, _WebSocketTransport(ws))
+            nursery.cancel_scope.cancel()
+
+    async def _drop_if_unresponsive(
+        self, ws: WebSocketConnection, session_id: str, connection: trio.Nursery
+    ) -> None:
+        """Ping like Kallichore; cancel the connection once too many pings go unanswered.
+
+        Each ping waits for its pong in its own task, so pings keep their pace whatever the
+        client does; those waits end at the latest when this decides to drop the client.
+        """
+        sent = 0
+        answered = 0
+
+        async def ping(number: int) -> None:
+            nonlocal answered
+            try:
+                await ws.ping(number.to_bytes(8, "big"))
+            except ConnectionClosed:
+                return  # the connection's own tasks notice and end it
+            # trio-websocket wakes the earlier pings too when a pong arrives, so this only grows.
+            answered = max(answered, number)
+
+        async with trio.open_nursery() as pings:
+            while True:
+                await trio.sleep(self._ping_interval)
+                if sent - answered > MAX_UNANSWERED_PINGS:
+                    break
+                sent += 1
+                pings.start_soon(ping, sent)
+            pings.cancel_scope.cancel()
+        logger.info(
+            "session %s: dropping a channels client that left %d pings unanswered",
+            session_id,
+            sent - answered,
+        )
+        connection.cancel_scope.cancel()
+
+
+class _WebSocketTransport:
+    """`ClientTransport` over a trio-websocket connection.
+
+    `send` lets ConnectionClosed through: it ends the broker's client, and the connection.
+    """
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def send(self, text: str) -> None:
+        await self._ws.send_message(text)
+
+    async def receive(self) -> str | None:
+        while True:
+            try:
+                message = await self._ws.get_message()
+            except ConnectionClosed:
+                return None
+            if isinstance(message, str):
+                return message
+            logger.info("ignoring a binary frame from a channels client")
+
+    async def close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+            await self._ws.aclose(code, reason)
+
+
+class _ReplayStream(trio.abc.Stream):
+    """A stream that first gives back the bytes the protocol sniffing already read from it.
+
+    Not a trio.SocketStream, so trio-websocket's `local`/`remote` fall back to repr() instead of
+    raising the ValueError they raise for Unix socket addresses.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._prefix:
+            return await self._stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+        return chunk
+
+    async def aclose(self) -> None:
+        self._prefix = b""
+        await self._stream.aclose()
+
+
+async def _listen_privately(path: Path) -> trio.SocketListener:
+    """A listener at `path` that only our user can connect to.
+
+    The mode is set between bind and listen: until listen, connecting is refused anyway, so there
+    is no moment when others could connect, and no process-wide umask change is needed.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()  # a stale socket, from an earlier open() or a dead server
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        os.chmod(path, 0o600)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        path.unlink()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def _accept_websocket(
+    nursery: trio.Nursery, stream: trio.SocketStream, session_id: str
+) -> WebSocketConnection | None:
+    """Complete the client's HTTP WebSocket handshake; None (after logging) if there is none."""
+    prefix = b""
+    with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
+        while len(prefix) < 4:
+            chunk = await stream.receive_some()
+            if not chunk:
+                break
+            prefix += chunk
+    if not prefix.startswith(b"GET "):
+        logger.info(
+            "session %s: closing a channels connection that began with %r, not an HTTP WebSocket "
+            "handshake (raw WebSocket frames are not supported)",
+            session_id,
+            prefix[:4],
+        )
+        return None
+    with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS):
+        # An invalid request gets a 400 from trio-websocket, which then never returns: hence
+        # the timeout.
+        request = await trio_websocket.wrap_server_stream(
+            nursery, _ReplayStream(stream, prefix), max_message_size=MAX_MESSAGE_BYTES
+        )
+        return await request.accept()
+    logger.info("session %s: a channels WebSocket handshake did not complete", session_id)
+    return None

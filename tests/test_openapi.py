@@ -1,0 +1,257 @@
+"""The OpenAPI document: valid, and in step with the routes, auth, models and frames it describes.
+
+The document is written partly by hand, so each test compares it with the code or with what a
+live server does, never with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import OpenAPIV30SpecValidator, validate
+
+from kallichore import __version__
+from kallichore.api import app as api_app
+from kallichore.api import models
+from kallichore.api.app import ServerState, create_app
+from kallichore.api.channels import ChannelBroker
+from kallichore.api.envelope import FrameError, client_error, encode_event, kernel_event
+from kallichore.api.openapi import LOG_LEVELS, WIRE_MODELS, openapi_document
+from kallichore.jupyter.connection import ConnectionInfo
+from kallichore.jupyter.wire import Channel, Message
+from kallichore.server.http import RunningServer, serve_api
+from kallichore.session.events import (
+    Event,
+    EventsDropped,
+    ExecutionQueuedEvent,
+    ExitedEvent,
+    HandshakeCompletedEvent,
+    JupyterEvent,
+    OutputEvent,
+    ResourceUsageEvent,
+    StatusEvent,
+    WorkingDirChangedEvent,
+)
+from kallichore.session.model import Status
+from kallichore.session.resources import ResourceUsage
+from kallichore.supervisor import Supervisor
+from tests.api_client import execute_request
+
+TOKEN = "t"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SESSION = "openapi-1"
+HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+BEARER: dict[str, list[str]] = {"bearerAuth": []}
+
+
+@pytest.fixture
+def document() -> dict[str, Any]:
+    return openapi_document()
+
+
+def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(path, METHOD) -> operation."""
+    return {
+        (path, method.upper()): operation
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in HTTP_METHODS
+    }
+
+
+def schema_validator(document: dict[str, Any], schema: dict[str, Any]) -> OAS30Validator:
+    """A validator for `schema` whose `$ref`s resolve against the document's components."""
+    return OAS30Validator({"allOf": [schema], "components": document["components"]})
+
+
+def frame_schema(document: dict[str, Any], name: str) -> OAS30Validator:
+    return schema_validator(document, {"$ref": f"#/components/schemas/{name}"})
+
+
+def test_document_is_valid_openapi_30(document: dict[str, Any]) -> None:
+    validate(document, cls=OpenAPIV30SpecValidator)
+    assert document["info"]["version"] == __version__
+
+
+async def test_paths_are_the_apps_routes(supervisor: Supervisor, document: dict[str, Any]) -> None:
+    app = create_app(supervisor, ServerState(token=TOKEN, server_id="x"), ChannelBroker())
+    routes: set[tuple[str, str]] = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        # The WebSocket rule (rule.websocket) is a GET too, as is its upgrade request.
+        path = re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        routes |= {
+            (path, method) for method in rule.methods or () if method not in {"HEAD", "OPTIONS"}
+        }
+    documented = set(operations(document))
+    assert routes == documented, (
+        f"routes missing from the document: {sorted(routes - documented)}; "
+        f"documented but not routed: {sorted(documented - routes)}"
+    )
+
+
+@pytest.fixture
+async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
+    running: RunningServer = await nursery.start(
+        partial(serve_api, supervisor, ServerState(token=TOKEN), binds=["127.0.0.1:0"])
+    )
+    return running
+
+
+@pytest.fixture
+async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        created = await http.put(
+            "/sessions", json={"session_id": SESSION, "argv": []}, headers=AUTH
+        )
+        assert created.status_code == 200, created.text
+        yield http
+
+
+async def test_protected_operations_are_the_ones_the_server_protects(
+    document: dict[str, Any], client: httpx.AsyncClient, server: RunningServer
+) -> None:
+    documented = {
+        key for key, op in operations(document).items() if BEARER in op.get("security", [])
+    }
+    refused: dict[str, set[tuple[str, str]]] = {"no token": set(), "a wrong token": set()}
+    # Last, so that an unprotected shutdown cannot stop the server under the other requests.
+    order = sorted(operations(document), key=lambda key: key == ("/shutdown", "POST"))
+    for path, method in order:
+        url = path.format(session_id=SESSION)
+        for name, headers in (("no token", {}), ("a wrong token", {"Authorization": "Bearer x"})):
+            response = await client.request(method, url, headers=headers)
+            if response.status_code == 401:
+                assert response.content == b"", (method, path)
+                refused[name].add((path, method))
+    for name, paths in refused.items():
+        assert paths == documented, (
+            f"refused with {name} but not documented as protected: {sorted(paths - documented)}; "
+            f"documented as protected but served with {name}: {sorted(documented - paths)}"
+        )
+    assert not server.shutdown_requested.is_set()
+
+
+def test_every_wire_model_has_a_schema_with_its_fields(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    wire = [
+        value
+        for value in vars(models).values()
+        if isinstance(value, type) and attrs.has(value) and value.__module__ == models.__name__
+    ]
+    assert len(wire) >= 14
+    assert [cls.__name__ for cls in wire if cls not in WIRE_MODELS] == []
+    for cls in WIRE_MODELS:
+        schema = schemas[WIRE_MODELS[cls][0]]
+        fields = attrs.fields(cls)
+        assert set(schema["properties"]) == {field.name for field in fields}, cls.__name__
+        omitted = {field.name for field in fields if field.metadata.get("omit_if_none")}
+        assert not omitted & set(schema.get("required", [])), cls.__name__
+
+
+def test_log_levels_are_the_apps(document: dict[str, Any]) -> None:
+    assert LOG_LEVELS == api_app.LOG_LEVELS
+    schema = document["components"]["schemas"]["ServerConfigurationBody"]
+    assert schema["properties"]["log_level"]["enum"] == list(api_app.LOG_LEVELS)
+
+
+async def test_openapi_json_is_served_without_a_token(
+    document: dict[str, Any], client: httpx.AsyncClient
+) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == document
+
+
+def check_response(document: dict[str, Any], path: str, response: httpx.Response) -> None:
+    """The response is one the document lists for its operation, with a body of that schema."""
+    method = response.request.method.lower()
+    documented = document["paths"][path][method]["responses"].get(str(response.status_code))
+    assert documented is not None, f"{method} {path}: {response.status_code} is not documented"
+    if "content" not in documented:
+        assert response.content == b""
+        return
+    schema = documented["content"]["application/json"]["schema"]
+    schema_validator(document, schema).validate(response.json())
+
+
+async def test_responses_match_their_documented_schemas(
+    document: dict[str, Any], client: httpx.AsyncClient
+) -> None:
+    one = f"/sessions/{SESSION}"
+    calls: list[tuple[str, str, dict[str, Any]]] = [
+        ("GET", "/sessions", {}),
+        ("GET", "/sessions/{session_id}", {}),
+        ("GET", "/sessions/{session_id}/connection_info", {"headers": AUTH}),
+        ("GET", "/status", {}),
+        ("GET", "/server_configuration", {}),
+        ("POST", "/server_configuration", {"json": {"idle_shutdown_hours": 1}}),
+        ("GET", "/server_configuration", {}),
+        ("POST", "/server_configuration", {"json": {"idle_shutdown_hours": 70000}}),
+        ("POST", "/client_heartbeat", {"json": {"process_id": 1}}),
+        ("POST", "/client_heartbeat", {"json": {"process_id": "one"}}),
+        ("PUT", "/sessions", {"json": {"session_id": SESSION}, "headers": AUTH}),
+        ("PUT", "/sessions", {"json": {"session_id": "openapi-2"}, "headers": AUTH}),
+        ("POST", "/sessions/{session_id}/kill", {"headers": AUTH}),
+        ("POST", "/sessions/{session_id}/interrupt", {"headers": AUTH}),
+        ("GET", "/sessions/{session_id}/channels", {"headers": AUTH}),
+    ]
+    for method, path, options in calls:
+        url = path.replace("{session_id}", SESSION)
+        check_response(document, path, await client.request(method, url, **options))
+    missing = await client.get("/sessions/nope")
+    assert missing.status_code == 404
+    check_response(document, "/sessions/{session_id}", missing)
+    deleted = await client.delete(one, headers=AUTH)
+    assert deleted.status_code == 200
+    check_response(document, "/sessions/{session_id}", deleted)
+
+
+def test_channel_frames_match_their_schemas(document: dict[str, Any]) -> None:
+    connection = ConnectionInfo(1, 2, 3, 4, 5, key="k")
+    message = Message(
+        header={"msg_id": "a", "msg_type": "stream", "session": "s"},
+        parent_header={"msg_id": "b", "msg_type": "execute_request"},
+        content_json=b'{"name":"stdout","text":"hi"}',
+        buffers=(b"\x00\x01",),
+    )
+    events: list[Event] = [
+        JupyterEvent(Channel.IOPUB, message),
+        JupyterEvent(
+            Channel.SHELL, Message(header={"msg_id": "c", "msg_type": "x"}, parent_header={})
+        ),
+        StatusEvent(Status.UNINITIALIZED, None),
+        StatusEvent(Status.BUSY, "execute_request"),
+        OutputEvent("stderr", "warning\n"),
+        ExecutionQueuedEvent("a"),
+        ExitedEvent(-9),
+        WorkingDirChangedEvent("/tmp"),
+        ResourceUsageEvent(ResourceUsage(1, 2, 3, 4, 5)),
+        HandshakeCompletedEvent("s", connection),
+        EventsDropped(3),
+    ]
+    assert {type(event) for event in events} == set(typing.get_args(Event))
+    frames = [encode_event(event) for event in events] + [
+        client_error(FrameError("not a channel message"), "a"),
+        kernel_event("clientDisconnected", "another client connected"),
+    ]
+    server_frame = frame_schema(document, "ServerFrame")
+    for frame in frames:
+        server_frame.validate(json.loads(frame))
+    for wrong in ({"kind": "kernel"}, {"kind": "kernel", "exited": 0, "status": None}):
+        assert not server_frame.is_valid(wrong)
+    client_frame = frame_schema(document, "JupyterChannelMessage")
+    client_frame.validate(execute_request("1 + 1"))
+    assert not client_frame.is_valid({**execute_request("1"), "channel": "iopub"})
