@@ -197,6 +197,7 @@ def server_status(supervisor: Supervisor, state: ServerState) -> ServerStatus:
 
 
 Handler = Callable[..., Awaitable[Response]]
+SessionHandler = Callable[[KernelSession], Awaitable[Response]]
 
 
 def create_app(
@@ -224,6 +225,18 @@ def create_app(
         except KallichoreError:
             return None
 
+    def with_session(handler: SessionHandler) -> Handler:
+        """Route `/sessions/<session_id>/...` to `handler(session)`; unknown ids get a bare 404."""
+
+        async def routed(session_id: str) -> Response:
+            session = lookup(session_id)
+            if session is None:
+                return empty(404)
+            return await handler(session)
+
+        routed.__name__ = handler.__name__
+        return routed
+
     @app.get("/sessions")
     async def list_sessions() -> Response:
         sessions = [active_session(s, sockets) for s in supervisor.sessions()]
@@ -248,29 +261,26 @@ def create_app(
         return json_response(NewSessionReply(session.session_id))
 
     @app.get("/sessions/<session_id>")
-    async def get_session(session_id: str) -> Response:
-        session = lookup(session_id)
-        return json_response(active_session(session, sockets)) if session else empty(404)
+    @with_session
+    async def get_session(session: KernelSession) -> Response:
+        return json_response(active_session(session, sockets))
 
     @app.delete("/sessions/<session_id>")
     @protected
-    async def delete_session(session_id: str) -> Response:
-        if lookup(session_id) is None:
-            return empty(404)
+    @with_session
+    async def delete_session(session: KernelSession) -> Response:
         try:
-            await supervisor.delete(session_id)
+            await supervisor.delete(session.session_id)
         except KallichoreError as error:
             return error_response(error)
         if sockets is not None:
-            sockets.close(session_id)
+            sockets.close(session.session_id)
         return json_response(None)
 
     @app.post("/sessions/<session_id>/start")
     @protected
-    async def start_session(session_id: str) -> Response:
-        session = lookup(session_id)
-        if session is None:
-            return empty(404)
+    @with_session
+    async def start_session(session: KernelSession) -> Response:
         try:
             return json_response(await session.start())
         except KallichoreError as error:
@@ -278,10 +288,8 @@ def create_app(
 
     @app.post("/sessions/<session_id>/restart")
     @protected
-    async def restart_session(session_id: str) -> Response:
-        session = lookup(session_id)
-        if session is None:
-            return empty(404)
+    @with_session
+    async def restart_session(session: KernelSession) -> Response:
         try:
             body = structure_body(json.loads(await request.get_data() or b"{}"), RestartSession)
         except (BodyError, ValueError, RecursionError):
@@ -295,10 +303,8 @@ def create_app(
 
     @app.post("/sessions/<session_id>/interrupt")
     @protected
-    async def interrupt_session(session_id: str) -> Response:
-        session = lookup(session_id)
-        if session is None:
-            return empty(404)
+    @with_session
+    async def interrupt_session(session: KernelSession) -> Response:
         try:
             await session.interrupt()
         except KallichoreError as error:
@@ -309,24 +315,20 @@ def create_app(
 
     @app.post("/sessions/<session_id>/kill")
     @protected
-    async def kill_session(session_id: str) -> Response:
-        session = lookup(session_id)
-        if session is None:
-            return empty(404)
+    @with_session
+    async def kill_session(session: KernelSession) -> Response:
         try:
             await session.kill()
         except KallichoreError as error:
             return error_response(error)
         if sockets is not None:
-            sockets.close(session_id)
+            sockets.close(session.session_id)
         return json_response(None)
 
     @app.put("/sessions/<session_id>/adopt")
     @protected
-    async def adopt_session(session_id: str) -> Response:
-        session = lookup(session_id)
-        if session is None:
-            return empty(404)
+    @with_session
+    async def adopt_session(session: KernelSession) -> Response:
         try:
             info = structure_body(await read_json(), ConnectionInfoBody).to_model()
         except BodyError as error:
@@ -338,10 +340,8 @@ def create_app(
 
     @app.get("/sessions/<session_id>/connection_info")
     @protected
-    async def connection_info(session_id: str) -> Response:
-        session = lookup(session_id)
-        if session is None:
-            return empty(404)
+    @with_session
+    async def connection_info(session: KernelSession) -> Response:
         try:
             return json_response(session.external_connection_info().to_dict())
         except KallichoreError as error:
@@ -366,10 +366,8 @@ def create_app(
 
     @app.get("/sessions/<session_id>/channels")
     @protected
-    async def channel_socket(session_id: str) -> Response:
-        session = lookup(session_id)
-        if session is None:
-            return empty(404)
+    @with_session
+    async def channel_socket(session: KernelSession) -> Response:
         if sockets is None:
             return json_response(
                 ErrorBody("400", "on the TCP transport, channels is a WebSocket upgrade"), 400
