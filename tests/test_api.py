@@ -36,7 +36,7 @@ TOKEN = "test-token-0123456789"
 @pytest.fixture
 async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
     running: RunningServer = await nursery.start(
-        partial(serve_api, supervisor, ServerState(token=TOKEN), binds=["127.0.0.1:0"])
+        partial(serve_api, supervisor, ServerState(token=TOKEN), port=0)
     )
     return running
 

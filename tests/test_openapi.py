@@ -104,7 +104,7 @@ async def test_paths_are_the_apps_routes(supervisor: Supervisor, document: dict[
 @pytest.fixture
 async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
     running: RunningServer = await nursery.start(
-        partial(serve_api, supervisor, ServerState(token=TOKEN), binds=["127.0.0.1:0"])
+        partial(serve_api, supervisor, ServerState(token=TOKEN), port=0)
     )
     return running
 

@@ -21,11 +21,11 @@ import wsproto.events
 from kallichore.api.channels import ChannelBroker
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,
-    MAX_UNANSWERED_PINGS,
     SessionSockets,
     SocketPathTooLong,
     session_socket_path,
 )
+from kallichore.server.websocket import MAX_UNANSWERED_PINGS
 from kallichore.session.kernel_session import KernelSession
 from kallichore.supervisor import Supervisor
 from tests.api_client import Channels, execute_request, kernel_events, stream_text

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-from quart import Response, request, websocket
+from quart import Response, request
 from quart_trio import QuartTrio
 
 from kallichore import __version__
@@ -347,23 +347,6 @@ def create_app(
         except KallichoreError as error:
             return error_response(error, 500)
 
-    @app.websocket("/sessions/<session_id>/channels")
-    async def channels(session_id: str) -> Response | None:
-        if not check_token(state, websocket.headers.get("Authorization")):
-            return empty(401)
-        session = lookup(session_id)
-        if session is None:
-            error = KallichoreError(
-                ErrorCode.SESSION_NOT_FOUND,
-                f"session {session_id} not found",
-                "establishing a websocket requires a valid session id",
-            )
-            return error_response(error)
-        await websocket.accept()
-        supervisor.note_activity()
-        await broker.serve(session, QuartTransport())
-        return None
-
     @app.get("/sessions/<session_id>/channels")
     @protected
     @with_session
@@ -456,20 +439,3 @@ def create_app(
         return response
 
     return app
-
-
-class QuartTransport:
-    """The channels transport over Quart's WebSocket (TCP)."""
-
-    async def send(self, text: str) -> None:
-        await websocket.send(text)
-
-    async def receive(self) -> str | None:
-        while True:
-            data = await websocket.receive()
-            if isinstance(data, str):
-                return data
-            logger.info("ignoring a binary frame from a channels client")
-
-    async def close(self, code: int, reason: str) -> None:
-        await websocket.close(code, reason)

@@ -146,11 +146,19 @@ class ChannelBroker:
     def __init__(self) -> None:
         self._clients: dict[str, ChannelClient] = {}
         self.stopping = trio.Event()
+        self._detached = trio.Event()
+        self._detached.set()
+
+    async def wait_detached(self) -> None:
+        """Wait until no client is attached to any session."""
+        await self._detached.wait()
 
     async def serve(self, session: KernelSession, transport: ClientTransport) -> None:
         session_id = session.session_id
         previous = self._clients.get(session_id)
         client = ChannelClient(session, transport)
+        if not self._clients:
+            self._detached = trio.Event()
         self._clients[session_id] = client
         if previous is not None:
             await previous.displace()
@@ -161,3 +169,5 @@ class ChannelBroker:
             if self._clients.get(session_id) is client:
                 del self._clients[session_id]
                 session.connected = False
+            if not self._clients:
+                self._detached.set()

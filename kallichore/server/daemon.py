@@ -104,7 +104,7 @@ def connection_document(
     """Kallichore's connection file: keys in its order, address keys for this transport only."""
     document: dict[str, Any] = {}
     if socket_path is None:
-        port = int(server.url.rsplit(":", 1)[1])
+        port = server.port
         document["port"] = port
         document["base_path"] = f"http://127.0.0.1:{port}"
     else:
@@ -154,16 +154,14 @@ async def run_daemon(options: DaemonOptions) -> int:
                     created.append(socket_path)
                 sockets = SessionSockets(broker, socket_dir(options), os.getpid())
                 await nursery.start(sockets.run)
-                binds = [f"unix:{socket_path}"]
-            else:
-                binds = [f"127.0.0.1:{options.port}"]
             with private_files():
                 server: RunningServer = await nursery.start(
                     partial(
                         serve_api,
                         supervisor,
                         state,
-                        binds=binds,
+                        port=options.port,
+                        unix_socket=socket_path,
                         broker=broker,
                         sockets=sockets,
                         shutdown_grace=grace,

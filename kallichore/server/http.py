@@ -1,13 +1,20 @@
-"""Run the Kallichore API with hypercorn's trio worker in the caller's nursery.
+"""Serve the Kallichore API: hypercorn for the HTTP routes, trio-websocket for the channels.
 
-Shutdown order matters: channel clients are told first (a 1001 close, so they are not left
-waiting for hypercorn's graceful timeout), then hypercorn stops accepting and drains.
+On TCP, a `FrontDoor` owns the port and hands everything but channel WebSockets to hypercorn on
+a private Unix socket. On the Unix-socket transport, hypercorn serves the API socket itself and
+the channels have per-session sockets of their own.
+
+Shutdown order matters: channel clients are told first (a 1001 close), then hypercorn stops
+accepting and drains.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import attrs
 import hypercorn.trio
@@ -16,19 +23,21 @@ from hypercorn.config import Config
 
 from kallichore.api.app import ChannelSockets, ServerState, create_app
 from kallichore.api.channels import ChannelBroker
+from kallichore.server.front import FrontDoor
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
-# A WebSocket ping every 10 s, as Kallichore sends them.
-PING_INTERVAL_SECONDS = 10.0
+HOST = "127.0.0.1"
+# How long channel clients get to receive their 1001 close when the server stops.
+CLIENTS_CLOSE_SECONDS = 2.0
 
 
 @attrs.define
 class RunningServer:
     """A serving API: where it listens, and its server-wide state."""
 
-    urls: list[str]
+    url: str
     state: ServerState
     broker: ChannelBroker
     shutdown_requested: trio.Event
@@ -36,42 +45,59 @@ class RunningServer:
     finished: trio.Event = attrs.Factory(trio.Event)
 
     @property
-    def url(self) -> str:
-        return self.urls[0]
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
 
 async def serve_api(
     supervisor: Supervisor,
     state: ServerState,
     *,
-    binds: list[str],
+    port: int = 0,
+    unix_socket: Path | None = None,
     broker: ChannelBroker | None = None,
     sockets: ChannelSockets | None = None,
     shutdown_grace: float | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until a shutdown is requested (which first shuts every kernel down).
+    """Serve on 127.0.0.1:`port` (0: any free port), or on `unix_socket`, until shut down.
 
-    `binds` are hypercorn bind strings: `127.0.0.1:0` (any free port) or `unix:/path`.
-    `POST /shutdown` requests the shutdown; so may the caller, with `state.request_shutdown()`.
+    `POST /shutdown` requests the shutdown, and so may the caller with
+    `state.request_shutdown()`; every kernel is shut down before the server stops.
     """
     shutdown_requested = trio.Event()
     state.request_shutdown = shutdown_requested.set
     broker = broker or ChannelBroker()
-    app = create_app(supervisor, state, broker, sockets)
     config = Config()
-    config.bind = binds
     config.accesslog = None
     config.graceful_timeout = 2.0
-    config.websocket_ping_interval = PING_INTERVAL_SECONDS
+    private_dir = None
+    if unix_socket is None:
+        private_dir = Path(tempfile.mkdtemp(prefix="kallichore-api-"))
+        backend = private_dir / "api.sock"
+    else:
+        backend = unix_socket
+    config.bind = [f"unix:{backend}"]
     stop_http = trio.Event()
+    front_scope = trio.CancelScope()
     running: RunningServer | None = None
     try:
         async with trio.open_nursery() as nursery:
-            urls: list[str] = await nursery.start(
-                partial(hypercorn.trio.serve, app, config, shutdown_trigger=stop_http.wait)
+            await nursery.start(
+                partial(
+                    hypercorn.trio.serve,
+                    create_app(supervisor, state, broker, sockets),
+                    config,
+                    shutdown_trigger=stop_http.wait,
+                )
             )
-            running = RunningServer(urls, state, broker, shutdown_requested)
+            if unix_socket is None:
+                front = FrontDoor(supervisor, state, broker, backend)
+                bound: int = await nursery.start(_serve_front, front, port, front_scope)
+                url = f"http://{HOST}:{bound}"
+            else:
+                url = f"unix:{unix_socket}"
+            running = RunningServer(url, state, broker, shutdown_requested)
             task_status.started(running)
             try:
                 await shutdown_requested.wait()
@@ -79,7 +105,23 @@ async def serve_api(
                 await supervisor.shutdown(shutdown_grace)
             finally:
                 broker.stopping.set()
+                with trio.move_on_after(CLIENTS_CLOSE_SECONDS):
+                    await broker.wait_detached()
                 stop_http.set()
+                front_scope.cancel()
     finally:
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
         if running is not None:
             running.finished.set()
+
+
+async def _serve_front(
+    front: FrontDoor,
+    port: int,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await front.serve(HOST, port, task_status=task_status)

@@ -26,6 +26,13 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from kallichore.api.channels import ChannelBroker
+from kallichore.server.websocket import (
+    CLOSE_TIMEOUT_SECONDS,
+    MAX_MESSAGE_BYTES,
+    PING_INTERVAL_SECONDS,
+    ReplayStream,
+    serve_channel_client,
+)
 from kallichore.session.kernel_session import KernelSession
 
 logger = logging.getLogger(__name__)
@@ -33,17 +40,9 @@ logger = logging.getLogger(__name__)
 # Kallichore's limit (macOS's sun_path); Linux allows 107 bytes.
 MAX_SOCKET_PATH_BYTES = 104
 
-# A WebSocket ping every 10 s; a client that leaves more than 3 unanswered is dropped.
-PING_INTERVAL_SECONDS = 10.0
-MAX_UNANSWERED_PINGS = 3
-
 # How long a new connection has to send its first 4 bytes, and then to finish the handshake.
 SNIFF_TIMEOUT_SECONDS = 5.0
 HANDSHAKE_TIMEOUT_SECONDS = 5.0
-# How long we wait for the client's Close frame before closing the socket regardless.
-CLOSE_TIMEOUT_SECONDS = 1.0
-# The limit Kallichore's WebSocket library applies to a message (trio-websocket's is 1 MiB).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 LISTEN_BACKLOG = 16
 
 
@@ -173,7 +172,9 @@ class SessionSockets:
                 ws = await _accept_websocket(nursery, stream, session_id)
                 if ws is not None:
                     try:
-                        await self._serve_websocket(session, ws)
+                        await serve_channel_client(
+                            self._broker, session, ws, ping_interval=self._ping_interval
+                        )
                     finally:
                         with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
                             await ws.aclose()
@@ -182,104 +183,6 @@ class SessionSockets:
             logger.info("session %s: a channels client went away", session_id)
         except* Exception:
             logger.exception("session %s: a channels connection failed", session_id)
-
-    async def _serve_websocket(self, session: KernelSession, ws: WebSocketConnection) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drop_if_unresponsive, ws, session.session_id, nursery)
-            await self._broker.serve(session, _WebSocketTransport(ws))
-            nursery.cancel_scope.cancel()
-
-    async def _drop_if_unresponsive(
-        self, ws: WebSocketConnection, session_id: str, connection: trio.Nursery
-    ) -> None:
-        """Ping like Kallichore; cancel the connection once too many pings go unanswered.
-
-        Each ping waits for its pong in its own task, so pings keep their pace whatever the
-        client does; those waits end at the latest when this decides to drop the client.
-        """
-        sent = 0
-        answered = 0
-
-        async def ping(number: int) -> None:
-            nonlocal answered
-            try:
-                await ws.ping(number.to_bytes(8, "big"))
-            except ConnectionClosed:
-                return  # the connection's own tasks notice and end it
-            # trio-websocket wakes the earlier pings too when a pong arrives, so this only grows.
-            answered = max(answered, number)
-
-        async with trio.open_nursery() as pings:
-            while True:
-                await trio.sleep(self._ping_interval)
-                if sent - answered > MAX_UNANSWERED_PINGS:
-                    break
-                sent += 1
-                pings.start_soon(ping, sent)
-            pings.cancel_scope.cancel()
-        logger.info(
-            "session %s: dropping a channels client that left %d pings unanswered",
-            session_id,
-            sent - answered,
-        )
-        connection.cancel_scope.cancel()
-
-
-class _WebSocketTransport:
-    """`ClientTransport` over a trio-websocket connection.
-
-    `send` lets ConnectionClosed through: it ends the broker's client, and the connection.
-    """
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self._ws = ws
-
-    async def send(self, text: str) -> None:
-        await self._ws.send_message(text)
-
-    async def receive(self) -> str | None:
-        while True:
-            try:
-                message = await self._ws.get_message()
-            except ConnectionClosed:
-                return None
-            if isinstance(message, str):
-                return message
-            logger.info("ignoring a binary frame from a channels client")
-
-    async def close(self, code: int, reason: str) -> None:
-        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
-            await self._ws.aclose(code, reason)
-
-
-class _ReplayStream(trio.abc.Stream):
-    """A stream that first gives back the bytes the protocol sniffing already read from it.
-
-    Not a trio.SocketStream, so trio-websocket's `local`/`remote` fall back to repr() instead of
-    raising the ValueError they raise for Unix socket addresses.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if not self._prefix:
-            return await self._stream.receive_some(max_bytes)
-        await trio.lowlevel.checkpoint()
-        size = len(self._prefix) if max_bytes is None else max_bytes
-        chunk, self._prefix = self._prefix[:size], self._prefix[size:]
-        return chunk
-
-    async def aclose(self) -> None:
-        self._prefix = b""
-        await self._stream.aclose()
 
 
 async def _listen_privately(path: Path) -> trio.SocketListener:
@@ -333,7 +236,7 @@ async def _accept_websocket(
         # An invalid request gets a 400 from trio-websocket, which then never returns: hence
         # the timeout.
         request = await trio_websocket.wrap_server_stream(
-            nursery, _ReplayStream(stream, prefix), max_message_size=MAX_MESSAGE_BYTES
+            nursery, ReplayStream(stream, prefix), max_message_size=MAX_MESSAGE_BYTES
         )
         return await request.accept()
     logger.info("session %s: a channels WebSocket handshake did not complete", session_id)

@@ -1,0 +1,132 @@
+"""Serving a channels client over trio-websocket, whichever listener accepted it.
+
+Both the TCP front door and the per-session Unix sockets end here: a WebSocket connection is
+adapted to the broker's `ClientTransport` and watched with Kallichore's pings (an 8-byte
+counter every 10 s; more than 3 unanswered and the client is dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from kallichore.api.channels import ChannelBroker
+from kallichore.session.kernel_session import KernelSession
+
+logger = logging.getLogger(__name__)
+
+PING_INTERVAL_SECONDS = 10.0
+MAX_UNANSWERED_PINGS = 3
+# How long we wait for the client's Close frame before closing the socket regardless.
+CLOSE_TIMEOUT_SECONDS = 1.0
+# The limit Kallichore's WebSocket library applies to a message (trio-websocket's is 1 MiB).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+async def serve_channel_client(
+    broker: ChannelBroker,
+    session: KernelSession,
+    ws: WebSocketConnection,
+    *,
+    ping_interval: float = PING_INTERVAL_SECONDS,
+) -> None:
+    """Attach `ws` to `session` until it leaves, is displaced, or stops answering pings."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drop_if_unresponsive, ws, session.session_id, ping_interval, nursery)
+        await broker.serve(session, WebSocketTransport(ws))
+        nursery.cancel_scope.cancel()
+
+
+async def _drop_if_unresponsive(
+    ws: WebSocketConnection, session_id: str, interval: float, connection: trio.Nursery
+) -> None:
+    """Ping like Kallichore; cancel the connection once too many pings go unanswered.
+
+    Each ping waits for its pong in its own task, so pings keep their pace whatever the
+    client does; those waits end at the latest when this decides to drop the client.
+    """
+    sent = 0
+    answered = 0
+
+    async def ping(number: int) -> None:
+        nonlocal answered
+        try:
+            await ws.ping(number.to_bytes(8, "big"))
+        except ConnectionClosed:
+            return  # the connection's own tasks notice and end it
+        # trio-websocket wakes the earlier pings too when a pong arrives, so this only grows.
+        answered = max(answered, number)
+
+    async with trio.open_nursery() as pings:
+        while True:
+            await trio.sleep(interval)
+            if sent - answered > MAX_UNANSWERED_PINGS:
+                break
+            sent += 1
+            pings.start_soon(ping, sent)
+        pings.cancel_scope.cancel()
+    logger.info(
+        "session %s: dropping a channels client that left %d pings unanswered",
+        session_id,
+        sent - answered,
+    )
+    connection.cancel_scope.cancel()
+
+
+class WebSocketTransport:
+    """`ClientTransport` over a trio-websocket connection.
+
+    `send` lets ConnectionClosed through: it ends the broker's client, and the connection.
+    """
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def send(self, text: str) -> None:
+        await self._ws.send_message(text)
+
+    async def receive(self) -> str | None:
+        while True:
+            try:
+                message = await self._ws.get_message()
+            except ConnectionClosed:
+                return None
+            if isinstance(message, str):
+                return message
+            logger.info("ignoring a binary frame from a channels client")
+
+    async def close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+            await self._ws.aclose(code, reason)
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream that first gives back the bytes the protocol sniffing already read from it.
+
+    Not a trio.SocketStream, so trio-websocket's `local`/`remote` fall back to repr() instead of
+    raising the ValueError they raise for Unix socket addresses.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._prefix:
+            return await self._stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+        return chunk
+
+    async def aclose(self) -> None:
+        self._prefix = b""
+        await self._stream.aclose()
