@@ -740,3 +740,22 @@ async def test_cpu_is_tracked_per_session(api: Api, supervisor: Supervisor) -> N
     # Two idle kernels: nobody is charged for the other's CPU or for the whole machine.
     assert max(samples["python-2"]) < 150
     assert max(samples["python-1"]) < 150
+
+
+async def test_channels_negotiate_no_compression(api: Api, server: RunningServer) -> None:
+    await api.create("python-1")
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(
+            b"GET /sessions/python-1/channels HTTP/1.1\r\nHost: localhost\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+        )
+        head = b""
+        with trio.fail_after(30):
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some()
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"sec-websocket-extensions" not in head.lower()
