@@ -79,15 +79,18 @@ class Signer:
 
     key: bytes
     scheme: str = SIGNATURE_SCHEME
+    # Keyed once; every message copies it, which is cheaper than keying HMAC anew.
+    _keyed: hmac.HMAC = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if self.scheme != SIGNATURE_SCHEME:
             raise WireError(f"unsupported signature scheme {self.scheme!r}")
+        object.__setattr__(self, "_keyed", hmac.new(self.key, digestmod=hashlib.sha256))
 
     def sign(self, parts: Sequence[bytes]) -> bytes:
         if not self.key:
             return b""
-        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        mac = self._keyed.copy()
         for part in parts:
             mac.update(part)
         return mac.hexdigest().encode()

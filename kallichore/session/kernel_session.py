@@ -772,6 +772,13 @@ class KernelSession:
         if pid is None:
             return None
         try:
+            # Checked after every execution: the /proc link is much cheaper than psutil.
+            return os.readlink(f"/proc/{pid}/cwd")
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return None
+        try:
             cwd: str = psutil.Process(pid).cwd()
         except psutil.Error:
             return None
