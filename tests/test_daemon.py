@@ -67,6 +67,19 @@ class Daemon:
             base_url=self.connection["base_path"], headers=headers, timeout=TIMEOUT
         )
 
+    async def send_code(self, session_id: str, code: str) -> None:
+        """Send an execute_request over a channels WebSocket (TCP) and leave it running."""
+        url = (
+            self.connection["base_path"].replace("http", "ws") + f"/sessions/{session_id}/channels"
+        )
+        headers = [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else []
+        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+            await ws.send_message(json.dumps(execute_request(code)))
+            # Wait until the kernel has it: its busy status comes back.
+            with trio.fail_after(TIMEOUT):
+                while '"busy"' not in str(await ws.get_message()):
+                    pass
+
     async def wait(self, timeout: float = TIMEOUT) -> int:
         with trio.fail_after(timeout):
             return await self.process.wait()
@@ -383,10 +396,7 @@ async def test_idle_shutdown_waits_for_a_busy_session(tmp_path: Path) -> None:
         d.http() as client,
     ):
         await start_session(client, "python-1")
-        url = d.connection["base_path"].replace("http", "ws") + "/sessions/python-1/channels"
-        headers = [(b"Authorization", f"Bearer {d.token}".encode())]
-        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
-            await ws.send_message(json.dumps(execute_request("import time; time.sleep(4)")))
+        await d.send_code("python-1", "import time; time.sleep(4)")
         # Busy for 4 s with a 2 s period: still up after 3 s.
         await trio.sleep(3)
         assert d.process.returncode is None
@@ -452,12 +462,8 @@ async def test_exit_leaves_no_kernel_behind(tmp_path: Path, how: str) -> None:
         await start_session(client, "python-busy")
         response = await client.put("/sessions", json=new_session_body("never-started"))
         assert response.status_code == 200
-        url = d.connection["base_path"].replace("http", "ws") + "/sessions/python-busy/channels"
-        headers = [(b"Authorization", f"Bearer {d.token}".encode())]
-        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
-            # A busy ipykernel does not act on shutdown_request: the grace period decides.
-            await ws.send_message(json.dumps(execute_request("import time; time.sleep(600)")))
-            await trio.sleep(0.5)
+        # A busy ipykernel does not act on shutdown_request: the grace period decides.
+        await d.send_code("python-busy", "import time; time.sleep(600)")
         pids = kernel_pids((await client.get("/sessions")).json()["sessions"])
         assert len(pids) == 2
         if how == "/shutdown":
@@ -474,11 +480,7 @@ async def test_a_second_sigint_kills_at_once(tmp_path: Path) -> None:
         d.http() as client,
     ):
         await start_session(client, "python-busy")
-        url = d.connection["base_path"].replace("http", "ws") + "/sessions/python-busy/channels"
-        headers = [(b"Authorization", f"Bearer {d.token}".encode())]
-        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
-            await ws.send_message(json.dumps(execute_request("import time; time.sleep(600)")))
-            await trio.sleep(0.5)
+        await d.send_code("python-busy", "import time; time.sleep(600)")
         pid = (await client.get("/sessions/python-busy")).json()["process_id"]
         d.process.send_signal(signal.SIGINT)
         await trio.sleep(0.5)
