@@ -37,6 +37,9 @@ POLICY_VIOLATION = 1008
 class ClientTransport(Protocol):
     async def send(self, text: str) -> None: ...
 
+    async def send_batch(self, texts: list[str]) -> None:
+        """Several frames at once, in order (the transport may coalesce the writes)."""
+
     async def receive(self) -> str | None:
         """The next text frame; None once the client has closed the connection."""
 
@@ -82,8 +85,7 @@ class ChannelClient:
             self._waiting = None
             if batch is None:
                 break
-            for event in batch:
-                await self._transport.send(encode_event(event))
+            await self._transport.send_batch([encode_event(event) for event in batch])
         if self._displaced:
             reason = "another client connected to this session"
             await self._transport.send(kernel_event("clientDisconnected", reason))

@@ -91,8 +91,9 @@ class FrontDoor:
         self, stream: trio.SocketStream, head: bytes, session_id: str
     ) -> None:
         async with trio.open_nursery() as nursery:  # trio-websocket's reader task runs here
+            replay = ReplayStream(stream, head)
             request = await trio_websocket.wrap_server_stream(
-                nursery, ReplayStream(stream, head), max_message_size=MAX_MESSAGE_BYTES
+                nursery, replay, max_message_size=MAX_MESSAGE_BYTES
             )
             headers = {name.lower(): value for name, value in request.headers}
             authorization = headers.get(b"authorization")
@@ -117,7 +118,7 @@ class FrontDoor:
             self._supervisor.note_activity()
             try:
                 await serve_channel_client(
-                    self._broker, session, ws, ping_interval=self._ping_interval
+                    self._broker, session, ws, replay, ping_interval=self._ping_interval
                 )
             finally:
                 with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):

@@ -169,11 +169,12 @@ class SessionSockets:
         session_id = session.session_id
         try:
             async with trio.open_nursery() as nursery:  # trio-websocket's reader task runs here
-                ws = await _accept_websocket(nursery, stream, session_id)
-                if ws is not None:
+                accepted = await _accept_websocket(nursery, stream, session_id)
+                if accepted is not None:
+                    ws, replay = accepted
                     try:
                         await serve_channel_client(
-                            self._broker, session, ws, ping_interval=self._ping_interval
+                            self._broker, session, ws, replay, ping_interval=self._ping_interval
                         )
                     finally:
                         with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
@@ -215,7 +216,7 @@ async def _listen_privately(path: Path) -> trio.SocketListener:
 
 async def _accept_websocket(
     nursery: trio.Nursery, stream: trio.SocketStream, session_id: str
-) -> WebSocketConnection | None:
+) -> tuple[WebSocketConnection, ReplayStream] | None:
     """Complete the client's HTTP WebSocket handshake; None (after logging) if there is none."""
     prefix = b""
     with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
@@ -235,9 +236,10 @@ async def _accept_websocket(
     with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS):
         # An invalid request gets a 400 from trio-websocket, which then never returns: hence
         # the timeout.
+        replay = ReplayStream(stream, prefix)
         request = await trio_websocket.wrap_server_stream(
-            nursery, ReplayStream(stream, prefix), max_message_size=MAX_MESSAGE_BYTES
+            nursery, replay, max_message_size=MAX_MESSAGE_BYTES
         )
-        return await request.accept()
+        return await request.accept(), replay
     logger.info("session %s: a channels WebSocket handshake did not complete", session_id)
     return None

@@ -29,13 +29,15 @@ async def serve_channel_client(
     broker: ChannelBroker,
     session: KernelSession,
     ws: WebSocketConnection,
+    stream: ReplayStream,
     *,
     ping_interval: float = PING_INTERVAL_SECONDS,
 ) -> None:
-    """Attach `ws` to `session` until it leaves, is displaced, or stops answering pings."""
+    """Attach `ws` (over `stream`) to `session` until it leaves, is displaced, or stops answering
+    pings."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drop_if_unresponsive, ws, session.session_id, ping_interval, nursery)
-        await broker.serve(session, WebSocketTransport(ws))
+        await broker.serve(session, WebSocketTransport(ws, stream))
         nursery.cancel_scope.cancel()
 
 
@@ -76,16 +78,26 @@ async def _drop_if_unresponsive(
 
 
 class WebSocketTransport:
-    """`ClientTransport` over a trio-websocket connection.
+    """`ClientTransport` over a trio-websocket connection on a `ReplayStream`.
 
     `send` lets ConnectionClosed through: it ends the broker's client, and the connection.
     """
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, stream: ReplayStream) -> None:
         self._ws = ws
+        self._stream = stream
 
     async def send(self, text: str) -> None:
         await self._ws.send_message(text)
+
+    async def send_batch(self, texts: list[str]) -> None:
+        """One frame per text, written to the socket at once."""
+        self._stream.cork()
+        try:
+            for text in texts:
+                await self._ws.send_message(text)
+        finally:
+            await self._stream.uncork()
 
     async def receive(self) -> str | None:
         while True:
@@ -105,6 +117,9 @@ class WebSocketTransport:
 class ReplayStream(trio.abc.Stream):
     """A stream that first gives back the bytes the protocol sniffing already read from it.
 
+    It can also be corked: while corked, writes collect in a buffer and go out in one write when
+    uncorked, so a batch of events costs the client one wake-up instead of one per frame.
+
     Not a trio.SocketStream, so trio-websocket's `local`/`remote` fall back to repr() instead of
     raising the ValueError they raise for Unix socket addresses.
     """
@@ -112,8 +127,21 @@ class ReplayStream(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
+        self._corked: bytearray | None = None
+
+    def cork(self) -> None:
+        if self._corked is None:
+            self._corked = bytearray()
+
+    async def uncork(self) -> None:
+        data, self._corked = self._corked, None
+        if data:
+            await self._stream.send_all(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._corked is not None:
+            self._corked += data
+            return
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
