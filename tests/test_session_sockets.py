@@ -362,3 +362,17 @@ async def test_a_second_client_displaces_the_first(
             assert first.received[-1] == {"kind": "kernel", "clientDisconnected": reason}
             frames = await second.run("print(x + 1)")
     assert stream_text(frames) == "2\n"
+
+
+async def test_pings_during_batched_output_never_corrupt_frames(
+    supervisor: Supervisor, nursery: trio.Nursery, socket_dir: Path
+) -> None:
+    """Batches are written in one go; pings written meanwhile must not land inside them."""
+    sockets = await start_sockets(nursery, socket_dir, ping_interval=0.05)
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    path = await sockets.open(session)
+    code = "for i in range(3000):\n    print(i, flush=True)"
+    async with connect(path, session.session_id) as channels:
+        frames = await channels.run(code)
+    assert stream_text(frames) == "".join(f"{i}\n" for i in range(3000))

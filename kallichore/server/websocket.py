@@ -128,6 +128,9 @@ class ReplayStream(trio.abc.Stream):
         self._stream = stream
         self._prefix = prefix
         self._corked: bytearray | None = None
+        # trio-websocket serialises its own writes, but not against `uncork()`: every write to
+        # the socket takes this lock, so frames never interleave.
+        self._writing = trio.StrictFIFOLock()
 
     def cork(self) -> None:
         if self._corked is None:
@@ -136,13 +139,15 @@ class ReplayStream(trio.abc.Stream):
     async def uncork(self) -> None:
         data, self._corked = self._corked, None
         if data:
-            await self._stream.send_all(data)
+            async with self._writing:
+                await self._stream.send_all(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._corked is not None:
             self._corked += data
             return
-        await self._stream.send_all(data)
+        async with self._writing:
+            await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()

@@ -133,6 +133,9 @@ class SessionSpec:
 
         As jupyter_client does, a kernelspec that runs plain `python` is run with this
         interpreter, so a supervisor started from a virtualenv gets that virtualenv's kernel.
+        The kernelspec's `kernel_protocol_version` is not copied: ipykernel 7 declares 5.5 but
+        does not perform the JEP 66 handshake that 5.5 asks for, so kernels get a classic
+        connection file unless `protocol_version` is given.
         """
         argv = list(kernelspec.argv)
         if argv[0] in _PYTHON_NAMES:
@@ -148,7 +151,6 @@ class SessionSpec:
             "language": kernelspec.language,
             "env": env,
             "interrupt_mode": InterruptMode(kernelspec.interrupt_mode),
-            "protocol_version": kernelspec.protocol_version or PROTOCOL_VERSION,
         }
         return cls(session_id=session_id, argv=argv, **(defaults | fields))
 
