@@ -1,0 +1,12 @@
+"""kallichore's benchmark harness: `python -m benchmarks` (or `nox -s bench`).
+
+Every configuration (jupyter_client straight to the kernel, kallichore embedded, kallichore's
+daemon over TCP and over its Unix socket, Jupyter Kernel Gateway, jupyter_server) runs the same
+ipykernel on loopback; the workloads alternate between them (A B C ... A B C ...) so that the
+machine's drift hits all of them alike, and every figure is reported as a ratio to the floor
+(jupyter_client) measured in the same run.
+
+Modules: `environment` (temporary homes, the kernelspec, the servers' virtualenv, processes),
+`wsclient` (one WebSocket client for every server), `configs` (the configurations),
+`workloads`, `stats`, `report` (JSON, Markdown, charts), `cli`.
+"""

@@ -1,0 +1,606 @@
+"""Summaries, targets, and the three outputs: JSON, Markdown and PNG charts."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.stats import Spread, paired_ratios, percentile, scaled, spread
+from benchmarks.wsclient import QUIET_SECONDS
+
+KALLICHORE = ["embedded", "ws-tcp", "ws-unix"]
+GATEWAYS = ["kg", "kg-quickack", "server", "server-quickack"]
+LATENCY_LIMITS = {"embedded": 1.00, "ws-tcp": 1.10, "ws-unix": 1.10}
+THROUGHPUT_MIN = 0.9
+START_MAX = 0.8
+IDLE_CPU_MAX = 1.0  # % of one core
+IDLE_RSS_MAX = 150.0  # MB
+
+
+# -- summaries --------------------------------------------------------------------------------
+
+
+def median_of(batch: Sequence[float]) -> float:
+    return percentile(batch, 50)
+
+
+def latency_summary(batches: dict[str, list[list[float]]]) -> dict[str, dict[str, Any]]:
+    """p50/p90/p99 over every round trip (ms), the spread of batch medians, and ratios."""
+    floor_medians = [median_of(b) for b in batches.get("floor", [])]
+    floor_all = [x for b in batches.get("floor", []) for x in b]
+    summary: dict[str, dict[str, Any]] = {}
+    for key, rounds in batches.items():
+        samples = [x for b in rounds for x in b]
+        medians = [median_of(b) for b in rounds]
+        entry: dict[str, Any] = {
+            "runs": len(samples),
+            "p50_ms": percentile(samples, 50) * 1e3,
+            "p90_ms": percentile(samples, 90) * 1e3,
+            "p99_ms": percentile(samples, 99) * 1e3,
+            "batch_median_ms": scaled(spread(medians), 1e3),
+        }
+        if floor_all:
+            entry["ratio_p50"] = spread(paired_ratios(medians, floor_medians))
+            entry["ratio_p90"] = entry["p90_ms"] / (percentile(floor_all, 90) * 1e3)
+            entry["ratio_p99"] = entry["p99_ms"] / (percentile(floor_all, 99) * 1e3)
+        summary[key] = entry
+    return summary
+
+
+def throughput_summary(data: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """msg/s and MB/s per run, with their spread and ratios to the floor's run of the round."""
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for workload, per_key in data["runs"].items():
+        expected = data["expected"][workload]
+        nan = math.nan
+        rates = {
+            key: {
+                "msg_per_s": [
+                    nan if r.get("failed") else r["messages"] / r["seconds"] for r in runs
+                ],
+                "mb_per_s": [
+                    nan if r.get("failed") else r["bytes"] / r["seconds"] / 1e6 for r in runs
+                ],
+                "seconds": [nan if r.get("failed") else r["seconds"] for r in runs],
+                "lost": [
+                    nan if r.get("failed") else expected["messages"] - r["messages"] for r in runs
+                ],
+            }
+            for key, runs in per_key.items()
+        }
+        floor = rates.get("floor")
+        summary[workload] = {}
+        for key, figures in rates.items():
+            entry: dict[str, Any] = {
+                "msg_per_s": spread(figures["msg_per_s"]),
+                "mb_per_s": spread(figures["mb_per_s"]),
+                "seconds": spread(figures["seconds"]),
+                "messages_lost": spread(figures["lost"]),
+                "runs_without_idle": sum(not r.get("complete", True) for r in per_key[key]),
+                "runs_failed": sum(bool(r.get("failed")) for r in per_key[key]),
+                "runs_with_losses": sum(lost > 0 for lost in figures["lost"]),
+                "most_lost": max((x for x in figures["lost"] if not math.isnan(x)), default=0),
+            }
+            if floor is not None:
+                entry["ratio_msg_per_s"] = spread(
+                    paired_ratios(figures["msg_per_s"], floor["msg_per_s"])
+                )
+                if workload == "stream":
+                    entry["ratio_mb_per_s"] = spread(
+                        paired_ratios(figures["mb_per_s"], floor["mb_per_s"])
+                    )
+            summary[workload][key] = entry
+    return summary
+
+
+def start_summary(seconds: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    floor = seconds.get("floor")
+    summary: dict[str, dict[str, Any]] = {}
+    for key, values in seconds.items():
+        entry: dict[str, Any] = {"seconds": spread(values)}
+        if floor is not None:
+            entry["ratio"] = spread(paired_ratios(values, floor))
+        summary[key] = entry
+    return summary
+
+
+def scale_summary(data: dict[str, Any]) -> dict[str, Any]:
+    latency = latency_summary(data["latency"])
+    return {
+        "sessions": data["sessions"],
+        "ready_seconds": data["ready_seconds"],
+        "rss_mb_empty": data["rss_mb_empty"],
+        "idle": data["idle"],
+        "latency": latency["scale"],
+        "floor_latency": latency["floor"],
+    }
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    if "latency" in raw:
+        summary["latency"] = latency_summary(raw["latency"])
+    if "throughput" in raw:
+        summary["throughput"] = throughput_summary(raw["throughput"])
+    if "start" in raw:
+        summary["start"] = start_summary(raw["start"])
+    if "scale" in raw:
+        summary["scale"] = {name: scale_summary(data) for name, data in raw["scale"].items()}
+    summary["failures"] = {
+        key: {"count": len(reasons), "reasons": sorted(set(reasons))}
+        for key, reasons in raw.get("failures", {}).items()
+    }
+    summary["fan_out"] = (
+        "not applicable: a session has one channels client at a time (Kallichore's semantics)"
+    )
+    summary["targets"] = [t.as_dict() for t in targets(summary)]
+    return summary
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    workload: str
+    configuration: str
+    what: str
+    value: float
+    limit: float
+    met: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "configuration": self.configuration,
+            "what": self.what,
+            "value": self.value,
+            "limit": self.limit,
+            "met": self.met,
+        }
+
+
+def _below_gateways(
+    workload: str,
+    figures: dict[str, float],
+    what: str,
+    higher_is_better: bool = False,
+) -> list[Target]:
+    """Each kallichore configuration against the best gateway configuration measured."""
+    gateways = {k: v for k, v in figures.items() if k in GATEWAYS and not math.isnan(v)}
+    if not gateways:
+        return []
+    pick: Callable[[Any], float] = max if higher_is_better else min
+    best = pick(gateways.values())
+    found = []
+    for key in KALLICHORE:
+        if key in figures:
+            value = figures[key]
+            met = value > best if higher_is_better else value < best
+            found.append(Target(workload, key, what, value, best, met))
+    return found
+
+
+def targets(summary: dict[str, Any]) -> list[Target]:
+    found: list[Target] = []
+    latency = summary.get("latency", {})
+    if "floor" in latency:
+        for key, limit in LATENCY_LIMITS.items():
+            if key in latency:
+                ratio = latency[key]["ratio_p50"]["median"]
+                found.append(Target("latency", key, "p50 / floor", ratio, limit, ratio <= limit))
+        p50 = {key: entry["p50_ms"] for key, entry in latency.items()}
+        found += _below_gateways("latency", p50, "p50 ms < best gateway")
+    for workload, per_key in summary.get("throughput", {}).items():
+        if "floor" not in per_key:
+            continue
+        measure = "msg_per_s" if workload == "small_messages" else "mb_per_s"
+        unit = "msg/s" if measure == "msg_per_s" else "MB/s"
+        for key in KALLICHORE:
+            if key in per_key:
+                ratio = per_key[key][f"ratio_{measure}"]["median"]
+                found.append(
+                    Target(
+                        f"throughput {workload}",
+                        key,
+                        f"{unit} / floor",
+                        ratio,
+                        THROUGHPUT_MIN,
+                        ratio >= THROUGHPUT_MIN,
+                    )
+                )
+        rates = {key: entry[measure]["median"] for key, entry in per_key.items()}
+        found += _below_gateways(
+            f"throughput {workload}", rates, f"{unit} > best gateway", higher_is_better=True
+        )
+    start = summary.get("start", {})
+    if "floor" in start:
+        for key in KALLICHORE:
+            if key in start:
+                ratio = start[key]["ratio"]["median"]
+                met = ratio <= START_MAX
+                found.append(Target("start", key, "s / floor", ratio, START_MAX, met))
+        medians = {key: entry["seconds"]["median"] for key, entry in start.items()}
+        found += _below_gateways("start", medians, "s < best gateway")
+    scale = summary.get("scale", {})
+    if "kallichore" in scale:
+        idle = scale["kallichore"]["idle"]
+        cpu = idle["cpu_percent_of_one_core"]
+        rss = idle["rss_mb_max"]
+        cpu_what = f"idle CPU % of a core < {IDLE_CPU_MAX:g}"
+        found.append(Target("scale", "ws-tcp", cpu_what, cpu, IDLE_CPU_MAX, cpu < IDLE_CPU_MAX))
+        rss_what = f"idle RSS MB < {IDLE_RSS_MAX:g}"
+        found.append(Target("scale", "ws-tcp", rss_what, rss, IDLE_RSS_MAX, rss < IDLE_RSS_MAX))
+        if "server" in scale:
+            ours, theirs = scale["kallichore"], scale["server"]
+            for what, a, b in (
+                ("all ready s < jupyter_server", ours["ready_seconds"], theirs["ready_seconds"]),
+                ("p50 ms < jupyter_server", ours["latency"]["p50_ms"], theirs["latency"]["p50_ms"]),
+            ):
+                found.append(Target("scale", "ws-tcp", what, a, b, a < b))
+    return found
+
+
+# -- JSON -------------------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> Any:
+    """NaN is not JSON: write null; round floats to keep the file readable."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 7)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(document), indent=1) + "\n")
+
+
+# -- Markdown ---------------------------------------------------------------------------------
+
+
+def _ms(s: Spread) -> str:
+    return f"{s['median']:.2f} [{s['p25']:.2f}-{s['p75']:.2f}]"
+
+
+def _ratio(s: Spread | None) -> str:
+    if s is None or not s["n"]:
+        return "-"
+    return f"{s['median']:.2f}x [{s['p25']:.2f}-{s['p75']:.2f}]"
+
+
+def _rate(s: Spread, digits: int = 0) -> str:
+    return f"{s['median']:,.{digits}f} [{s['p25']:,.{digits}f}-{s['p75']:,.{digits}f}]"
+
+
+def _phrase(t: Target) -> str:
+    mark = "met" if t.met else "**not met**"
+    measure = t.what.split(" ")[0]
+    measure = "time" if measure == "s" else measure
+    if "best gateway" in t.what:
+        side = "above" if ">" in t.what else "below"
+        return f"{measure} {side} the gateways: {mark}"
+    if "/ floor" in t.what:
+        sign = ">=" if t.workload.startswith("throughput") else "<="
+        return f"{measure} {sign} {t.limit:.2f}x floor: {mark}"
+    return f"{t.what}: {mark}"
+
+
+def _verdicts(found: list[Target], workload: str, key: str) -> str:
+    words = [
+        _phrase(t) for t in found if t.workload.startswith(workload) and t.configuration == key
+    ]
+    return "; ".join(words) or "-"
+
+
+def _revision(git: dict[str, Any]) -> str:
+    if not git.get("commit"):
+        return ""
+    dirty = " with uncommitted changes" if git.get("dirty") else ""
+    return f" Code: commit `{git['commit'][:10]}`{dirty}."
+
+
+def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
+    meta = document["metadata"]
+    summary = document["summary"]
+    labels: dict[str, str] = meta["labels"]
+    found = [Target(**t) for t in summary["targets"]]
+    plan = meta["plan"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "`nox -s bench` (or `python -m benchmarks` in an environment with kallichore's test",
+        "extras and matplotlib) measures kallichore against jupyter_client talking ZeroMQ",
+        "straight to the kernel (the *floor*), Jupyter Kernel Gateway and jupyter_server. It",
+        "sets up what it needs (a virtualenv for the two Jupyter servers under",
+        "`benchmarks/.cache/`, a private HOME and Jupyter directories, one kernelspec) and",
+        "writes `benchmarks/results/<date>.json`, this page and its charts. `nox -s bench_smoke`",
+        "(`python -m benchmarks --quick`) runs every workload and configuration a few times with",
+        "tiny sizes and writes to `benchmarks/.cache/quick/` instead; `--only KEY,...` and",
+        "`--workload NAME` narrow a run (`python -m benchmarks --help`).",
+        "",
+        "Every configuration runs the same kernel (ipykernel from the benchmark's interpreter,",
+        "one kernelspec for all) on loopback, and the workloads alternate between the",
+        "configurations (A B C ... A B C ...) so the machine's drift hits all of them alike. Each",
+        "figure is the median with its interquartile range in brackets (p25-p75); each ratio is",
+        "taken per round against the floor's figure from the same round, and its median and",
+        "IQR over the rounds are shown. `floor-2` is a second, identical floor: its ratio",
+        "shows how far two identical configurations drift apart in the same run.",
+        "",
+        "| key | configuration |",
+        "|---|---|",
+        *[f"| `{key}` | {label} |" for key, label in labels.items()],
+        "",
+        "The gateways run as they come except for IOPub rate limiting, which is turned off",
+        "(`--ZMQChannelsWebsocketConnection.limit_rate=False`): with it they drop most of the",
+        "throughput workloads' output. Their `-quickack` rows use the same server with a client",
+        "that sets `TCP_QUICKACK` on its socket before every read, which removes a ~40 ms",
+        "delayed-ACK stall. All WebSocket rows use the same client (trio-websocket, legacy JSON",
+        "frames, no compression).",
+        "",
+        f"## Last full run: {meta['date']}",
+        "",
+        f"{meta['machine']['cpu_count']} cores ({meta['machine']['cpu_model']}), "
+        f"{meta['machine']['platform']}, Python {meta['machine']['python']}; the run took "
+        f"{meta['wall_seconds'] / 60:.1f} min ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("phase_seconds", {}).items())
+        + "); load average (1 min) before and after: "
+        f"{meta['load_average_before'][0]:.2f}, {meta['load_average_after'][0]:.2f}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+        + ". Raw figures: `"
+        + meta["json_path"]
+        + "`."
+        + _revision(meta.get("git") or {}),
+        "",
+    ]
+    latency = summary.get("latency")
+    if latency:
+        lines += [
+            "### Latency",
+            "",
+            "Round trip of `execute_request` for `1` until both the execute_reply and the iopub",
+            f"idle are in hand: {plan['latency_rounds']} rounds x {plan['latency_per_batch']} "
+            f"round trips per configuration after {plan['latency_warmup']} warm-up ones.",
+            "p50/p90/p99 over all round trips; the ratio is that of the batch medians.",
+            "",
+            "| configuration | p50 ms | p90 ms | p99 ms | batch median ms | p50 vs floor "
+            "| target |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, entry in latency.items():
+            lines.append(
+                f"| `{key}` | {entry['p50_ms']:.2f} | {entry['p90_ms']:.2f} | "
+                f"{entry['p99_ms']:.2f} | {_ms(entry['batch_median_ms'])} | "
+                f"{_ratio(entry.get('ratio_p50'))} | {_verdicts(found, 'latency', key)} |"
+            )
+        if "latency" in charts:
+            lines += ["", f"![latency distributions]({charts['latency']})"]
+        lines.append("")
+    throughput = summary.get("throughput")
+    if throughput:
+        lines += [
+            "### Throughput",
+            "",
+            "Messages and bytes received by the client per second, from sending the",
+            f"execute_request until the final idle, {plan['throughput_rounds']} rounds.",
+            f"*Small messages*: the kernel publishes {plan['small_messages']:,} `display_data`",
+            "messages through its own session (IPython's `display()` is ~300 us a call and would",
+            "cap every configuration at the kernel's own ~3,000 msg/s). *Stream*:",
+            f"{plan['stream_mib']} MiB of stdout in {plan['stream_chunk_kib']} KiB flushes (one",
+            "stream message each).",
+            "",
+            "A server that cannot keep up loses messages: the kernel's PUB socket drops what its",
+            "subscriber (the server) has not taken once ZeroMQ's high-water marks are reached.",
+            "Lost messages are shown next to the rate; when the final idle itself is lost, the",
+            f"run ends {QUIET_SECONDS:g} s after the last message and is timed to that message.",
+            "",
+            "| configuration | small: msg/s | vs floor | stream: MB/s | vs floor | target |",
+            "|---|---|---|---|---|---|",
+        ]
+        small = throughput.get("small_messages", {})
+        expected_small = document["raw"]["throughput"]["expected"]["small_messages"]["messages"]
+        stream = throughput.get("stream", {})
+        for key in small:
+            s, b = small[key], stream.get(key)
+            verdict = _verdicts(found, "throughput", key)
+            lost_note = (
+                f" (lost messages in {s['runs_with_losses']} of {s['msg_per_s']['n']} runs, "
+                f"up to {s['most_lost']:,.0f} of {expected_small:,})"
+                if s.get("runs_with_losses")
+                else ""
+            )
+            lines.append(
+                f"| `{key}` | {_rate(s['msg_per_s'])}{lost_note} | "
+                f"{_ratio(s.get('ratio_msg_per_s'))} | "
+                f"{_rate(b['mb_per_s'], 1) if b else '-'} | "
+                f"{_ratio(b.get('ratio_mb_per_s')) if b else '-'} | {verdict} |"
+            )
+        if "throughput" in charts:
+            lines += ["", f"![throughput]({charts['throughput']})"]
+        lines.append("")
+    start = summary.get("start")
+    if start:
+        lines += [
+            "### Start",
+            "",
+            f'From "create session" to "kernel_info reply in hand", {plan["start_rounds"]}',
+            "starts per configuration after one warm-up start each. The floor is jupyter_client's",
+            "`KernelManager.start_kernel` + `BlockingKernelClient.wait_for_ready`; kallichore's",
+            "daemon: `PUT /sessions` + `POST /sessions/{id}/start` (which returns kernel_info);",
+            "the gateways: `POST /api/kernels`, then the channels WebSocket and a",
+            "kernel_info_request.",
+            "",
+            "| configuration | seconds | vs floor | target |",
+            "|---|---|---|---|",
+        ]
+        for key, entry in start.items():
+            lines.append(
+                f"| `{key}` | {_rate(entry['seconds'], 3)} | {_ratio(entry.get('ratio'))} | "
+                f"{_verdicts(found, 'start', key)} |"
+            )
+        lines.append("")
+    scale = summary.get("scale")
+    if scale:
+        lines += [
+            "### Scale",
+            "",
+            f"{plan['scale_sessions']} sessions started at once in one fresh server (kallichore's",
+            "daemon over TCP; jupyter_server for comparison, its kernels reached over the",
+            "WebSocket with the TCP_QUICKACK client). CPU and RSS are the server process's own",
+            f"(kernels excluded) over {plan['scale_idle_seconds']:.0f} s with every session idle",
+            "and no client attached; then one session's round trips while the others sit idle,",
+            f"{plan['scale_latency_rounds']} batches of {plan['scale_latency_per_batch']},",
+            "interleaved with batches of the floor's kernel, which is the ratio's reference.",
+            "",
+            "| server | all ready s | idle CPU % of a core | RSS MB (empty -> "
+            "with sessions) | latency p50 / p99 ms | p50 vs floor | target |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, entry in scale.items():
+            idle = entry["idle"]
+            verdict = _verdicts(found, "scale", "ws-tcp") if name == "kallichore" else "-"
+            lines.append(
+                f"| {name} | {entry['ready_seconds']:.1f} | "
+                f"{idle['cpu_percent_of_one_core']:.2f} | "
+                f"{entry['rss_mb_empty']:.0f} -> {idle['rss_mb_max']:.0f} | "
+                f"{entry['latency']['p50_ms']:.2f} / {entry['latency']['p99_ms']:.2f} | "
+                f"{_ratio(entry['latency'].get('ratio_p50'))} | {verdict} |"
+            )
+        lines.append("")
+    failures = summary.get("failures")
+    if failures:
+        lines += [
+            "### Failures",
+            "",
+            "Executions that failed (the connection is re-opened and the run goes on; failed",
+            "runs are left out of the figures above):",
+            "",
+            "| configuration | failed executions | why |",
+            "|---|---|---|",
+        ]
+        for key, entry in failures.items():
+            why = "; ".join(f"`{r}`" for r in entry["reasons"])
+            lines.append(f"| `{key}` | {entry['count']} | {why} |")
+        lines.append("")
+    lines += [
+        "### Fan-out",
+        "",
+        "Not applicable yet: a session has one channels client at a time (Kallichore's",
+        "semantics; a second client displaces the first).",
+        "",
+        "### Targets",
+        "",
+        f"{sum(t.met for t in found)} of {len(found)} met.",
+        "",
+        "| workload | configuration | what | value | limit | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in found:
+        lines.append(
+            f"| {t.workload} | `{t.configuration}` | {t.what} | {t.value:.4g} | "
+            f"{t.limit:.4g} | {'yes' if t.met else '**no**'} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -- charts -----------------------------------------------------------------------------------
+
+COLOURS = {
+    "floor": "#555555",
+    "floor-2": "#aaaaaa",
+    "embedded": "#08519c",
+    "ws-tcp": "#3182bd",
+    "ws-unix": "#6baed6",
+    "kg": "#e6550d",
+    "kg-quickack": "#e6550d",
+    "server": "#756bb1",
+    "server-quickack": "#756bb1",
+}
+# The gateways as they come: dashed; with the client's TCP_QUICKACK: solid.
+STYLES = {"kg": "--", "server": "--"}
+
+
+def charts(document: dict[str, Any], directory: Path, prefix: str) -> dict[str, str]:
+    """PNG charts next to the Markdown; returns their file names (empty without matplotlib)."""
+    try:  # optional: only the charts need it
+        matplotlib: Any = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")
+        plt: Any = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        return {}
+    directory.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    raw, summary = document["raw"], document["summary"]
+    if "latency" in raw:
+        figure, axes = plt.subplots(figsize=(10, 5))
+        for key, rounds in raw["latency"].items():
+            samples = sorted(x * 1e3 for b in rounds for x in b)
+            fractions = [(i + 1) / len(samples) for i in range(len(samples))]
+            axes.step(
+                samples,
+                fractions,
+                where="post",
+                label=key,
+                color=COLOURS.get(key),
+                linestyle=STYLES.get(key, "-"),
+            )
+        axes.set_xscale("log")
+        ticker = importlib.import_module("matplotlib.ticker")
+        axes.xaxis.set_major_locator(ticker.FixedLocator([1, 2, 3, 5, 7, 10, 20, 30, 50, 70, 100]))
+        axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axes.xaxis.set_minor_formatter(ticker.NullFormatter())
+        axes.set_xlabel("round trip of execute('1') until reply and idle (ms, log scale)")
+        axes.set_ylabel("fraction of round trips")
+        axes.set_title("Latency distributions (same run, alternating configurations)")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        figure.tight_layout()
+        name = f"{prefix}latency.png"
+        figure.savefig(directory / name, dpi=110)
+        plt.close(figure)
+        written["latency"] = name
+    if "throughput" in summary:
+        workloads = [
+            ("small_messages", "msg_per_s", "small display_data messages: msg/s"),
+            ("stream", "mb_per_s", "stream output: MB/s"),
+        ]
+        figure, all_axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for axes, (workload, measure, title) in zip(all_axes, workloads, strict=True):
+            entries = summary["throughput"].get(workload, {})
+            keys = list(entries)
+            medians = [entries[k][measure]["median"] for k in keys]
+            low = [entries[k][measure]["median"] - entries[k][measure]["p25"] for k in keys]
+            high = [entries[k][measure]["p75"] - entries[k][measure]["median"] for k in keys]
+            positions = list(range(len(keys)))
+            bars = axes.barh(
+                positions,
+                medians,
+                xerr=[low, high],
+                color=[COLOURS.get(k, "#999999") for k in keys],
+                capsize=3,
+            )
+            for bar, key in zip(bars, keys, strict=True):
+                if key in STYLES:
+                    bar.set_hatch("//")
+                    bar.set_alpha(0.6)
+            axes.set_yticks(positions, keys)
+            axes.invert_yaxis()
+            axes.set_title(title)
+            axes.grid(True, axis="x", alpha=0.3)
+        figure.suptitle("Throughput (median, IQR whiskers)")
+        figure.tight_layout()
+        name = f"{prefix}throughput.png"
+        figure.savefig(directory / name, dpi=110)
+        plt.close(figure)
+        written["throughput"] = name
+    return written

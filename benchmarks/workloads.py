@@ -1,0 +1,323 @@
+"""The workloads, each alternating between the configurations (A B C ... A B C ...).
+
+- latency: execute `1` until execute_reply and iopub idle; batches interleaved per round;
+- throughput: many small display_data messages, and a stream of tens of MB;
+- start: "create session" to "kernel_info reply in hand", one start per configuration a round;
+- scale: 50 sessions at once in one server: time until all are ready, the server's own CPU and
+  RSS while they sit idle, and one session's latency meanwhile (interleaved with the floor).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psutil
+import trio
+import trio_websocket
+
+from benchmarks.configs import (
+    Configuration,
+    Context,
+    Daemon,
+    DaemonSession,
+    GatewaySession,
+    JupyterServer,
+    Session,
+    new_id,
+)
+from benchmarks.environment import log
+from benchmarks.wsclient import Execution
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each workload to run."""
+
+    latency_warmup: int = 50
+    latency_rounds: int = 10
+    latency_per_batch: int = 50
+    throughput_rounds: int = 7
+    small_messages: int = 20_000
+    stream_mib: int = 64
+    stream_chunk_kib: int = 256
+    start_rounds: int = 10
+    scale_sessions: int = 50
+    scale_idle_seconds: float = 30.0
+    scale_latency_rounds: int = 10
+    scale_latency_per_batch: int = 30
+    scale_jupyter_server: bool = True
+
+    @classmethod
+    def quick(cls) -> Plan:
+        """A smoke run: every code path, a few iterations, tiny sizes."""
+        return cls(
+            latency_warmup=2,
+            latency_rounds=2,
+            latency_per_batch=5,
+            throughput_rounds=1,
+            small_messages=300,
+            stream_mib=1,
+            stream_chunk_kib=64,
+            start_rounds=1,
+            scale_sessions=3,
+            scale_idle_seconds=2.0,
+            scale_latency_rounds=2,
+            scale_latency_per_batch=5,
+        )
+
+
+LATENCY_CODE = "1"
+# What a failed execution looks like from here: it is recorded, and the run goes on.
+FAILURES = (
+    trio_websocket.ConnectionClosed,
+    trio.TooSlowError,
+    TimeoutError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    httpx.HTTPError,
+)
+
+
+async def attempt(
+    session: Session, code: str, key: str, failures: dict[str, list[str]]
+) -> Execution | None:
+    """Run `code`; on a failure, note it under `key`, reconnect, and return None."""
+    try:
+        return await session.execute(code)
+    except FAILURES as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:300]
+        log(f"{key}: an execution failed: {reason}")
+        failures.setdefault(key, []).append(reason)
+        await session.recover()
+        return None
+
+
+def small_messages_code(count: int) -> str:
+    """`count` display_data messages, published with the kernel's own Session.
+
+    IPython's `display()` costs about 300 us a call, which would cap every configuration at the
+    kernel's ~3,000 msg/s; sending through the kernel's session leaves the kernel able to
+    publish faster than any of the configurations forwards.
+    """
+    return (
+        "_k = get_ipython().kernel\n"
+        "_parent = _k.get_parent()\n"
+        "_content = {'data': {'text/plain': 'x'}, 'metadata': {}, 'transient': {}}\n"
+        f"for _ in range({count}):\n"
+        "    _k.session.send(_k.iopub_socket, 'display_data', _content, parent=_parent)\n"
+    )
+
+
+def stream_code(mib: int, chunk_kib: int) -> str:
+    """`mib` MiB of stdout, flushed every `chunk_kib` KiB (one stream message per flush)."""
+    return (
+        "import sys\n"
+        f"_chunk = 'x' * ({chunk_kib} * 1024)\n"
+        f"for _ in range({mib * 1024 // chunk_kib}):\n"
+        "    sys.stdout.write(_chunk)\n"
+        "    sys.stdout.flush()\n"
+    )
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+
+async def latency_batches(
+    sessions: dict[str, Session],
+    rounds: int,
+    per_batch: int,
+    warmup: int,
+    failures: dict[str, list[str]],
+) -> dict[str, list[list[float]]]:
+    """Round-trip seconds: for each configuration, one batch per round."""
+    for key, session in sessions.items():
+        for _ in range(warmup):
+            await attempt(session, LATENCY_CODE, key, failures)
+    batches: dict[str, list[list[float]]] = {key: [] for key in sessions}
+    for round_ in range(rounds):
+        for key, session in sessions.items():
+            batch = []
+            for _ in range(per_batch):
+                execution = await attempt(session, LATENCY_CODE, key, failures)
+                if execution is not None:
+                    batch.append(execution.seconds)
+            batches[key].append(batch)
+        log(f"latency round {round_ + 1}/{rounds} done")
+    return batches
+
+
+# -- throughput -------------------------------------------------------------------------------
+
+
+def describe(execution: Execution) -> dict[str, Any]:
+    return {
+        "seconds": execution.seconds,
+        "messages": execution.iopub_messages,
+        "bytes": execution.stream_bytes,
+        "complete": execution.complete,
+    }
+
+
+async def throughput(
+    sessions: dict[str, Session], plan: Plan, failures: dict[str, list[str]]
+) -> dict[str, Any]:
+    """For each workload and configuration, one run a round."""
+    workloads = {
+        "small_messages": small_messages_code(plan.small_messages),
+        "stream": stream_code(plan.stream_mib, plan.stream_chunk_kib),
+    }
+    expected = {
+        # busy, execute_input, the messages, idle
+        "small_messages": {"messages": plan.small_messages + 3, "bytes": 0},
+        "stream": {"messages": plan.stream_mib * 1024 // plan.stream_chunk_kib + 3},
+    }
+    expected["stream"]["bytes"] = plan.stream_mib * 2**20
+    for key, session in sessions.items():
+        await attempt(session, small_messages_code(100), key, failures)
+        await attempt(session, stream_code(1, 256), key, failures)
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+        name: {key: [] for key in sessions} for name in workloads
+    }
+    for round_ in range(plan.throughput_rounds):
+        for name, code in workloads.items():
+            for key, session in sessions.items():
+                execution = await attempt(session, code, key, failures)
+                runs[name][key].append(describe(execution) if execution else {"failed": True})
+        log(f"throughput round {round_ + 1}/{plan.throughput_rounds} done")
+    return {"expected": expected, "runs": runs}
+
+
+# -- start ------------------------------------------------------------------------------------
+
+
+async def starts(configurations: list[Configuration], rounds: int) -> dict[str, list[float]]:
+    """Seconds from create to kernel_info reply; one warm-up start each, then `rounds`."""
+    seconds: dict[str, list[float]] = {c.key: [] for c in configurations}
+    for round_ in range(rounds + 1):
+        for configuration in configurations:
+            session, elapsed = await configuration.start_session(connect=False)
+            await session.close()
+            if round_ > 0:
+                seconds[configuration.key].append(elapsed)
+        if round_ > 0:
+            log(f"start round {round_}/{rounds} done")
+    return seconds
+
+
+# -- scale ------------------------------------------------------------------------------------
+
+
+async def idle_cost(pid: int, seconds: float) -> dict[str, float]:
+    """CPU (% of one core) and RSS (MB) of one process alone, sampled over `seconds`."""
+    process = psutil.Process(pid)
+    before = process.cpu_times()
+    started = time.perf_counter()
+    rss: list[int] = []
+    while (elapsed := time.perf_counter() - started) < seconds:
+        rss.append(process.memory_info().rss)
+        await trio.sleep(min(1.0, seconds - elapsed))
+    after = process.cpu_times()
+    elapsed = time.perf_counter() - started
+    rss.append(process.memory_info().rss)
+    cpu = (after.user + after.system) - (before.user + before.system)
+    return {
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "cpu_percent_of_one_core": 100 * cpu / elapsed,
+        "rss_mb_max": max(rss) / 1e6,
+        "rss_mb_end": rss[-1] / 1e6,
+    }
+
+
+async def scale_kallichore(
+    context: Context, floor: Session, plan: Plan, failures: dict[str, list[str]]
+) -> dict[str, Any]:
+    """`plan.scale_sessions` sessions started at once in a fresh daemon (over TCP)."""
+    daemon = Daemon(context, "tcp")
+    await daemon.start("kallichore-scale")
+    try:
+        assert daemon.process is not None
+        pid = daemon.process.pid
+        rss_empty = psutil.Process(pid).memory_info().rss / 1e6
+        ids = [new_id("scale") for _ in range(plan.scale_sessions)]
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for session_id in ids:
+                nursery.start_soon(daemon.create_and_start, session_id, 600.0)
+        ready = time.perf_counter() - started
+        log(f"kallichore: {len(ids)} sessions ready in {ready:.1f} s")
+        await trio.sleep(2)
+        idle = await idle_cost(pid, plan.scale_idle_seconds)
+        log(f"kallichore idle: {idle['cpu_percent_of_one_core']:.2f}% CPU")
+        one = DaemonSession(daemon, ids[0], await daemon.channels(ids[0]))
+        batches = await latency_batches(
+            {"scale": one, "floor": floor},
+            plan.scale_latency_rounds,
+            plan.scale_latency_per_batch,
+            plan.scale_latency_per_batch,
+            failures,
+        )
+        await one.close()
+    finally:
+        await daemon.stop()
+    return {
+        "sessions": plan.scale_sessions,
+        "ready_seconds": ready,
+        "rss_mb_empty": rss_empty,
+        "idle": idle,
+        "latency": batches,
+    }
+
+
+async def scale_jupyter_server(
+    context: Context, floor: Session, plan: Plan, failures: dict[str, list[str]]
+) -> dict[str, Any]:
+    """The same with jupyter_server (ready = kernel_info reply over the kernel's WebSocket;
+    the WebSockets are then closed, so the kernels sit idle with no client, as in kallichore).
+    The latency is taken with the TCP_QUICKACK client."""
+    server = JupyterServer(context, "server")
+    await server.start()
+    try:
+        assert server.process is not None
+        pid = server.process.pid
+        rss_empty = psutil.Process(pid).memory_info().rss / 1e6
+        kernel_ids: list[str] = []
+
+        async def start_one() -> None:
+            kernel_id = await server.create(timeout=600.0)
+            kernel_ids.append(kernel_id)
+            channels = await server.channels(kernel_id, quickack=True)
+            await channels.kernel_info()
+            await channels.aclose()
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(plan.scale_sessions):
+                nursery.start_soon(start_one)
+        ready = time.perf_counter() - started
+        log(f"jupyter_server: {len(kernel_ids)} kernels ready in {ready:.1f} s")
+        await trio.sleep(2)
+        idle = await idle_cost(pid, plan.scale_idle_seconds)
+        log(f"jupyter_server idle: {idle['cpu_percent_of_one_core']:.2f}% CPU")
+        channels = await server.channels(kernel_ids[0], quickack=True)
+        one = GatewaySession(server, kernel_ids[0], channels, quickack=True)
+        batches = await latency_batches(
+            {"scale": one, "floor": floor},
+            plan.scale_latency_rounds,
+            plan.scale_latency_per_batch,
+            plan.scale_latency_per_batch,
+            failures,
+        )
+        await one.close()
+    finally:
+        await server.stop()
+    return {
+        "sessions": plan.scale_sessions,
+        "ready_seconds": ready,
+        "rss_mb_empty": rss_empty,
+        "idle": idle,
+        "latency": batches,
+    }
