@@ -57,7 +57,12 @@ def ipykernel_spec(session_id: str = "python-test", **changes: object) -> Sessio
 async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
     config = SupervisorConfig(
         runtime_dir=tmp_path / "runtime",
-        session=SessionConfig(heartbeat_interval=0.2, heartbeat_timeout=1.0, shutdown_grace=5.0),
+        session=SessionConfig(
+            heartbeat_interval=0.2,
+            unattended_heartbeat_interval=0.2,
+            heartbeat_timeout=1.0,
+            shutdown_grace=5.0,
+        ),
     )
     async with open_supervisor(config) as sup:
         yield sup

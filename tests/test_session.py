@@ -20,9 +20,9 @@ from kallichore.session.events import (
     OutputEvent,
     StatusEvent,
 )
-from kallichore.session.kernel_session import KernelSession
+from kallichore.session.kernel_session import KernelSession, SessionConfig
 from kallichore.session.model import InterruptMode, Status, VarAction, VarActionType
-from kallichore.supervisor import Supervisor, open_supervisor
+from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 from tests.conftest import ipykernel_spec
 from tests.kernel_client import collect_until, is_done, of_type, replies_to, stdout_text
 
@@ -402,3 +402,26 @@ async def test_shutdown_kills_a_kernel_that_does_not_exit_in_time(supervisor: Su
     assert events[-1] == ExitedEvent(-signal.SIGKILL)
     assert pid is not None
     assert not psutil.pid_exists(pid)
+
+
+async def test_a_watched_session_beats_at_the_attended_interval(tmp_path: os.PathLike[str]) -> None:
+    config = SupervisorConfig(
+        session=SessionConfig(
+            heartbeat_interval=0.2, unattended_heartbeat_interval=1000.0, heartbeat_timeout=1.0
+        )
+    )
+    async with open_supervisor(config) as sup:
+        session = await sup.create_session(ipykernel_spec())
+        session.connected = True  # as the API marks it while a client is attached
+        await session.start()
+        pid = session.process_id
+        assert pid is not None
+        with session.events.subscribe() as sub:
+            await trio.sleep(0.5)  # past the first beat: later ones come every 0.2 s
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await collect_until(
+                    sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.OFFLINE
+                )
+            finally:
+                os.kill(pid, signal.SIGCONT)

@@ -79,6 +79,9 @@ class SessionConfig:
 
     event_buffer_size: int = 100_000
     heartbeat_interval: float = 2.0
+    # While no client watches the session, `offline` can wait: beat less often, so that many
+    # idle sessions cost next to nothing.
+    unattended_heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 5.0
     shutdown_grace: float = 10.0
 
@@ -698,7 +701,12 @@ class KernelSession:
                 misses = 0
                 if self.status is Status.OFFLINE:
                     self._set_status(Status.IDLE, "heartbeat detected after offline")
-            await trio.sleep(self._config.heartbeat_interval)
+            config = self._config
+            await trio.sleep(
+                config.heartbeat_interval
+                if self.connected
+                else config.unattended_heartbeat_interval
+            )
 
     async def _reap(self, kernel: _KernelRun) -> None:
         """Make sure the kernel's process group is gone, then release everything of the run."""
