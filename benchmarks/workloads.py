@@ -287,11 +287,16 @@ async def scale_jupyter_server(
         kernel_ids: list[str] = []
 
         async def start_one() -> None:
-            kernel_id = await server.create(timeout=600.0)
+            try:
+                kernel_id = await server.create(timeout=600.0)
+                channels = await server.channels(kernel_id, quickack=True)
+                await channels.kernel_info()
+                await channels.aclose()
+            except (trio_websocket.ConnectionClosed, httpx.HTTPError) as error:
+                # One kernel failing to come up must not lose the rest of the run.
+                failures.setdefault("server", []).append(f"scale: a kernel failed: {error!r}")
+                return
             kernel_ids.append(kernel_id)
-            channels = await server.channels(kernel_id, quickack=True)
-            await channels.kernel_info()
-            await channels.aclose()
 
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
