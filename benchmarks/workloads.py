@@ -249,27 +249,19 @@ async def scale_kallichore(
                 nursery.start_soon(daemon.create_and_start, session_id, 600.0)
         ready = time.perf_counter() - started
         log(f"kallichore: {len(ids)} sessions ready in {ready:.1f} s")
-        await trio.sleep(2)
-        idle = await idle_cost(pid, plan.scale_idle_seconds)
-        log(f"kallichore idle: {idle['cpu_percent_of_one_core']:.2f}% CPU")
         one = DaemonSession(daemon, ids[0], await daemon.channels(ids[0]))
-        batches = await latency_batches(
-            {"scale": one, "floor": floor},
-            plan.scale_latency_rounds,
-            plan.scale_latency_per_batch,
-            plan.scale_latency_per_batch,
-            failures,
+        return await loaded_server_figures(
+            "kallichore",
+            pid,
+            ready=ready,
+            rss_empty=rss_empty,
+            one=one,
+            floor=floor,
+            plan=plan,
+            failures=failures,
         )
-        await one.close()
     finally:
         await daemon.stop()
-    return {
-        "sessions": plan.scale_sessions,
-        "ready_seconds": ready,
-        "rss_mb_empty": rss_empty,
-        "idle": idle,
-        "latency": batches,
-    }
 
 
 async def scale_jupyter_server(
@@ -304,11 +296,39 @@ async def scale_jupyter_server(
                 nursery.start_soon(start_one)
         ready = time.perf_counter() - started
         log(f"jupyter_server: {len(kernel_ids)} kernels ready in {ready:.1f} s")
-        await trio.sleep(2)
-        idle = await idle_cost(pid, plan.scale_idle_seconds)
-        log(f"jupyter_server idle: {idle['cpu_percent_of_one_core']:.2f}% CPU")
         channels = await server.channels(kernel_ids[0], quickack=True)
         one = GatewaySession(server, kernel_ids[0], channels, quickack=True)
+        return await loaded_server_figures(
+            "jupyter_server",
+            pid,
+            ready=ready,
+            rss_empty=rss_empty,
+            one=one,
+            floor=floor,
+            plan=plan,
+            failures=failures,
+        )
+    finally:
+        await server.stop()
+
+
+async def loaded_server_figures(
+    name: str,
+    pid: int,
+    *,
+    ready: float,
+    rss_empty: float,
+    one: Session,
+    floor: Session,
+    plan: Plan,
+    failures: dict[str, list[str]],
+) -> dict[str, Any]:
+    """A server full of idle sessions: its own idle cost, then one session's round trips
+    interleaved with the floor's (closes `one`)."""
+    await trio.sleep(2)
+    idle = await idle_cost(pid, plan.scale_idle_seconds)
+    log(f"{name} idle: {idle['cpu_percent_of_one_core']:.2f}% CPU")
+    try:
         batches = await latency_batches(
             {"scale": one, "floor": floor},
             plan.scale_latency_rounds,
@@ -316,9 +336,8 @@ async def scale_jupyter_server(
             plan.scale_latency_per_batch,
             failures,
         )
-        await one.close()
     finally:
-        await server.stop()
+        await one.close()
     return {
         "sessions": plan.scale_sessions,
         "ready_seconds": ready,
