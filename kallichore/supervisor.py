@@ -57,7 +57,7 @@ class Supervisor:
         self._context = context
         self._runtime_dir = runtime_dir
         self._config = config
-        self._ports = PortAllocator()
+        self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
         self._resource_sample_interval_ms = config.resource_sample_interval_ms
         self._sampling_changed = trio.Event()

@@ -21,6 +21,7 @@ from kallichore.jupyter.connection import (
     ConnectionInfo,
     PortAllocator,
     new_key,
+    quiet_ports,
     read_connection_file,
     write_connection_file,
 )
@@ -389,3 +390,61 @@ def test_release_of_unknown_ports_is_harmless() -> None:
     allocator.release([1, 2, 3])
     assert allocator.allocate(0) == []
     assert allocator.reserved == frozenset()
+
+
+def test_quiet_ports_lie_above_the_ephemeral_range(tmp_path: Path) -> None:
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text("32768\t60999\n")
+    assert quiet_ports(range_file) == range(61000, 65536)
+    range_file.write_text("1024 65000\n")
+    assert quiet_ports(range_file) is None, "536 ports are too few to draw from"
+    range_file.write_text("garbage\n")
+    assert quiet_ports(range_file) is None
+    assert quiet_ports(tmp_path / "missing") is None
+
+
+def two_free_neighbours() -> int:
+    """A port p such that p and p + 1 are both free right now."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port < 65535:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as neighbour:
+                try:
+                    neighbour.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise AssertionError("no two free neighbouring ports")
+
+
+def test_candidate_ports_taken_by_another_program_are_skipped() -> None:
+    port = two_free_neighbours()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", port))
+        allocator = PortAllocator(range(port, port + 2))
+        assert allocator.allocate(1) == [port + 1]
+        with pytest.raises(OSError, match="free ports"):
+            allocator.allocate(1)
+    assert allocator.reserved == {port + 1}
+
+
+def test_this_machines_allocator_hands_out_bindable_ports_from_its_quiet_range() -> None:
+    allocator = PortAllocator.for_this_machine()
+    quiet = quiet_ports()
+    results: list[list[int]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(allocator.allocate(5))) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = [port for ports in results for port in ports]
+    assert len(everything) == len(set(everything)) == 40
+    if quiet is not None:
+        assert all(port in quiet for port in everything)
+    for port in everything:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))

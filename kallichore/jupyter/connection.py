@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import socket
 import threading
@@ -25,6 +26,9 @@ _REQUIRED = ("control_port", "shell_port", "stdin_port", "hb_port", "iopub_port"
 _OPTIONAL = ("signature_scheme", "transport", "ip")
 # Give up rather than loop forever if the OS keeps handing back ports we have reserved.
 _MAX_ATTEMPTS_PER_PORT = 100
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Below this many ports above the ephemeral range, random picks would collide too often.
+_MIN_QUIET_PORTS = 1000
 
 
 def _check_port(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
@@ -159,18 +163,43 @@ def read_connection_file(path: os.PathLike[str] | str) -> ConnectionInfo:
         raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
 
+def quiet_ports(range_file: Path = _EPHEMERAL_RANGE_FILE) -> range | None:
+    """The ports above the OS's ephemeral range, or None where there are too few (or no Linux).
+
+    The OS hands out ephemeral ports to every `connect()` and every bind to port 0 on the
+    machine, our own ZeroMQ connections included. A kernel port chosen from that range can be
+    taken by one of them in the second or so between our choice and the kernel's bind; one
+    chosen above it can only be taken by a program that asks for that very port.
+    """
+    try:
+        _low, high = (int(field) for field in range_file.read_text().split())
+    except (OSError, ValueError):
+        return None
+    ports = range(high + 1, 65536)
+    return ports if len(ports) >= _MIN_QUIET_PORTS else None
+
+
 class PortAllocator:
     """Hands out free TCP ports on 127.0.0.1 and remembers which are in use by our own kernels,
     so two sessions starting at once never get the same port.
 
-    A port is free when the OS lets us bind it; between our probe and the kernel's bind another
-    process could take it, which no allocator can prevent, but our own kernels cannot collide.
+    A port is free when the OS lets us bind it. Ports are drawn at random from `candidates`
+    (by default the quiet ports above the ephemeral range, see `quiet_ports`) or, without
+    candidates, from the OS's own choice of a free port. Between our probe and the kernel's
+    bind another program could still take a port, which no allocator can prevent.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, candidates: range | None = None) -> None:
+        self._candidates = candidates
+        self._random = random.Random()
         self._reserved: set[int] = set()
         # Sessions may be started from worker threads as well as the event loop.
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_this_machine(cls) -> PortAllocator:
+        """An allocator drawing from this machine's quiet ports, if it has enough of them."""
+        return cls(quiet_ports())
 
     @property
     def reserved(self) -> frozenset[int]:
@@ -191,17 +220,28 @@ class PortAllocator:
                         raise OSError(f"could not find {count} free ports")
                     # Keep every probe bound until the end, so the OS cannot hand out the same
                     # port twice within this call.
-                    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    probes.append(probe)
-                    probe.bind(("127.0.0.1", 0))
-                    port: int = probe.getsockname()[1]
-                    if port not in self._reserved and port not in ports:
+                    port = self._probe(probes)
+                    if port and port not in self._reserved and port not in ports:
                         ports.append(port)
             finally:
                 for probe in probes:
                     probe.close()
             self._reserved.update(ports)
         return ports
+
+    def _probe(self, probes: list[socket.socket]) -> int:
+        """Bind a probe to a candidate port (or to one the OS picks); 0 if it was taken."""
+        wanted = 0 if self._candidates is None else self._random.choice(self._candidates)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probes.append(probe)
+        try:
+            probe.bind(("127.0.0.1", wanted))
+        except OSError:
+            if wanted == 0:
+                raise
+            return 0
+        port: int = probe.getsockname()[1]
+        return port
 
     def release(self, ports: Iterable[int]) -> None:
         """Return ports to the pool once the kernel that used them has exited."""
