@@ -16,9 +16,9 @@ single task owns the FD wait and the others park in a ``ParkingLot``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import NoReturn, TypeVar, cast
 
 import trio
 import zmq
@@ -26,19 +26,20 @@ import zmq
 __all__ = ["TrioSocket"]
 
 _T = TypeVar("_T")
+# Plain ints: the hot path tests these flags on every operation, and zmq's enum Flags cost a
+# Python-level __and__ each time.
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
-@contextlib.contextmanager
-def _closed_as_trio() -> Iterator[None]:
+def _raise_as_trio(exc: zmq.ZMQError) -> NoReturn:
     """Report a closed socket or terminated context the way trio streams do."""
-    try:
-        yield
-    except zmq.ContextTerminated as exc:
+    if isinstance(exc, zmq.ContextTerminated):
         raise trio.ClosedResourceError("the zmq context was terminated") from exc
-    except zmq.ZMQError as exc:
-        if exc.errno == zmq.ENOTSOCK:
-            raise trio.ClosedResourceError("the zmq socket is closed") from exc
-        raise
+    if exc.errno == zmq.ENOTSOCK:
+        raise trio.ClosedResourceError("the zmq socket is closed") from exc
+    raise exc
 
 
 class TrioSocket:
@@ -58,7 +59,7 @@ class TrioSocket:
         self._lot = trio.lowlevel.ParkingLot()
         # How many tasks are inside an operation waiting for each EVENTS flag;
         # used to kick only when someone can act on a flag we saw.
-        self._interest = {zmq.POLLIN: 0, zmq.POLLOUT: 0}
+        self._interest = {_POLLIN: 0, _POLLOUT: 0}
 
     @property
     def socket(self) -> zmq.Socket[bytes]:
@@ -71,11 +72,11 @@ class TrioSocket:
         zmq accepts or refuses a whole multipart message at once under NOBLOCK
         (the high-water mark is only checked on the first frame).
         """
-        await self._run(lambda: self._socket.send_multipart(frames, zmq.NOBLOCK), zmq.POLLOUT)
+        await self._run(lambda: self._socket.send_multipart(frames, _NOBLOCK), _POLLOUT)
 
     async def recv_multipart(self) -> list[bytes]:
         """Receive one message; a cancelled receive did not consume any message."""
-        return await self._run(lambda: self._socket.recv_multipart(zmq.NOBLOCK), zmq.POLLIN)
+        return await self._run(lambda: self._socket.recv_multipart(_NOBLOCK), _POLLIN)
 
     async def recv_batch(self, max_messages: int = 1000) -> list[list[bytes]]:
         """Wait for at least one message, then take up to ``max_messages`` that are ready.
@@ -85,7 +86,7 @@ class TrioSocket:
         """
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
-        return await self._run(lambda: self._drain(max_messages), zmq.POLLIN)
+        return await self._run(lambda: self._drain(max_messages), _POLLIN)
 
     def close(self) -> None:
         """Close the socket, waking blocked tasks with trio.ClosedResourceError.
@@ -118,19 +119,20 @@ class TrioSocket:
 
     def _drain(self, max_messages: int) -> list[list[bytes]]:
         """Take the first message (may raise Again), then whatever else is ready."""
-        batch = [self._socket.recv_multipart(zmq.NOBLOCK)]
+        batch = [self._socket.recv_multipart(_NOBLOCK)]
         while len(batch) < max_messages:
             try:
-                batch.append(self._socket.recv_multipart(zmq.NOBLOCK))
+                batch.append(self._socket.recv_multipart(_NOBLOCK))
             except zmq.ZMQError:
                 # Again ends the batch; any real error resurfaces on the next
                 # call, and messages already taken must not be lost to it.
                 break
         return batch
 
-    async def _run(self, op: Callable[[], _T], flag: zmq.PollEvent) -> _T:
+    async def _run(self, op: Callable[[], _T], flag: int) -> _T:
         """Run a NOBLOCK ``op`` until it succeeds, waiting for ``flag`` in EVENTS."""
         self._interest[flag] += 1
+        waited = False
         try:
             while True:
                 # Never start the op while cancelled: after it succeeds we may
@@ -138,23 +140,30 @@ class TrioSocket:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 if self._closed:
                     raise trio.ClosedResourceError("the TrioSocket is closed")
-                with _closed_as_trio():
-                    try:
-                        result = op()
-                    except zmq.Again:
-                        events = self._events()
-                    else:
-                        break
+                try:
+                    result = op()
+                    break
+                except zmq.Again:
+                    pass
+                except zmq.ZMQError as exc:
+                    _raise_as_trio(exc)
+                try:
+                    events = self._events()
+                except zmq.ZMQError as exc:
+                    _raise_as_trio(exc)
                 if events & flag:
                     continue
                 # Reading EVENTS may have drained the FD signal that a waiter
                 # for the other direction was relying on.
                 self._kick_if_ready(events)
                 await self._wait()
+                waited = True
         finally:
             self._interest[flag] -= 1
         self._wake_after_op()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:
+            # Every trio operation yields at least once; one that waited already did.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return result
 
     def _events(self) -> int:
@@ -163,7 +172,7 @@ class TrioSocket:
 
     def _wake_after_op(self) -> None:
         """Wake waiters that may proceed; our op may have drained the FD signal meant for them."""
-        if not (self._interest[zmq.POLLIN] or self._interest[zmq.POLLOUT]):
+        if not (self._interest[_POLLIN] or self._interest[_POLLOUT]):
             return
         try:
             events = self._events()
@@ -179,8 +188,8 @@ class TrioSocket:
         Kicking unconditionally would livelock: POLLOUT is nearly always set, so
         two receivers would keep waking each other.
         """
-        if (events & zmq.POLLIN and self._interest[zmq.POLLIN]) or (
-            events & zmq.POLLOUT and self._interest[zmq.POLLOUT]
+        if (events & _POLLIN and self._interest[_POLLIN]) or (
+            events & _POLLOUT and self._interest[_POLLOUT]
         ):
             self._kick()
 

@@ -85,6 +85,21 @@ async def started_session(api: Api, session_id: str = "python-1", **fields: obje
     await api.start(session_id)
 
 
+async def test_output_of_every_frame_size_and_non_ascii_text_arrives_intact(api: Api) -> None:
+    # Frames under 126 bytes, up to 64 KiB and beyond have three different length encodings.
+    sizes = [1, 60, 200, 65_000, 70_000, 300_000]
+    await started_session(api)
+    async with api.channels("python-1") as channels:
+        frames = await channels.run(
+            "import sys\n"
+            f"for n in {sizes}:\n"
+            "    sys.stdout.write('x' * (n - 1) + '\\n'); sys.stdout.flush()\n"
+            "print('é€😀' * 1000)\n"
+        )
+    expected = "".join("x" * (n - 1) + "\n" for n in sizes) + "é€😀" * 1000 + "\n"
+    assert stream_text(frames) == expected
+
+
 async def test_stdin_round_trip(api: Api) -> None:
     await started_session(api)
     async with api.channels("python-1") as channels:

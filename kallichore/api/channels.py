@@ -35,9 +35,11 @@ POLICY_VIOLATION = 1008
 
 
 class ClientTransport(Protocol):
-    async def send(self, text: str) -> None: ...
+    """Where a client's frames go: each frame is the UTF-8 JSON of one text message."""
 
-    async def send_batch(self, texts: list[str]) -> None:
+    async def send(self, frame: bytes) -> None: ...
+
+    async def send_batch(self, frames: list[bytes]) -> None:
         """Several frames at once, in order (the transport may coalesce the writes)."""
 
     async def receive(self) -> str | None:

@@ -43,13 +43,13 @@ def trimmed_header(header: JSONObject) -> JSONObject | None:
     return {"msg_id": header.get("msg_id"), "msg_type": header.get("msg_type")}
 
 
-def jupyter_fields(message: Message, channel: Channel) -> bytes:
-    """The fields of a channel message after `kind`: header ... buffers, as JSON bytes."""
+def jupyter_frame(message: Message, channel: Channel) -> bytes:
+    """A kernel message as the client's `jupyter` frame, built around the kernel's own bytes."""
     parent = trimmed_header(message.parent_header)
     buffers = ",".join(f'"{base64.b64encode(b).decode()}"' for b in message.buffers)
     return b"".join(
         (
-            b'"header":',
+            b'{"kind":"jupyter","header":',
             dumps(trimmed_header(message.header)),
             b',"parent_header":',
             dumps(parent) if parent else b"null",
@@ -61,27 +61,29 @@ def jupyter_fields(message: Message, channel: Channel) -> bytes:
             message.metadata_json or b"{}",
             b',"buffers":[',
             buffers.encode(),
-            b"]",
+            b"]}",
         )
     )
 
 
 def queued_message(message: Message) -> JSONObject:
     """An execution-queue entry as ActiveSession shows it: the channel message without `kind`."""
-    parsed: JSONObject = json.loads(b"{" + jupyter_fields(message, Channel.SHELL) + b"}")
+    parsed: JSONObject = json.loads(jupyter_frame(message, Channel.SHELL))
+    del parsed["kind"]
     return parsed
 
 
-def kernel_event(key: str, payload: Any) -> str:
-    return '{"kind":"kernel","' + key + '":' + dumps(payload).decode() + "}"
+def kernel_event(key: str, payload: Any) -> bytes:
+    return b'{"kind":"kernel","' + key.encode() + b'":' + dumps(payload) + b"}"
 
 
-def encode_event(event: Event) -> str:
-    """One text frame for the client."""
+def encode_event(event: Event) -> bytes:
+    """One text frame for the client, as UTF-8."""
     match event:
         case JupyterEvent(channel=channel, message=message):
-            frame = b'{"kind":"jupyter",' + jupyter_fields(message, channel) + b"}"
-            return frame.decode(errors="replace")
+            frame = jupyter_frame(message, channel)
+            # A text frame must be valid UTF-8, whatever the kernel sent.
+            return frame if frame.isascii() else frame.decode(errors="replace").encode()
         case StatusEvent(status=status, reason=reason):
             return kernel_event("status", {"status": wire_status(status), "reason": reason})
         case OutputEvent(stream=stream, text=text):
@@ -101,7 +103,7 @@ def encode_event(event: Event) -> str:
     raise TypeError(f"unknown event {event!r}")
 
 
-def client_error(error: KallichoreError, msg_id: str | None = None) -> str:
+def client_error(error: KallichoreError, msg_id: str | None = None) -> bytes:
     """Our extension: a `kernel` event telling one client that its message was refused."""
     body: JSONObject = {"code": error.code.wire, "message": error.message}
     if msg_id is not None:

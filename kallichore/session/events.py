@@ -194,12 +194,16 @@ class Subscription:
         Cancellation-safe: a cancelled call takes nothing.
         """
         log = self._log
+        parked = False
         while self.cursor >= log._next_seq:
             if log._closed:
                 await trio.lowlevel.checkpoint()
                 raise trio.EndOfChannel
             await log._lot.park()
-        await trio.lowlevel.checkpoint()
+            parked = True
+        if not parked:
+            # Every trio operation yields at least once; one that parked already did.
+            await trio.lowlevel.checkpoint()
         return log._take(self, max_events)
 
     def close(self) -> None:
