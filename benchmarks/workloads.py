@@ -37,8 +37,8 @@ class Plan:
     """How much of each workload to run."""
 
     latency_warmup: int = 50
-    latency_rounds: int = 10
-    latency_per_batch: int = 50
+    latency_rounds: int = 25
+    latency_per_batch: int = 40
     throughput_rounds: int = 7
     small_messages: int = 20_000
     stream_mib: int = 64
