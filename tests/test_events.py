@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from kallichore.session.events import EventLog, EventsDropped, ExecutionQueuedEvent
+from kallichore.session.events import Event, EventLog, EventsDropped, ExecutionQueuedEvent
 
 
 def queued(n: int) -> ExecutionQueuedEvent:
@@ -102,3 +102,85 @@ async def test_close_ends_subscribers_after_the_remaining_events() -> None:
 def test_the_bound_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         EventLog(max_buffered=0)
+
+
+class RecordingSink:
+    """A sink that takes events while `accepting` (and raises on request)."""
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.failing = False
+        self.taken: list[object] = []
+
+    def __call__(self, events: list[Event]) -> bool:
+        if self.failing:
+            raise RuntimeError("the sink broke")
+        if self.accepting:
+            self.taken.extend(events)
+        return self.accepting
+
+
+async def test_a_caught_up_subscriber_gets_new_events_through_its_sink_only() -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        sink = RecordingSink()
+        sub.sink = sink
+        log.publish_many([queued(0), queued(1)])
+        log.publish(queued(2))
+        assert sink.taken == [queued(0), queued(1), queued(2)]
+        with trio.move_on_after(0.05):
+            assert await sub.receive() == [], "taken by the sink, so never received"
+    with log.subscribe() as later:
+        log.publish(queued(3))
+        assert await later.receive() == [queued(3)], "the sink's events count as delivered"
+
+
+async def test_what_the_sink_declines_is_received_in_order_and_later_events_wait_for_it() -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        sink = RecordingSink()
+        sub.sink = sink
+        sink.accepting = False
+        log.publish(queued(0))
+        sink.accepting = True
+        # The subscriber is behind now: the sink must not jump the queue.
+        log.publish(queued(1))
+        assert sink.taken == []
+        assert await sub.receive() == [queued(0), queued(1)]
+        log.publish(queued(2))
+        assert sink.taken == [queued(2)]
+
+
+async def test_a_failing_sink_leaves_the_events_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        sink = RecordingSink()
+        sink.failing = True
+        sub.sink = sink
+        log.publish(queued(0))
+        assert await sub.receive() == [queued(0)]
+    assert "an event sink failed" in caplog.text
+
+
+async def test_a_subscriber_parked_behind_a_sink_wakes_for_declined_events() -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        sink = RecordingSink()
+        sub.sink = sink
+        got: list[object] = []
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                got.extend(await sub.receive())
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            log.publish(queued(0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            sink.accepting = False
+            log.publish(queued(1))
+        assert got == [queued(1)]
+        assert sink.taken == [queued(0)]

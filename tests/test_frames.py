@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import trio
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from kallichore.api.envelope import encode_event
 from kallichore.jupyter.wire import Channel, Message
-from kallichore.server.websocket import text_frame_header
+from kallichore.server.websocket import ReplayStream, text_frame_header
 from kallichore.session.events import JupyterEvent, OutputEvent
 
 
@@ -42,3 +44,27 @@ def test_an_event_with_bytes_that_are_not_utf8_still_makes_a_valid_text_frame() 
 def test_non_ascii_text_is_sent_as_utf8() -> None:
     frame = encode_event(OutputEvent("stdout", "é€😀\n"))
     assert json.loads(frame.decode("utf-8")) == {"kind": "kernel", "output": ["stdout", "é€😀\n"]}
+
+
+async def test_what_the_socket_cannot_take_at_once_is_written_before_anything_else() -> None:
+    ours, theirs = trio.socket.socketpair()
+    stream = ReplayStream(trio.SocketStream(ours), b"")
+    client = trio.SocketStream(theirs)
+    big = os.urandom(8 * 2**20)  # far more than a socket buffer holds
+    assert stream.write_now(big)
+    assert stream.owes
+    assert not stream.write_now(b"x"), "nothing may overtake the unwritten part"
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+
+        async def read() -> None:
+            while len(received) < len(big) + 4:
+                received.extend(await client.receive_some())
+
+        nursery.start_soon(read)
+        await stream.send_all(b"tail")
+    assert received == big + b"tail"
+    assert not stream.owes
+    await stream.aclose()
+    assert not stream.write_now(b"x"), "a closed socket takes nothing"
+    await client.aclose()

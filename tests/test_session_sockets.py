@@ -19,6 +19,7 @@ import wsproto
 import wsproto.events
 
 from kallichore.api.channels import ChannelBroker
+from kallichore.server import websocket
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,
     SessionSockets,
@@ -365,9 +366,16 @@ async def test_a_second_client_displaces_the_first(
 
 
 async def test_pings_during_batched_output_never_corrupt_frames(
-    supervisor: Supervisor, nursery: trio.Nursery, socket_dir: Path
+    supervisor: Supervisor,
+    nursery: trio.Nursery,
+    socket_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Batches are written in one go; pings written meanwhile must not land inside them."""
+    # A client that parses more slowly than the kernel prints answers pings late (they wait
+    # behind the output); on a loaded machine that would get it dropped, which is not what
+    # this is about.
+    monkeypatch.setattr(websocket, "MAX_UNANSWERED_PINGS", 1_000_000)
     sockets = await start_sockets(nursery, socket_dir, ping_interval=0.05)
     session = await supervisor.create_session(ipykernel_spec())
     await session.start()
@@ -375,4 +383,10 @@ async def test_pings_during_batched_output_never_corrupt_frames(
     code = "for i in range(3000):\n    print(i, flush=True)"
     async with connect(path, session.session_id) as channels:
         frames = await channels.run(code)
+        # The server closes: trio-websocket's client fails on a ping after its own Close.
+        await session.shutdown()
+        await supervisor.delete(session.session_id)
+        closed = await until_closed(channels)
+        assert closed is not None
+        assert closed.code == 1001
     assert stream_text(frames) == "".join(f"{i}\n" for i in range(3000))

@@ -4,12 +4,18 @@ A session's channel client reads the session's event log and forwards what the c
 to the kernel. When a second client connects, the first is *displaced*: it finishes the batch it
 is sending, is told `clientDisconnected` and closed, and only then does the new client start
 reading, from exactly the event after the last one the old client was sent. The transport (a
-Quart WebSocket or a WebSocket on a per-session Unix socket) is behind `ClientTransport`.
+WebSocket over TCP or over a per-session Unix socket) is behind `ClientTransport`.
+
+While a client is caught up, new events are written to it by the task that publishes them
+(the log's sink) when its socket takes them without waiting: on the hot path this saves a task
+switch per batch. Otherwise, and always for what the sink declines, its forwarding task reads
+the log.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -24,7 +30,7 @@ from kallichore.api.envelope import (
 )
 from kallichore.errors import KallichoreError
 from kallichore.jupyter.wire import utc_now
-from kallichore.session.events import Subscription
+from kallichore.session.events import Event, Subscription
 from kallichore.session.kernel_session import KernelSession
 
 logger = logging.getLogger(__name__)
@@ -41,6 +47,19 @@ class ClientTransport(Protocol):
 
     async def send_batch(self, frames: list[bytes]) -> None:
         """Several frames at once, in order (the transport may coalesce the writes)."""
+
+    def send_now(self, frames: list[bytes]) -> bool:
+        """Write the frames at once if nothing else is being written, without waiting.
+
+        False if nothing was written. True if the socket took the frames, or part of them:
+        then `owes` is true until a later send or `flush` has written the rest.
+        """
+
+    @property
+    def owes(self) -> bool: ...
+
+    async def flush(self) -> None:
+        """Write what `send_now` could not."""
 
     async def receive(self) -> str | None:
         """The next text frame; None once the client has closed the connection."""
@@ -63,11 +82,24 @@ class ChannelClient:
         try:
             with self.session.events.subscribe() as events:
                 async with trio.open_nursery() as nursery:
+                    events.sink = partial(self._send_now, nursery)
                     nursery.start_soon(self._forward_events, events, nursery.cancel_scope)
                     nursery.start_soon(self._forward_client_messages, nursery.cancel_scope)
                     nursery.start_soon(self._close_when, stopping, nursery.cancel_scope)
         finally:
             self._finished.set()
+
+    def _send_now(self, nursery: trio.Nursery, events: list[Event]) -> bool:
+        """The event log's fast path: new events written in the publisher's task, when the
+        client is caught up and its socket takes them without waiting."""
+        if self._displaced:
+            return False
+        transport = self._transport
+        if not transport.send_now([encode_event(event) for event in events]):
+            return False
+        if transport.owes:
+            nursery.start_soon(transport.flush)
+        return True
 
     async def displace(self) -> None:
         """Stop this client for a newer one, and wait until it has let go of the event log."""

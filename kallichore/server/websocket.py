@@ -8,6 +8,7 @@ counter every 10 s; more than 3 unanswered and the client is dropped).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import trio
@@ -110,11 +111,19 @@ class WebSocketTransport:
         await self.send_batch([frame])
 
     async def send_batch(self, frames: list[bytes]) -> None:
-        parts: list[bytes] = []
-        for frame in frames:
-            parts.append(text_frame_header(len(frame)))
-            parts.append(frame)
-        await self._stream.send_all_unless_closing(b"".join(parts), self._raise_if_closing)
+        await self._stream.send_all_unless_closing(_framed(frames), self._raise_if_closing)
+
+    def send_now(self, frames: list[bytes]) -> bool:
+        if self._ws.closed is not None:
+            return False
+        return self._stream.write_now(_framed(frames))
+
+    @property
+    def owes(self) -> bool:
+        return self._stream.owes
+
+    async def flush(self) -> None:
+        await self._stream.send_all_unless_closing(b"", self._raise_if_closing)
 
     def _raise_if_closing(self) -> None:
         # trio-websocket sets the reason before it writes its Close frame, and every write goes
@@ -137,20 +146,54 @@ class WebSocketTransport:
             await self._ws.aclose(code, reason)
 
 
+def _framed(frames: list[bytes]) -> bytes:
+    parts: list[bytes] = []
+    for frame in frames:
+        parts.append(text_frame_header(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
+
+
 class ReplayStream(trio.abc.Stream):
-    """A stream that first gives back the bytes the protocol sniffing already read from it.
+    """A socket stream that first gives back the bytes the protocol sniffing already read.
 
     Writes are serialised by one lock: trio-websocket's own (pongs, pings, Close) and the
-    event batches `WebSocketTransport` frames itself, so frames never interleave.
+    event batches `WebSocketTransport` frames itself, so frames never interleave. `write_now`
+    is the fast path for a batch that can go out at once, without waiting and without a task
+    switch; whatever part of it the socket does not take is written before any later write.
 
     Not a trio.SocketStream, so trio-websocket's `local`/`remote` fall back to repr() instead of
     raising the ValueError they raise for Unix socket addresses.
     """
 
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
         self._writing = trio.StrictFIFOLock()
+        # The unwritten tail of a `write_now`; the next holder of the lock writes it first.
+        self._unwritten = b""
+
+    def write_now(self, data: bytes) -> bool:
+        """Write `data` now if no other write is under way: True if the socket took some of it
+        (the rest is owed, see `owes`), False if nothing was written."""
+        if self._writing.locked() or self._unwritten:
+            return False
+        # Looked up each time: a closed socket says -1, and its old number may be reused.
+        fd = self._stream.socket.fileno()
+        if fd < 0:
+            return False
+        try:
+            sent = os.write(fd, data)
+        except OSError:
+            # Full (BlockingIOError) or broken: the ordinary path waits, or reports the error.
+            return False
+        self._unwritten = data[sent:]
+        return True
+
+    @property
+    def owes(self) -> bool:
+        """Whether part of a `write_now` is still to be written (by any later write)."""
+        return bool(self._unwritten)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_all_unless_closing(data, _no_check)
@@ -167,7 +210,11 @@ class ReplayStream(trio.abc.Stream):
             await self._writing.acquire()
         try:
             check()
-            await self._stream.send_all(data)
+            if self._unwritten:
+                unwritten, self._unwritten = self._unwritten, b""
+                await self._stream.send_all(unwritten)
+            if data:
+                await self._stream.send_all(data)
         finally:
             self._writing.release()
 

@@ -9,7 +9,9 @@ events are dropped and the subscriber that missed them is told how many with `Ev
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
 
@@ -20,6 +22,8 @@ from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message
 from kallichore.session.model import Status
 from kallichore.session.resources import ResourceUsage
+
+logger = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -126,12 +130,26 @@ class EventLog:
         return len(self._events)
 
     def publish(self, event: Event) -> None:
-        if self._closed:
+        self.publish_many([event])
+
+    def publish_many(self, events: list[Event]) -> None:
+        """Append `events` in order; a caught-up subscriber's sink may take them at once."""
+        if self._closed or not events:
             return
-        self._events.append(event)
-        self._next_seq += 1
+        first = self._next_seq
+        self._events.extend(events)
+        self._next_seq += len(events)
+        behind = False
+        for subscription in self._subscribers:
+            if subscription.cursor == first and subscription.offer(events):
+                subscription.cursor = self._next_seq
+                if subscription.delivers:
+                    self._delivered = max(self._delivered, subscription.cursor)
+            elif subscription.cursor < self._next_seq:
+                behind = True
         self._trim()
-        self._lot.unpark_all()
+        if behind:
+            self._lot.unpark_all()
 
     def subscribe(self, *, backlog: bool = True) -> Subscription:
         """Follow the log from the first event nobody has taken.
@@ -180,6 +198,9 @@ class EventLog:
             self._first_seq += 1
 
 
+Sink = Callable[[list[Event]], bool]
+
+
 class Subscription:
     """One reader's position in an `EventLog`."""
 
@@ -187,6 +208,20 @@ class Subscription:
         self._log = log
         self.cursor = cursor
         self.delivers = delivers
+        # The fast path: while this subscriber is caught up, new events are offered to the sink
+        # the moment they are published, in the publisher's task; events it takes are never
+        # returned by `receive`. A sink that declines (returns False) leaves them in the log.
+        self.sink: Sink | None = None
+
+    def offer(self, events: list[Event]) -> bool:
+        """Hand new events straight to the sink, if any; True if the sink took them all."""
+        if self.sink is None:
+            return False
+        try:
+            return self.sink(events)
+        except Exception:
+            logger.exception("an event sink failed; its events stay in the log")
+            return False
 
     async def receive(self, max_events: int = 1000) -> list[Event]:
         """Wait for events after the cursor and take up to `max_events` of them.

@@ -35,6 +35,7 @@ from kallichore.jupyter.wire import Channel, JSONObject, Message, WireError
 from kallichore.session import process as kernel_process
 from kallichore.session.channels import KernelChannels
 from kallichore.session.events import (
+    Event,
     EventLog,
     ExecutionQueuedEvent,
     ExitedEvent,
@@ -598,6 +599,8 @@ class KernelSession:
     async def _pump_iopub(self, kernel: _KernelRun, channels: KernelChannels) -> None:
         sock = channels.socket(Channel.IOPUB)
         while True:
+            # Published a batch at a time: a client can then get them in one write.
+            batch: list[Event] = []
             for frames in await sock.recv_batch():
                 message = self._parse(channels, Channel.IOPUB, frames)
                 if message is None:
@@ -609,8 +612,12 @@ class KernelSession:
                 ):
                     continue
                 if message.msg_type == "status":
+                    # Its status change (published by this) goes before the message itself.
+                    self.events.publish_many(batch)
+                    batch = []
                     await self._on_kernel_status(channels, message)
-                self.events.publish(JupyterEvent(Channel.IOPUB, message))
+                batch.append(JupyterEvent(Channel.IOPUB, message))
+            self.events.publish_many(batch)
 
     async def _on_kernel_status(self, channels: KernelChannels, message: Message) -> None:
         try:
