@@ -312,8 +312,7 @@ def test_allocated_ports_are_distinct_and_bindable() -> None:
     assert allocator.reserved == frozenset(ports)
 
 
-def test_concurrent_allocations_never_overlap() -> None:
-    allocator = PortAllocator()
+def allocated_by_8_threads_at_once(allocator: PortAllocator) -> list[int]:
     results: list[list[int]] = []
     threads = [
         threading.Thread(target=lambda: results.append(allocator.allocate(5))) for _ in range(8)
@@ -322,7 +321,11 @@ def test_concurrent_allocations_never_overlap() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    everything = [port for ports in results for port in ports]
+    return [port for ports in results for port in ports]
+
+
+def test_concurrent_allocations_never_overlap() -> None:
+    everything = allocated_by_8_threads_at_once(PortAllocator())
     assert len(everything) == len(set(everything)) == 40
 
 
@@ -431,17 +434,8 @@ def test_candidate_ports_taken_by_another_program_are_skipped() -> None:
 
 
 def test_this_machines_allocator_hands_out_bindable_ports_from_its_quiet_range() -> None:
-    allocator = PortAllocator.for_this_machine()
     quiet = quiet_ports()
-    results: list[list[int]] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(allocator.allocate(5))) for _ in range(8)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    everything = [port for ports in results for port in ports]
+    everything = allocated_by_8_threads_at_once(PortAllocator.for_this_machine())
     assert len(everything) == len(set(everything)) == 40
     if quiet is not None:
         assert all(port in quiet for port in everything)

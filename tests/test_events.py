@@ -6,7 +6,13 @@ import pytest
 import trio
 import trio.testing
 
-from kallichore.session.events import Event, EventLog, EventsDropped, ExecutionQueuedEvent
+from kallichore.session.events import (
+    Event,
+    EventLog,
+    EventsDropped,
+    ExecutionQueuedEvent,
+    Subscription,
+)
 
 
 def queued(n: int) -> ExecutionQueuedEvent:
@@ -107,10 +113,11 @@ def test_the_bound_must_be_positive() -> None:
 class RecordingSink:
     """A sink that takes events while `accepting` (and raises on request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, subscription: Subscription) -> None:
         self.accepting = True
         self.failing = False
         self.taken: list[object] = []
+        subscription.sink = self
 
     def __call__(self, events: list[Event]) -> bool:
         if self.failing:
@@ -123,8 +130,7 @@ class RecordingSink:
 async def test_a_caught_up_subscriber_gets_new_events_through_its_sink_only() -> None:
     log = EventLog()
     with log.subscribe() as sub:
-        sink = RecordingSink()
-        sub.sink = sink
+        sink = RecordingSink(sub)
         log.publish_many([queued(0), queued(1)])
         log.publish(queued(2))
         assert sink.taken == [queued(0), queued(1), queued(2)]
@@ -138,8 +144,7 @@ async def test_a_caught_up_subscriber_gets_new_events_through_its_sink_only() ->
 async def test_what_the_sink_declines_is_received_in_order_and_later_events_wait_for_it() -> None:
     log = EventLog()
     with log.subscribe() as sub:
-        sink = RecordingSink()
-        sub.sink = sink
+        sink = RecordingSink(sub)
         sink.accepting = False
         log.publish(queued(0))
         sink.accepting = True
@@ -156,9 +161,8 @@ async def test_a_failing_sink_leaves_the_events_in_the_log(
 ) -> None:
     log = EventLog()
     with log.subscribe() as sub:
-        sink = RecordingSink()
+        sink = RecordingSink(sub)
         sink.failing = True
-        sub.sink = sink
         log.publish(queued(0))
         assert await sub.receive() == [queued(0)]
     assert "an event sink failed" in caplog.text
@@ -167,8 +171,7 @@ async def test_a_failing_sink_leaves_the_events_in_the_log(
 async def test_a_subscriber_parked_behind_a_sink_wakes_for_declined_events() -> None:
     log = EventLog()
     with log.subscribe() as sub:
-        sink = RecordingSink()
-        sub.sink = sink
+        sink = RecordingSink(sub)
         got: list[object] = []
         async with trio.open_nursery() as nursery:
 
