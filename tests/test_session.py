@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import psutil
 import pytest
@@ -425,3 +426,29 @@ async def test_a_watched_session_beats_at_the_attended_interval(tmp_path: os.Pat
                 )
             finally:
                 os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_burst_of_output_while_the_supervisor_is_busy_is_not_dropped(
+    supervisor: Supervisor,
+) -> None:
+    """The kernel's PUB socket drops what its subscriber cannot take; ZeroMQ's own thread
+    keeps taking the kernel's output into our queue while the event loop is blocked."""
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    # 10 KB messages: the loopback TCP buffers hold few of them, so what ZeroMQ's queues hold
+    # decides. 6,000 is more than ZeroMQ's default queues (1,000 messages each side) and the
+    # buffers together, and fewer than ours.
+    count = 6000
+    code = (
+        "_k = get_ipython().kernel\n"
+        "_parent = _k.get_parent()\n"
+        "_content = {'data': {'text/plain': 'x' * 10_000}, 'metadata': {}, 'transient': {}}\n"
+        f"for _ in range({count}):\n"
+        "    _k.session.send(_k.iopub_socket, 'display_data', _content, parent=_parent)\n"
+    )
+    with session.events.subscribe() as sub:
+        msg_id = await session.execute(code)
+        # A long synchronous step blocks the event loop; only ZeroMQ's thread runs meanwhile.
+        time.sleep(4)  # noqa: ASYNC251
+        events = await collect_until(sub, is_done(msg_id))
+    assert len(of_type(replies_to(events, msg_id), "display_data")) == count

@@ -20,6 +20,11 @@ from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message, Signer, deserialize, serialize
 from kallichore.trio_zmq import TrioSocket
 
+# The kernel's PUB socket silently drops what its subscriber's queue cannot take. ZeroMQ's own
+# thread fills this queue while the event loop is busy elsewhere, so a burst of output waits
+# here instead of being lost: 10x ZeroMQ's default, still bounded against a runaway kernel.
+IOPUB_QUEUE_MESSAGES = 10_000
+
 
 class KernelChannels:
     """One kernel's sockets, connected (ZeroMQ connects lazily, so this never blocks)."""
@@ -58,6 +63,8 @@ class KernelChannels:
             sock.setsockopt(zmq.LINGER, 0)
             if identity is not None:
                 sock.setsockopt(zmq.IDENTITY, identity)
+            if socket_type == zmq.SUB:
+                sock.setsockopt(zmq.RCVHWM, IOPUB_QUEUE_MESSAGES)
             if socket_type == zmq.REQ:
                 # A missed heartbeat must not wedge the REQ state machine: allow resending, and
                 # drop the late reply to an abandoned request.
