@@ -120,13 +120,14 @@ class TrioSocket:
     def _drain(self, max_messages: int) -> list[list[bytes]]:
         """Take the first message (may raise Again), then whatever else is ready."""
         batch = [self._socket.recv_multipart(_NOBLOCK)]
-        while len(batch) < max_messages:
-            try:
+        try:
+            # Asking EVENTS is cheaper than the Again a failed receive raises.
+            while len(batch) < max_messages and self._events() & _POLLIN:
                 batch.append(self._socket.recv_multipart(_NOBLOCK))
-            except zmq.ZMQError:
-                # Again ends the batch; any real error resurfaces on the next
-                # call, and messages already taken must not be lost to it.
-                break
+        except zmq.ZMQError:
+            # Any real error resurfaces on the next call; messages already taken
+            # must not be lost to it.
+            pass
         return batch
 
     async def _run(self, op: Callable[[], _T], flag: int) -> _T:

@@ -187,3 +187,40 @@ async def test_a_subscriber_parked_behind_a_sink_wakes_for_declined_events() -> 
             log.publish(queued(1))
         assert got == [queued(1)]
         assert sink.taken == [queued(0)]
+
+
+class BatchRecordingSink(RecordingSink):
+    def __init__(self, subscription: Subscription) -> None:
+        super().__init__(subscription)
+        self.batches: list[list[Event]] = []
+
+    def __call__(self, events: list[Event]) -> bool:
+        self.batches.append(list(events))
+        return super().__call__(events)
+
+
+async def test_events_held_together_reach_the_sink_as_one_batch_on_leaving() -> None:
+    log = EventLog()
+    with log.subscribe() as sub:
+        sink = BatchRecordingSink(sub)
+        with log.holding():
+            log.publish(queued(0))
+            with log.holding():
+                log.publish_many([queued(1), queued(2)])
+            assert sink.batches == [], "the outermost hold publishes"
+            log.publish(queued(3))
+        assert sink.batches == [[queued(0), queued(1), queued(2), queued(3)]]
+
+
+async def test_held_events_are_published_even_when_the_holder_fails() -> None:
+    log = EventLog()
+
+    def fail_while_holding() -> None:
+        with log.holding():
+            log.publish(queued(0))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fail_while_holding()
+    with log.subscribe() as sub:
+        assert await sub.receive() == [queued(0)]

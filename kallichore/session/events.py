@@ -9,9 +9,10 @@ events are dropped and the subscriber that missed them is told how many with `Ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Literal
 
@@ -121,6 +122,7 @@ class EventLog:
         self._subscribers: set[Subscription] = set()
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
+        self._held: list[Event] | None = None
 
     @property
     def next_seq(self) -> int:
@@ -132,8 +134,26 @@ class EventLog:
     def publish(self, event: Event) -> None:
         self.publish_many([event])
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Publish what is published while this lasts as one batch on leaving (even on
+        error), so a caught-up client gets it in one write. Hold only across synchronous code:
+        what other tasks publish meanwhile would wait too. Nested, the outermost publishes."""
+        if self._held is not None:
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            self.publish_many(held)
+
     def publish_many(self, events: list[Event]) -> None:
         """Append `events` in order; a caught-up subscriber's sink may take them at once."""
+        if self._held is not None:
+            self._held.extend(events)
+            return
         if self._closed or not events:
             return
         first = self._next_seq

@@ -35,7 +35,6 @@ from kallichore.jupyter.wire import Channel, JSONObject, Message, WireError
 from kallichore.session import process as kernel_process
 from kallichore.session.channels import KernelChannels
 from kallichore.session.events import (
-    Event,
     EventLog,
     ExecutionQueuedEvent,
     ExitedEvent,
@@ -599,27 +598,30 @@ class KernelSession:
     async def _pump_iopub(self, kernel: _KernelRun, channels: KernelChannels) -> None:
         sock = channels.socket(Channel.IOPUB)
         while True:
-            # Published a batch at a time: a client can then get them in one write.
-            batch: list[Event] = []
-            for frames in await sock.recv_batch():
-                message = self._parse(channels, Channel.IOPUB, frames)
-                if message is None:
-                    continue
-                kernel.iopub_alive.set()
-                if (
-                    message.msg_type == "iopub_welcome"
-                    or message.parent_msg_id in kernel.startup_requests
-                ):
-                    continue
-                if message.msg_type == "status":
-                    # Its status change (published by this) goes before the message itself.
-                    self.events.publish_many(batch)
-                    batch = []
-                    await self._on_kernel_status(channels, message)
-                batch.append(JupyterEvent(Channel.IOPUB, message))
-            self.events.publish_many(batch)
+            received = await sock.recv_batch()
+            dequeued: list[Message] = []
+            # Published a batch at a time, status changes included: a client can then get
+            # them in one write. Nothing is awaited while the events are held.
+            with self.events.holding():
+                for frames in received:
+                    message = self._parse(channels, Channel.IOPUB, frames)
+                    if message is None:
+                        continue
+                    kernel.iopub_alive.set()
+                    if (
+                        message.msg_type == "iopub_welcome"
+                        or message.parent_msg_id in kernel.startup_requests
+                    ):
+                        continue
+                    if message.msg_type == "status":
+                        self._on_kernel_status(message, dequeued)
+                    self.events.publish(JupyterEvent(Channel.IOPUB, message))
+            for request in dequeued:
+                await channels.send(Channel.SHELL, request)
 
-    async def _on_kernel_status(self, channels: KernelChannels, message: Message) -> None:
+    def _on_kernel_status(self, message: Message, dequeued: list[Message]) -> None:
+        """Follow the kernel's status; an idle may let the next queued execution go (added to
+        `dequeued`, for the caller to send)."""
         try:
             state = message.content.get("execution_state")
         except WireError:
@@ -634,7 +636,7 @@ class KernelSession:
                 self._track_working_directory()
             following = self.execution_queue.advance()
             if following is not None:
-                await channels.send(Channel.SHELL, following)
+                dequeued.append(following)
 
     def _track_working_directory(self) -> None:
         cwd = self._kernel_cwd()
