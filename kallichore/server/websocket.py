@@ -25,6 +25,9 @@ MAX_UNANSWERED_PINGS = 3
 CLOSE_TIMEOUT_SECONDS = 1.0
 # The limit Kallichore's WebSocket library applies to a message (trio-websocket's is 1 MiB).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Larger batches go through the forwarding task, which can wait for the socket: written at
+# once they would mostly fill it, and leave a copied tail and a task to finish the write.
+DIRECT_WRITE_MAX_BYTES = 64 * 1024
 
 
 async def serve_channel_client(
@@ -116,7 +119,10 @@ class WebSocketTransport:
     def send_now(self, frames: list[bytes]) -> bool:
         if self._ws.closed is not None:
             return False
-        return self._stream.write_now(_framed(frames))
+        data = _framed(frames)
+        if len(data) > DIRECT_WRITE_MAX_BYTES:
+            return False
+        return self._stream.write_now(data)
 
     @property
     def owes(self) -> bool:
