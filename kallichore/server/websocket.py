@@ -117,12 +117,9 @@ class WebSocketTransport:
         await self._stream.send_all_unless_closing(_framed(frames), self._raise_if_closing)
 
     def send_now(self, frames: list[bytes]) -> bool:
-        if self._ws.closed is not None:
+        if self._ws.closed is not None or sum(map(len, frames)) > DIRECT_WRITE_MAX_BYTES:
             return False
-        data = _framed(frames)
-        if len(data) > DIRECT_WRITE_MAX_BYTES:
-            return False
-        return self._stream.write_now(data)
+        return self._stream.write_now(_framed(frames))
 
     @property
     def owes(self) -> bool:
