@@ -25,7 +25,6 @@ from kallichore.api.app import ServerState, check_token
 from kallichore.api.channels import ChannelBroker
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.server.websocket import (
-    CLOSE_TIMEOUT_SECONDS,
     MAX_MESSAGE_BYTES,
     PING_INTERVAL_SECONDS,
     ReplayStream,
@@ -116,13 +115,9 @@ class FrontDoor:
                 return
             ws = await request.accept()
             self._supervisor.note_activity()
-            try:
-                await serve_channel_client(
-                    self._broker, session, ws, replay, ping_interval=self._ping_interval
-                )
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
-                    await ws.aclose()
+            await serve_channel_client(
+                self._broker, session, ws, replay, ping_interval=self._ping_interval
+            )
             nursery.cancel_scope.cancel()
 
     async def _splice(self, stream: trio.SocketStream, head: bytes) -> None:

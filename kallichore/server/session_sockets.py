@@ -27,7 +27,6 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from kallichore.api.channels import ChannelBroker
 from kallichore.server.websocket import (
-    CLOSE_TIMEOUT_SECONDS,
     MAX_MESSAGE_BYTES,
     PING_INTERVAL_SECONDS,
     ReplayStream,
@@ -172,13 +171,9 @@ class SessionSockets:
                 accepted = await _accept_websocket(nursery, stream, session_id)
                 if accepted is not None:
                     ws, replay = accepted
-                    try:
-                        await serve_channel_client(
-                            self._broker, session, ws, replay, ping_interval=self._ping_interval
-                        )
-                    finally:
-                        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
-                            await ws.aclose()
+                    await serve_channel_client(
+                        self._broker, session, ws, replay, ping_interval=self._ping_interval
+                    )
                 nursery.cancel_scope.cancel()
         except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             logger.info("session %s: a channels client went away", session_id)

@@ -39,11 +39,17 @@ async def serve_channel_client(
     ping_interval: float = PING_INTERVAL_SECONDS,
 ) -> None:
     """Attach `ws` (over `stream`) to `session` until it leaves, is displaced, or stops answering
-    pings."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drop_if_unresponsive, ws, session.session_id, ping_interval, nursery)
-        await broker.serve(session, WebSocketTransport(ws, stream))
-        nursery.cancel_scope.cancel()
+    pings; then close it (briefly waiting for the client's Close)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _drop_if_unresponsive, ws, session.session_id, ping_interval, nursery
+            )
+            await broker.serve(session, WebSocketTransport(ws, stream))
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+            await ws.aclose()
 
 
 async def _drop_if_unresponsive(
