@@ -1,14 +1,26 @@
-"""Shared fixtures: an isolated home for kernels, a supervisor, and an ipykernel session spec."""
+"""Shared fixtures: an isolated home for kernels, a supervisor, an ipykernel session spec, a
+running server with a client of it, and the daemon as a subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
+from kallichore.api.app import ServerState
+from kallichore.client import KallichoreClient
+from kallichore.server.http import RunningServer, serve_api
 from kallichore.session.kernel_session import SessionConfig
 from kallichore.session.model import InterruptMode, SessionSpec
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
@@ -66,3 +78,96 @@ async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
     )
     async with open_supervisor(config) as sup:
         yield sup
+
+
+TOKEN = "test-token-0123456789"
+TIMEOUT = 60
+
+
+@pytest.fixture
+async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
+    """The API served on a free loopback port by the `supervisor` fixture, with `TOKEN`."""
+    running: RunningServer = await nursery.start(
+        partial(serve_api, supervisor, ServerState(token=TOKEN), port=0)
+    )
+    return running
+
+
+@pytest.fixture
+async def client(server: RunningServer) -> AsyncIterator[KallichoreClient]:
+    """A client of `server`, with the token."""
+    async with KallichoreClient(server.url, token=TOKEN, timeout=TIMEOUT) as kallichore:
+        yield kallichore
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """Unix socket paths are limited to 104 bytes: pytest's tmp_path can be too long."""
+    path = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Daemon:
+    """`python -m kallichore` running as a subprocess, and what its connection file says."""
+
+    def __init__(self, process: trio.Process, connection: dict[str, Any], log: Path) -> None:
+        self.process = process
+        self.connection = connection
+        self.log = log
+
+    @property
+    def token(self) -> str | None:
+        token: str | None = self.connection["bearer_token"]
+        return token
+
+    def client(self, token: str | None = "default") -> KallichoreClient:
+        """A client on the daemon's transport (with its token unless told otherwise)."""
+        token = self.token if token == "default" else token
+        if self.connection["transport"] == "socket":
+            return KallichoreClient(
+                token=token, socket_path=self.connection["socket_path"], timeout=TIMEOUT
+            )
+        return KallichoreClient(self.connection["base_path"], token=token, timeout=TIMEOUT)
+
+    async def wait(self, timeout: float = TIMEOUT) -> int:
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+def daemon_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kallichore", *args]
+
+
+async def wait_for_file(path: Path, process: trio.Process, log: Path) -> dict[str, Any]:
+    with trio.fail_after(TIMEOUT):
+        while not path.exists():
+            if process.returncode is not None:
+                raise AssertionError(f"daemon exited {process.returncode}: {log.read_text()}")
+            await trio.sleep(0.05)
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+@asynccontextmanager
+async def daemon(
+    tmp_path: Path, *args: str, connection_file: Path | None = None
+) -> AsyncIterator[Daemon]:
+    """Run the daemon with `args` plus a connection file; stop it (and check it stopped)."""
+    connection_file = (
+        connection_file or tmp_path / f"connection-{len(list(tmp_path.iterdir()))}.json"
+    )
+    log = tmp_path / f"{connection_file.stem}.log"
+    with log.open("wb") as output:
+        process = await trio.lowlevel.open_process(
+            daemon_command("--connection-file", str(connection_file), *args),
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        yield Daemon(process, await wait_for_file(connection_file, process, log), log)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(TIMEOUT):
+                await process.wait()
