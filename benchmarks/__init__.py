@@ -7,6 +7,7 @@ machine's drift hits all of them alike, and every figure is reported as a ratio 
 (jupyter_client) measured in the same run.
 
 Modules: `environment` (temporary homes, the kernelspec, the servers' virtualenv, processes),
-`wsclient` (one WebSocket client for every server), `configs` (the configurations),
-`workloads`, `stats`, `report` (JSON, Markdown, charts), `cli`.
+`wsclient` (what an execution measured; kallichore.client's channels connections, held open
+across tasks, for every WebSocket server), `configs` (the configurations), `workloads`,
+`stats`, `report` (JSON, Markdown, charts), `cli`.
 """

@@ -9,16 +9,16 @@ shared by the configurations that use them (the gateways' stock and TCP_QUICKACK
 from __future__ import annotations
 
 import itertools
-import json
 import queue
 import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import trio
@@ -26,8 +26,9 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 from benchmarks.environment import KERNEL_NAME, Home, Processes, free_port, log
-from benchmarks.wsclient import QUIET_SECONDS, Channels, Execution, Tally
+from benchmarks.wsclient import QUIET_SECONDS, Connection, Execution, QuickAckStream, Tally
 from kallichore import JupyterEvent, KernelSession, SessionSpec, Supervisor, open_supervisor
+from kallichore.client import Channels, KallichoreClient, open_channels
 from kallichore.jupyter.wire import Channel
 
 TIMEOUT = 120.0
@@ -240,14 +241,13 @@ class Embedded(Configuration):
 
 
 class Daemon:
-    """`python -m kallichore` as a subprocess, over TCP or its Unix socket."""
+    """`python -m kallichore` as a subprocess, over TCP or its Unix socket, and a client of it."""
 
     def __init__(self, context: Context, transport: str) -> None:
         self.context = context
         self.transport = transport
         self.process: trio.Process | None = None
-        self.connection: dict[str, Any] = {}
-        self.http: httpx.AsyncClient | None = None
+        self.kallichore: KallichoreClient | None = None
 
     async def start(self, name: str) -> None:
         root = self.context.home.root
@@ -264,75 +264,61 @@ class Daemon:
                     raise RuntimeError(f"kallichore exited: {processes.log_text(name)}")
                 await trio.sleep(0.02)
             await trio.sleep(0.05)  # written in one go, but let it land
-            self.connection = json.loads(connection_file.read_text())
-        if self.transport == "socket":
-            transport = httpx.AsyncHTTPTransport(uds=self.connection["socket_path"])
-            self.http = httpx.AsyncClient(
-                transport=transport, base_url="http://kallichore", timeout=TIMEOUT
-            )
-        else:
-            self.http = httpx.AsyncClient(base_url=self.connection["base_path"], timeout=TIMEOUT)
+            # (Generous: the scale workload starts 50 kernels at once.)
+            self.kallichore = KallichoreClient.from_connection_file(connection_file, timeout=600)
         self.context.stack.push_async_callback(self.stop)
 
     async def stop(self) -> None:
         """Stop the daemon (it shuts its kernels down); idempotent."""
-        http, self.http = self.http, None
-        if http is not None:
-            await http.aclose()
+        kallichore, self.kallichore = self.kallichore, None
+        if kallichore is not None:
+            await kallichore.aclose()
         process, self.process = self.process, None
         if process is not None:
             await self.context.processes.stop(process)
 
-    def client(self) -> httpx.AsyncClient:
-        assert self.http is not None
-        return self.http
+    def client(self) -> KallichoreClient:
+        assert self.kallichore is not None
+        return self.kallichore
 
     async def create_and_start(self, session_id: str, timeout: float = TIMEOUT) -> None:
         home = self.context.home
-        body = {
-            "session_id": session_id,
-            "display_name": "Python 3 (benchmark)",
-            "language": "python",
-            "username": "bench",
-            "input_prompt": "",
-            "continuation_prompt": "",
-            "argv": home.kernel_argv,
-            "session_mode": "console",
-            "working_directory": str(home.work),
-            "env": [],
-            "connection_timeout": int(timeout),
-            "interrupt_mode": "signal",
-            "protocol_version": "5.3",
-            "startup_environment": "none",
-        }
-        http = self.client()
-        response = await http.put("/sessions", json=body, timeout=timeout)
-        response.raise_for_status()
-        response = await http.post(f"/sessions/{session_id}/start", timeout=timeout)
-        if response.status_code != 200:
-            raise RuntimeError(f"start of {session_id} failed: {response.text}")
+        kallichore = self.client()
+        await kallichore.create_session(
+            session_id,
+            home.kernel_argv,
+            display_name="Python 3 (benchmark)",
+            language="python",
+            username="bench",
+            input_prompt="",
+            continuation_prompt="",
+            session_mode="console",
+            working_directory=str(home.work),
+            env=[],
+            connection_timeout=int(timeout),
+            interrupt_mode="signal",
+            protocol_version="5.3",
+            startup_environment="none",
+        )
+        await kallichore.start(session_id)
 
-    async def channels(self, session_id: str) -> Channels:
-        resource = f"/sessions/{session_id}/channels"
-        nursery = self.context.nursery
-        if self.transport == "socket":
-            response = await self.client().get(resource)
-            response.raise_for_status()
-            return await Channels.connect_unix(nursery, response.json(), resource)
-        return await Channels.connect_tcp(nursery, int(self.connection["port"]), resource)
+    async def channels(self, session_id: str) -> Connection:
+        return await Connection.open(
+            self.context.nursery, lambda: self.client().channels(session_id)
+        )
 
     async def kill(self, session_id: str) -> None:
-        http = self.client()
-        await http.post(f"/sessions/{session_id}/kill")
+        kallichore = self.client()
+        await kallichore.kill(session_id)
         with trio.fail_after(30):
             # Polling, as an API client does.
-            while (await http.get(f"/sessions/{session_id}")).json()["status"] != "exited":  # noqa: ASYNC110
+            while (await kallichore.get_session(session_id))["status"] != "exited":  # noqa: ASYNC110
                 await trio.sleep(0.02)
-        await http.delete(f"/sessions/{session_id}")
+        await kallichore.delete_session(session_id)
 
 
 class DaemonSession(Session):
-    def __init__(self, daemon: Daemon, session_id: str, channels: Channels | None) -> None:
+    def __init__(self, daemon: Daemon, session_id: str, channels: Connection | None) -> None:
         self.daemon = daemon
         self.session_id = session_id
         self.channels = channels
@@ -482,12 +468,20 @@ class JupyterServer:
         self.kernels.add(kernel_id)
         return kernel_id
 
-    async def channels(self, kernel_id: str, *, quickack: bool) -> Channels:
-        headers = [(k.encode(), v.encode()) for k, v in self.headers.items()]
+    async def channels(self, kernel_id: str, *, quickack: bool) -> Connection:
+        headers = list(self.headers.items())
         resource = f"/api/kernels/{kernel_id}/channels"
-        return await Channels.connect_tcp(
-            self.context.nursery, self.port, resource, quickack=quickack, headers=headers
-        )
+        host = f"127.0.0.1:{self.port}"
+
+        @asynccontextmanager
+        async def connect() -> AsyncIterator[Channels]:
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            if quickack:
+                stream = QuickAckStream(cast(trio.SocketStream, stream))
+            async with open_channels(stream, host, resource, headers) as channels:
+                yield channels
+
+        return await Connection.open(self.context.nursery, connect)
 
     async def delete(self, kernel_id: str) -> None:
         self.kernels.discard(kernel_id)
@@ -496,7 +490,7 @@ class JupyterServer:
 
 class GatewaySession(Session):
     def __init__(
-        self, server: JupyterServer, kernel_id: str, channels: Channels, quickack: bool
+        self, server: JupyterServer, kernel_id: str, channels: Connection, quickack: bool
     ) -> None:
         self.server = server
         self.kernel_id = kernel_id

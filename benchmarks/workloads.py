@@ -30,6 +30,7 @@ from benchmarks.configs import (
 )
 from benchmarks.environment import log
 from benchmarks.wsclient import Execution
+from kallichore.client import ApiError
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ FAILURES = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     httpx.HTTPError,
+    ApiError,
 )
 
 
@@ -284,7 +286,7 @@ async def scale_jupyter_server(
                 channels = await server.channels(kernel_id, quickack=True)
                 await channels.kernel_info()
                 await channels.aclose()
-            except (trio_websocket.ConnectionClosed, httpx.HTTPError) as error:
+            except (trio_websocket.ConnectionClosed, httpx.HTTPError, ApiError) as error:
                 # One kernel failing to come up must not lose the rest of the run.
                 failures.setdefault("server", []).append(f"scale: a kernel failed: {error!r}")
                 return

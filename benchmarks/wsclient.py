@@ -1,37 +1,33 @@
-"""One WebSocket client for every server: trio-websocket over a TCP or Unix stream.
+"""The benchmark's side of the channels: what one execution measured, and a connection that
+outlives the task that opened it.
 
-Kallichore's channel envelope and the Jupyter servers' legacy JSON protocol share the frame
-shape this client needs (`header`, `parent_header`, `channel`, `content`), so the same code
-sends the same frames to all of them and decodes what comes back the same way. The
-`quickack` variant sets TCP_QUICKACK on its socket before every read, which is what removes
-the ~40 ms delayed-ACK stall of the tornado-based servers.
+Every WebSocket configuration goes through kallichore.client's channels connection: Kallichore's
+envelope and the Jupyter servers' legacy JSON protocol share the frame shape it reads (frames
+without `kind` are kernel messages), so the same code sends the same frames to all of them and
+decodes what comes back the same way. What is left here is the benchmark's own: the record of
+one execution, the tally of the floor and embedded configurations (which have no WebSocket),
+and TCP_QUICKACK for the tornado-based servers, which removes their ~40 ms delayed-ACK stall.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import time
-import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import trio
-import trio_websocket
 
 from benchmarks.environment import log
+from kallichore.client import Channels, ExecuteResult
 
-# Generous: a 64 MiB stream arrives in messages of a few hundred KiB, but a frame must fit.
-MAX_MESSAGE_BYTES = 128 * 2**20
-RECEIVE_BUFFER_BYTES = 256 * 2**10
-MESSAGE_QUEUE = 1024
-TIMEOUT = 120.0
-# Once the execute_reply is in, this long without a message for the request means the rest
-# (the idle included) was lost on the way: a server that drops messages under load.
+# Once the execute_reply is in, this long without a message means the rest (the idle included)
+# was lost on the way: a server that drops messages under load.
 QUIET_SECONDS = 2.0
-CLIENT_SESSION = uuid.uuid4().hex
+TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -47,9 +43,15 @@ class Execution:
     # Whether the iopub idle arrived (False: the server lost it, with whatever else).
     complete: bool = True
 
+    @classmethod
+    def of(cls, result: ExecuteResult) -> Execution:
+        iopub = sum(1 for m in result.messages if m.channel == "iopub")
+        return cls(result.seconds, iopub, len(result.stdout), result.idle)
+
 
 class Tally:
-    """Follows the replies to one request: counts its iopub messages and stream output.
+    """Follows the replies to one request without a channels connection (the floor and the
+    embedded configurations): counts its iopub messages and stream output.
 
     Start it just before sending the request.
     """
@@ -84,39 +86,6 @@ class Tally:
         )
 
 
-def request(msg_type: str, content: dict[str, Any], channel: str = "shell") -> dict[str, Any]:
-    """A client frame with a full header, as Positron and JupyterLab send them."""
-    return {
-        "header": {
-            "msg_id": uuid.uuid4().hex,
-            "msg_type": msg_type,
-            "session": CLIENT_SESSION,
-            "username": "bench",
-            "date": datetime.now(UTC).isoformat(),
-            "version": "5.3",
-        },
-        "parent_header": {},
-        "metadata": {},
-        "content": content,
-        "channel": channel,
-        "buffers": [],
-    }
-
-
-def execute_request(code: str) -> dict[str, Any]:
-    return request(
-        "execute_request",
-        {
-            "code": code,
-            "silent": False,
-            "store_history": True,
-            "user_expressions": {},
-            "allow_stdin": False,
-            "stop_on_error": True,
-        },
-    )
-
-
 class QuickAckStream(trio.abc.Stream):
     """A TCP stream that asks for an immediate ACK (TCP_QUICKACK) before every read.
 
@@ -148,119 +117,52 @@ class QuickAckStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-class Channels:
-    """A channels WebSocket of one kernel, through whichever server."""
+class Connection:
+    """A channels connection held open by a task of the run's nursery until `aclose()`.
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, done: trio.Event) -> None:
-        self.ws = ws
+    Sessions are opened and closed by different tasks; and a connection that fails after it
+    was opened ends itself (later calls see it closed) rather than the whole run.
+    """
+
+    def __init__(self, channels: Channels, done: trio.Event, closed: trio.Event) -> None:
+        self.channels = channels
         self._done = done
+        self._closed = closed
 
     @classmethod
-    async def connect_tcp(
-        cls,
-        nursery: trio.Nursery,
-        port: int,
-        resource: str,
-        *,
-        quickack: bool = False,
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> Channels:
-        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
-        if quickack:
-            stream = QuickAckStream(cast(trio.SocketStream, stream))
-        return await cls._wrap(nursery, stream, f"127.0.0.1:{port}", resource, headers)
-
-    @classmethod
-    async def connect_unix(
-        cls,
-        nursery: trio.Nursery,
-        path: str,
-        resource: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> Channels:
-        stream = await trio.open_unix_socket(path)
-        return await cls._wrap(nursery, stream, "localhost", resource, headers)
-
-    @classmethod
-    async def _wrap(
-        cls,
-        nursery: trio.Nursery,
-        stream: trio.abc.Stream,
-        host: str,
-        resource: str,
-        headers: list[tuple[bytes, bytes]] | None,
-    ) -> Channels:
+    async def open(
+        cls, nursery: trio.Nursery, connect: Callable[[], AbstractAsyncContextManager[Channels]]
+    ) -> Connection:
         done = trio.Event()
-        started = False
+        closed = trio.Event()
 
-        async def hold(*, task_status: trio.TaskStatus[trio_websocket.WebSocketConnection]) -> None:
-            """Own the connection's reader task, so that its failure ends this connection
-            (later calls see ConnectionClosed) rather than the whole run."""
+        async def hold(*, task_status: trio.TaskStatus[Channels]) -> None:
+            started = False
             try:
-                async with trio.open_nursery() as own:
-                    with trio.fail_after(TIMEOUT):
-                        ws = await trio_websocket.wrap_client_stream(
-                            own,
-                            cast(trio.SocketStream, stream),
-                            host,
-                            resource,
-                            extra_headers=headers or [],
-                            message_queue_size=MESSAGE_QUEUE,
-                            max_message_size=MAX_MESSAGE_BYTES,
-                            receive_buffer_size=RECEIVE_BUFFER_BYTES,
-                        )
-                    task_status.started(ws)
-                    nonlocal started
+                async with connect() as channels:
+                    task_status.started(channels)
                     started = True
                     await done.wait()
-                    own.cancel_scope.cancel()
-            except* Exception as group:
+            except Exception as error:
                 if not started:
                     raise
-                log(f"a WebSocket to {resource} failed: {group.exceptions[0]!r}")
-                with contextlib.suppress(Exception):
-                    await stream.aclose()
+                log(f"a WebSocket failed: {error!r}")
+            finally:
+                closed.set()
 
-        ws: trio_websocket.WebSocketConnection = await nursery.start(hold)
-        return cls(ws, done)
-
-    async def send(self, frame: dict[str, Any]) -> str:
-        await self.ws.send_message(json.dumps(frame))
-        return str(frame["header"]["msg_id"])
-
-    async def _follow(self, tally: Tally) -> None:
-        with trio.fail_after(TIMEOUT):
-            while not tally.done:
-                text = None
-                with trio.move_on_after(QUIET_SECONDS if tally.replied else TIMEOUT):
-                    text = await self.ws.get_message()
-                if text is None:
-                    return
-                frame = json.loads(text)
-                parent = frame.get("parent_header")
-                if parent and parent.get("msg_id") == tally.msg_id:
-                    header = frame["header"]
-                    tally.add(frame.get("channel"), header["msg_type"], frame["content"])
+        channels: Channels = await nursery.start(hold)
+        return cls(channels, done, closed)
 
     async def execute(self, code: str) -> Execution:
-        tally = Tally()
-        tally.msg_id = await self.send(execute_request(code))
-        await self._follow(tally)
-        return tally.result()
+        with trio.fail_after(TIMEOUT):
+            result = await self.channels.execute(code, idle_timeout=QUIET_SECONDS)
+        return Execution.of(result)
 
     async def kernel_info(self) -> None:
         """Ask for kernel_info and wait for the reply."""
-        tally = Tally()
-        tally.msg_id = await self.send(request("kernel_info_request", {}))
         with trio.fail_after(TIMEOUT):
-            while not tally.replied:
-                frame = json.loads(await self.ws.get_message())
-                parent = frame.get("parent_header")
-                if parent and parent.get("msg_id") == tally.msg_id:
-                    tally.add(frame.get("channel"), frame["header"]["msg_type"], frame["content"])
+            await self.channels.request("kernel_info_request", {})
 
     async def aclose(self) -> None:
-        # (Quick, unless the run is being torn down and the reader task is gone.)
-        with trio.move_on_after(1):
-            await self.ws.aclose()
         self._done.set()
+        await self._closed.wait()

@@ -55,6 +55,16 @@ class Channels:
         """
         return decode_frame(json.loads(await self.websocket.get_message()))
 
+    def __aiter__(self) -> Channels:
+        return self
+
+    async def __anext__(self) -> ChannelEvent:
+        """Events until the server closes the connection."""
+        try:
+            return await self.receive()
+        except trio_websocket.ConnectionClosed:
+            raise StopAsyncIteration from None
+
     async def receive_until(self, done: Callable[[ChannelEvent], bool]) -> list[ChannelEvent]:
         """Events up to and including the first one for which `done` is true."""
         events = []
