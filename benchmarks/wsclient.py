@@ -5,8 +5,9 @@ Every WebSocket configuration goes through kallichore.client's channels connecti
 envelope and the Jupyter servers' legacy JSON protocol share the frame shape it reads (frames
 without `kind` are kernel messages), so the same code sends the same frames to all of them and
 decodes what comes back the same way. What is left here is the benchmark's own: the record of
-one execution, the tally of the floor and embedded configurations (which have no WebSocket),
-and TCP_QUICKACK for the tornado-based servers, which removes their ~40 ms delayed-ACK stall.
+one execution, a tally that counts an execution's output instead of keeping it (for every
+configuration alike), and TCP_QUICKACK for the tornado-based servers, which removes their
+~40 ms delayed-ACK stall.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import trio
 
 from benchmarks.environment import log
-from kallichore.client import Channels, ExecuteResult
+from kallichore.client import Channels, ExecutionTracker, execute_request
 
 # Once the execute_reply is in, this long without a message means the rest (the idle included)
 # was lost on the way: a server that drops messages under load.
@@ -43,15 +44,9 @@ class Execution:
     # Whether the iopub idle arrived (False: the server lost it, with whatever else).
     complete: bool = True
 
-    @classmethod
-    def of(cls, result: ExecuteResult) -> Execution:
-        iopub = sum(1 for m in result.messages if m.channel == "iopub")
-        return cls(result.seconds, iopub, len(result.stdout), result.idle)
-
 
 class Tally:
-    """Follows the replies to one request without a channels connection (the floor and the
-    embedded configurations): counts its iopub messages and stream output.
+    """Follows the replies to one request: counts its iopub messages and stream output.
 
     Start it just before sending the request.
     """
@@ -83,6 +78,26 @@ class Tally:
     def result(self) -> Execution:
         return Execution(
             self.last - self.started, self.iopub_messages, self.stream_bytes, self.idle
+        )
+
+
+class Counting(ExecutionTracker):
+    """An execution followed by kallichore.client that counts what its result needs instead of
+    keeping every frame (as the floor's tally does: the client's cost must not grow with the
+    output)."""
+
+    def __init__(self, msg_id: str, started: float) -> None:
+        super().__init__(msg_id, started)
+        self.tally = Tally()
+
+    def keep(self, frame: dict[str, Any], own: bool) -> None:
+        if own:
+            self.tally.add(frame["channel"], frame["header"]["msg_type"], frame["content"])
+
+    def measured(self) -> Execution:
+        tally = self.tally
+        return Execution(
+            self.last - self.started, tally.iopub_messages, tally.stream_bytes, self.idle
         )
 
 
@@ -154,9 +169,12 @@ class Connection:
         return cls(channels, done, closed)
 
     async def execute(self, code: str) -> Execution:
+        started = time.perf_counter()
+        msg_id = await self.channels.send(execute_request(code))
+        execution = Counting(msg_id, started)
         with trio.fail_after(TIMEOUT):
-            result = await self.channels.execute(code, idle_timeout=QUIET_SECONDS)
-        return Execution.of(result)
+            await self.channels.follow(execution, idle_timeout=QUIET_SECONDS)
+        return execution.measured()
 
     async def kernel_info(self) -> None:
         """Ask for kernel_info and wait for the reply."""

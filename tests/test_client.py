@@ -15,6 +15,7 @@ from kallichore.client import (
     ApiError,
     ChannelEvent,
     ClientDisconnected,
+    ExecutionTracker,
     HandshakeCompleted,
     KallichoreClient,
     KernelExited,
@@ -27,7 +28,6 @@ from kallichore.client import (
     decode_frame,
     execute_request,
 )
-from kallichore.client.execution import Execution
 from tests.conftest import IPYKERNEL_ARGV, daemon
 
 TIMEOUT = 60
@@ -257,10 +257,10 @@ OTHERS = reply_frame("other", "iopub", "stream", {"name": "stdout", "text": "not
 def test_an_execution_ends_with_its_reply_and_its_idle_in_either_order(
     order: list[dict[str, object]],
 ) -> None:
-    execution = Execution("run", 0.0)
+    execution = ExecutionTracker("run", 0.0)
     for now, frame in enumerate(order, start=1):
         assert not execution.done
-        execution.add(decode_frame(frame), float(now))
+        execution.add(frame, float(now))
     assert execution.done
     result = execution.result()
     assert result.stdout == "hi\n"
@@ -272,12 +272,12 @@ def test_an_execution_ends_with_its_reply_and_its_idle_in_either_order(
 
 
 def test_an_execution_refused_by_the_server_raises() -> None:
-    execution = Execution("run", 0.0)
+    execution = ExecutionTracker("run", 0.0)
     refusal = {"kind": "kernel", "error": {"code": "KS-3", "message": "no kernel", "msg_id": "x"}}
-    execution.add(decode_frame(refusal), 1.0)  # somebody else's
+    execution.add(refusal, 1.0)  # somebody else's
     refusal["error"]["msg_id"] = "run"  # type: ignore[index]
     with pytest.raises(ApiError, match="no kernel"):
-        execution.add(decode_frame(refusal), 2.0)
+        execution.add(refusal, 2.0)
 
 
 def test_supervisor_events_decode_to_their_classes() -> None:

@@ -33,7 +33,7 @@ from kallichore.client.events import (
     execute_request,
     message,
 )
-from kallichore.client.execution import ExecuteResult, ExecutionError
+from kallichore.client.execution import ExecuteResult, ExecutionError, ExecutionTracker
 
 __all__ = [
     "ApiError",
@@ -44,6 +44,7 @@ __all__ = [
     "ExecuteResult",
     "ExecutionError",
     "ExecutionQueued",
+    "ExecutionTracker",
     "HandshakeCompleted",
     "KallichoreClient",
     "KernelExited",

@@ -27,7 +27,7 @@ from kallichore.client.events import (
     execute_request,
     message,
 )
-from kallichore.client.execution import ExecuteResult, Execution
+from kallichore.client.execution import ExecuteResult, ExecutionTracker
 
 # Large outputs arrive as large frames: a frame has to fit.
 MAX_MESSAGE_BYTES = 128 * 2**20
@@ -104,7 +104,14 @@ class Channels:
         """
         started = time.perf_counter()
         msg_id = await self.send(execute_request(code, allow_stdin=allow_stdin))
-        execution = Execution(msg_id, started)
+        execution = ExecutionTracker(msg_id, started)
+        await self.follow(execution, idle_timeout=idle_timeout)
+        return execution.result()
+
+    async def follow(
+        self, execution: ExecutionTracker, *, idle_timeout: float | None = None
+    ) -> None:
+        """Feed `execution` the frames that arrive until it is done (see `execute`)."""
         get_message = self.websocket.get_message
         while not execution.done:
             quiet = math.inf
@@ -113,9 +120,8 @@ class Channels:
             with trio.move_on_after(quiet) as waiting:
                 text = await get_message()
             if waiting.cancelled_caught:
-                break
-            execution.add(decode_frame(json.loads(text)), time.perf_counter())
-        return execution.result()
+                return
+            execution.add(json.loads(text), time.perf_counter())
 
 
 @asynccontextmanager
