@@ -9,7 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -19,13 +19,16 @@ import pytest
 import trio
 
 from kallichore.api.app import ServerState
-from kallichore.client import KallichoreClient
+from kallichore.client import Channels, KallichoreClient
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.session.kernel_session import SessionConfig
 from kallichore.session.model import InterruptMode, SessionSpec
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 IPYKERNEL_ARGV = (sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}")
+TOKEN = "test-token-0123456789"
+# A guard against hangs, not a measure of speed.
+TIMEOUT = 60
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -80,8 +83,71 @@ async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
         yield sup
 
 
-TOKEN = "test-token-0123456789"
-TIMEOUT = 60
+def new_session_body(session_id: str, **fields: Any) -> dict[str, Any]:
+    """A NewSession as Positron sends it (the newer shape)."""
+    body: dict[str, Any] = {
+        "session_id": session_id,
+        "display_name": "Python (test)",
+        "language": "python",
+        "username": "tester",
+        "input_prompt": "",
+        "continuation_prompt": "",
+        "argv": list(IPYKERNEL_ARGV),
+        "session_mode": "console",
+        "working_directory": "",
+        "env": [{"action": "replace", "name": "TEST_VAR", "value": "test_value"}],
+        "connection_timeout": 60,
+        "interrupt_mode": "message",
+        "protocol_version": "5.3",
+        "startup_environment": "none",
+    }
+    body.update(fields)
+    return body
+
+
+# -- channel frames as the server sent them (decoded JSON), for tests of the wire itself ----
+
+
+async def until(
+    channels: Channels, done: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT
+) -> list[dict[str, Any]]:
+    """Frames up to and including the first one for which `done` is true."""
+    seen = []
+    with trio.fail_after(timeout):
+        while True:
+            frame = await channels.receive_frame()
+            seen.append(frame)
+            if done(frame):
+                return seen
+
+
+def is_reply(frame: dict[str, Any], msg_id: str, msg_type: str) -> bool:
+    return (
+        frame.get("kind") == "jupyter"
+        and frame["header"]["msg_type"] == msg_type
+        and (frame["parent_header"] or {}).get("msg_id") == msg_id
+    )
+
+
+def is_idle(frame: dict[str, Any], msg_id: str) -> bool:
+    return is_reply(frame, msg_id, "status") and frame["content"]["execution_state"] == "idle"
+
+
+def kernel_events(frames: Iterable[dict[str, Any]], key: str) -> list[Any]:
+    return [f[key] for f in frames if f.get("kind") == "kernel" and key in f]
+
+
+def stream_text(frames: Iterable[dict[str, Any]], name: str = "stdout") -> str:
+    return "".join(
+        f["content"]["text"]
+        for f in frames
+        if f.get("kind") == "jupyter"
+        and f["header"]["msg_type"] == "stream"
+        and f["content"]["name"] == name
+    )
+
+
+# -- servers ---------------------------------------------------------------------------------
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,50 +15,41 @@ import pytest
 import trio
 import trio_websocket
 
-from kallichore.api.app import ServerState
-from kallichore.server.http import RunningServer, serve_api
+from kallichore.client import ApiError, KallichoreClient, StartupFailed, execute_request, message
+from kallichore.server.http import RunningServer
 from kallichore.supervisor import Supervisor
-from tests.api_client import (
-    Api,
-    execute_request,
+from tests.conftest import (
+    TIMEOUT,
+    TOKEN,
     is_idle,
     is_reply,
-    jupyter_message,
     kernel_events,
     new_session_body,
     stream_text,
+    until,
 )
 
-TOKEN = "test-token-0123456789"
-
 
 @pytest.fixture
-async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
-    running: RunningServer = await nursery.start(
-        partial(serve_api, supervisor, ServerState(token=TOKEN), port=0)
-    )
-    return running
+async def anonymous(server: RunningServer) -> AsyncIterator[KallichoreClient]:
+    """A client of `server` without the token."""
+    async with KallichoreClient(server.url, timeout=TIMEOUT) as kallichore:
+        yield kallichore
 
 
-@pytest.fixture
-async def api(server: RunningServer) -> AsyncIterator[Api]:
-    client = Api(server.url, TOKEN)
-    yield client
-    await client.aclose()
-
-
-async def test_create_start_connect_and_execute(api: Api) -> None:
-    await api.create("python-1")
-    info = await api.start("python-1")
+async def test_create_start_connect_and_execute(client: KallichoreClient) -> None:
+    await client.create_session(**new_session_body("python-1"))
+    info = await client.start("python-1")
     assert info["status"] == "ok"
-    async with api.channels("python-1") as channels:
-        startup = await channels.until(
-            lambda f: f.get("kind") == "kernel" and f.get("status", {}).get("status") == "idle"
+    async with client.channels("python-1") as channels:
+        startup = await until(
+            channels,
+            lambda f: f.get("kind") == "kernel" and f.get("status", {}).get("status") == "idle",
         )
         statuses = kernel_events(startup, "status")
         assert statuses[0] == {"status": "starting", "reason": "start API called"}
         assert statuses[-1] == {"status": "idle", "reason": "kernel_info_request"}
-        frames = await channels.run("print('hello'); print('world')")
+        frames = (await channels.execute("print('hello'); print('world')")).frames
         assert stream_text(frames) == "hello\nworld\n"
         [reply] = [f for f in frames if f.get("kind") == "jupyter" and f["channel"] == "shell"]
         assert reply["header"]["msg_type"] == "execute_reply"
@@ -80,184 +70,193 @@ def status_is(status: str) -> Callable[[dict[str, Any]], bool]:
     return lambda f: f.get("kind") == "kernel" and f.get("status", {}).get("status") == status
 
 
-async def started_session(api: Api, session_id: str = "python-1", **fields: object) -> None:
-    await api.create(session_id, **fields)
-    await api.start(session_id)
+async def started_session(
+    client: KallichoreClient, session_id: str = "python-1", **fields: object
+) -> None:
+    await client.create_session(**new_session_body(session_id, **fields))
+    await client.start(session_id)
 
 
-async def test_output_of_every_frame_size_and_non_ascii_text_arrives_intact(api: Api) -> None:
+async def test_output_of_every_frame_size_and_non_ascii_text_arrives_intact(
+    client: KallichoreClient,
+) -> None:
     # Frames under 126 bytes, up to 64 KiB and beyond have three different length encodings.
     sizes = [1, 60, 200, 65_000, 70_000, 300_000]
-    await started_session(api)
-    async with api.channels("python-1") as channels:
-        frames = await channels.run(
-            "import sys\n"
-            f"for n in {sizes}:\n"
-            "    sys.stdout.write('x' * (n - 1) + '\\n'); sys.stdout.flush()\n"
-            "print('é€😀' * 1000)\n"
-        )
+    await started_session(client)
+    async with client.channels("python-1") as channels:
+        frames = (
+            await channels.execute(
+                "import sys\n"
+                f"for n in {sizes}:\n"
+                "    sys.stdout.write('x' * (n - 1) + '\\n'); sys.stdout.flush()\n"
+                "print('é€😀' * 1000)\n"
+            )
+        ).frames
     expected = "".join("x" * (n - 1) + "\n" for n in sizes) + "é€😀" * 1000 + "\n"
     assert stream_text(frames) == expected
 
 
-async def test_stdin_round_trip(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
-        msg_id = await channels.send(execute_request("name = input('who? ')\nprint('hi', name)"))
+async def test_stdin_round_trip(client: KallichoreClient) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
+        msg_id = await channels.send(
+            execute_request("name = input('who? ')\nprint('hi', name)", allow_stdin=True)
+        )
         [request] = [
             f
-            for f in await channels.until(lambda f: f.get("channel") == "stdin")
+            for f in await until(channels, lambda f: f.get("channel") == "stdin")
             if f.get("channel") == "stdin"
         ]
         assert request["header"]["msg_type"] == "input_request"
         assert request["content"]["prompt"] == "who? "
         # Positron answers with a trimmed parent header; the server rebuilds it.
         await channels.send(
-            jupyter_message("input_reply", {"value": "there"}, "stdin", request["header"])
+            message("input_reply", {"value": "there"}, "stdin", parent_header=request["header"])
         )
-        frames = await channels.until(lambda f: is_idle(f, msg_id))
+        frames = await until(channels, lambda f: is_idle(f, msg_id))
     assert "hi there\n" in stream_text(frames)
 
 
 @pytest.mark.parametrize("mode", ["message", "signal"])
-async def test_interrupt_endpoint(api: Api, mode: str) -> None:
-    await started_session(api, interrupt_mode=mode)
-    async with api.channels("python-1") as channels:
+async def test_interrupt_endpoint(client: KallichoreClient, mode: str) -> None:
+    await started_session(client, interrupt_mode=mode)
+    async with client.channels("python-1") as channels:
         msg_id = await channels.send(
             execute_request(
                 "import time\nfor i in range(100):\n    print(i, flush=True)\n    time.sleep(0.1)\n"
                 "print('all iterations completed')"
             )
         )
-        await channels.until(lambda f: stream_text([f]).startswith("3"))
-        response = await api.http.post("/sessions/python-1/interrupt")
+        received = await until(channels, lambda f: stream_text([f]).startswith("3"))
+        response = await client.http.post("/sessions/python-1/interrupt")
         assert response.status_code == 200
         assert response.json() is None
-        frames = await channels.until(lambda f: is_reply(f, msg_id, "execute_reply"), timeout=30)
+        frames = await until(channels, lambda f: is_reply(f, msg_id, "execute_reply"), timeout=30)
     [reply] = [f for f in frames if is_reply(f, msg_id, "execute_reply")]
     assert reply["content"]["status"] == "error"
-    assert "all iterations completed" not in stream_text(channels.received)
+    assert "all iterations completed" not in stream_text(received + frames)
 
 
-async def test_restart_keeps_the_socket_and_clears_state(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
-        await channels.run("x = 1")
-        response = await api.http.post(
+async def test_restart_keeps_the_socket_and_clears_state(client: KallichoreClient) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
+        await channels.execute("x = 1")
+        response = await client.http.post(
             "/sessions/python-1/restart",
             json={"env": [{"action": "replace", "name": "RESTART_TEST_VAR", "value": "restarted"}]},
         )
         assert response.status_code == 200, response.text
         assert response.json() is None
-        frames = await channels.until(
-            lambda f: f.get("status") == {"status": "idle", "reason": "kernel_info_request"}
+        frames = await until(
+            channels,
+            lambda f: f.get("status") == {"status": "idle", "reason": "kernel_info_request"},
         )
         statuses = [s["status"] for s in kernel_events(frames, "status")]
         assert statuses.index("exited") < statuses.index("starting")
         assert kernel_events(frames, "exited") == [0]
-        frames = await channels.run("import os; print(os.environ['RESTART_TEST_VAR']); x")
-    assert stream_text(frames) == "restarted\n"
-    assert any(f.get("header", {}).get("msg_type") == "error" for f in frames)
+        result = await channels.execute("import os; print(os.environ['RESTART_TEST_VAR']); x")
+    assert stream_text(result.frames) == "restarted\n"
+    assert any(f.get("header", {}).get("msg_type") == "error" for f in result.frames)
 
 
-async def test_shutdown_request_over_the_socket_then_delete(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
-        msg_id = await channels.send(
-            jupyter_message("shutdown_request", {"restart": False}, "control")
-        )
-        frames = await channels.until(lambda f: f.get("kind") == "kernel" and "exited" in f)
+async def test_shutdown_request_over_the_socket_then_delete(client: KallichoreClient) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
+        msg_id = await channels.send(message("shutdown_request", {"restart": False}, "control"))
+        frames = await until(channels, lambda f: f.get("kind") == "kernel" and "exited" in f)
     [reply] = [
         f for f in frames if is_reply(f, msg_id, "shutdown_reply") and f["channel"] == "control"
     ]
     assert frames.index(reply) < len(frames) - 1
     assert kernel_events(frames, "exited") == [0]
-    response = await api.http.delete("/sessions/python-1")
+    response = await client.http.delete("/sessions/python-1")
     assert response.status_code == 200
-    assert (await api.http.get("/sessions")).json() == {"total": 0, "sessions": []}
+    assert (await client.http.get("/sessions")).json() == {"total": 0, "sessions": []}
 
 
-async def test_shutdown_request_on_shell_also_works(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
-        msg_id = await channels.send(jupyter_message("shutdown_request", {"restart": False}))
-        await channels.until(lambda f: is_reply(f, msg_id, "shutdown_reply"), timeout=5)
+async def test_shutdown_request_on_shell_also_works(client: KallichoreClient) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
+        msg_id = await channels.send(message("shutdown_request", {"restart": False}))
+        await until(channels, lambda f: is_reply(f, msg_id, "shutdown_reply"), timeout=5)
 
 
-async def test_reconnect_after_reload_gets_what_was_missed(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
-        await channels.until(status_is("idle"))
+async def test_reconnect_after_reload_gets_what_was_missed(client: KallichoreClient) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
+        await until(channels, status_is("idle"))
         msg_id = await channels.send(
             execute_request("import time; time.sleep(0.5); print('while you were away')")
         )
     # The client is gone; the output happens with nobody attached.
-    session = await api.session("python-1")
+    session = await client.get_session("python-1")
     assert session["connected"] is False or session["status"] in ("busy", "idle")
     assert session["kernel_info"]["status"] == "ok"
     with trio.fail_after(30):
-        while (await api.session("python-1"))["status"] != "idle":
+        while (await client.get_session("python-1"))["status"] != "idle":
             await trio.sleep(0.1)
-    async with api.channels("python-1") as channels:
-        frames = await channels.until(lambda f: is_idle(f, msg_id))
-        assert (await api.session("python-1"))["connected"] is True
+    async with client.channels("python-1") as channels:
+        frames = await until(channels, lambda f: is_idle(f, msg_id))
+        assert (await client.get_session("python-1"))["connected"] is True
     assert stream_text(frames) == "while you were away\n"
 
 
-async def test_a_second_client_displaces_the_first_without_loss(api: Api) -> None:
-    await started_session(api)
+async def test_a_second_client_displaces_the_first_without_loss(client: KallichoreClient) -> None:
+    await started_session(client)
     code = "import time\nfor i in range(300):\n    print(i, flush=True)\n    time.sleep(0.002)"
-    async with api.channels("python-1") as first:
-        await first.until(status_is("idle"))
+    async with client.channels("python-1") as first:
+        received = await until(first, status_is("idle"))
         msg_id = await first.send(execute_request(code))
-        await first.until(lambda f: "1" in stream_text([f]))
-        async with api.channels("python-1") as second:
+        received += await until(first, lambda f: "1" in stream_text([f]))
+        async with client.channels("python-1") as second:
             with trio.fail_after(30):
                 while True:
                     try:
-                        await first.receive()
+                        received.append(await first.receive_frame())
                     except trio_websocket.ConnectionClosed:
                         break
-            frames = await second.until(lambda f: is_idle(f, msg_id))
-    assert kernel_events(first.received, "clientDisconnected")
-    assert kernel_events(first.received, "clientDisconnected")[0]
-    before = [f for f in first.received if "clientDisconnected" not in f]
+            frames = await until(second, lambda f: is_idle(f, msg_id))
+    assert kernel_events(received, "clientDisconnected")
+    assert kernel_events(received, "clientDisconnected")[0]
+    before = [f for f in received if "clientDisconnected" not in f]
     text = stream_text(before) + stream_text(frames)
     assert text == "".join(f"{i}\n" for i in range(300))
 
 
-async def test_message_for_a_session_without_kernel_is_refused(api: Api) -> None:
-    await api.create("python-1")
-    async with api.channels("python-1") as channels:
+async def test_message_for_a_session_without_kernel_is_refused(client: KallichoreClient) -> None:
+    await client.create_session(**new_session_body("python-1"))
+    async with client.channels("python-1") as channels:
         msg_id = await channels.send(execute_request("1"))
         [error] = kernel_events(
-            await channels.until(lambda f: f.get("kind") == "kernel" and "error" in f), "error"
+            await until(channels, lambda f: f.get("kind") == "kernel" and "error" in f), "error"
         )
     assert error["msg_id"] == msg_id
     assert error["code"] == "KS-3"
     # Nothing was kept for the next kernel.
-    await api.start("python-1")
-    assert (await api.session("python-1"))["execution_queue"] == {"length": 0, "pending": []}
+    await client.start("python-1")
+    assert (await client.get_session("python-1"))["execution_queue"] == {"length": 0, "pending": []}
 
 
-async def test_malformed_client_frames_get_an_error_and_the_socket_lives(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
+async def test_malformed_client_frames_get_an_error_and_the_socket_lives(
+    client: KallichoreClient,
+) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
         for frame in [
             "not json",
             "[1]",
             '{"header": {}}',
             '{"header": {"msg_id": "a", "msg_type": "x"}, "channel": "iopub", "content": {}}',
         ]:
-            await channels.ws.send_message(frame)
-            await channels.until(lambda f: f.get("kind") == "kernel" and "error" in f)
-        frames = await channels.run("print('still here')")
+            await channels.websocket.send_message(frame)
+            await until(channels, lambda f: f.get("kind") == "kernel" and "error" in f)
+        frames = (await channels.execute("print('still here')")).frames
     assert stream_text(frames) == "still here\n"
 
 
-async def test_execution_queue(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
+async def test_execution_queue(client: KallichoreClient) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
         first = await channels.send(
             execute_request(
                 "import time; print('Long task start'); time.sleep(1)\n"
@@ -268,24 +267,24 @@ async def test_execution_queue(api: Api) -> None:
         third = await channels.send(execute_request("c = 3; print('Queued Third')"))
         fourth = await channels.send(execute_request("print('Queued Fourth:', a + b + c)"))
         with trio.fail_after(10):
-            while (await api.session("python-1"))["execution_queue"]["length"] < 3:
+            while (await client.get_session("python-1"))["execution_queue"]["length"] < 3:
                 await trio.sleep(0.05)
-        queue = (await api.session("python-1"))["execution_queue"]
+        queue = (await client.get_session("python-1"))["execution_queue"]
         assert queue["active"]["header"]["msg_id"] == first
         assert [m["header"]["msg_id"] for m in queue["pending"]] == [second, third, fourth]
-        frames = await channels.until(lambda f: is_idle(f, fourth))
-    assert kernel_events(channels.received, "executionQueued") == [second, third, fourth]
+        frames = await until(channels, lambda f: is_idle(f, fourth))
+    assert kernel_events(frames, "executionQueued") == [second, third, fourth]
     text = stream_text(frames)
     assert text.index("Long task end") < text.index("Queued Second")
     assert "Queued Fourth: 6\n" in text
-    assert (await api.session("python-1"))["execution_queue"] == {"length": 0, "pending": []}
+    assert (await client.get_session("python-1"))["execution_queue"] == {"length": 0, "pending": []}
 
 
 async def test_adopt_a_kernel_started_from_connection_info(
-    api: Api, tmp_path: Path, nursery: trio.Nursery
+    client: KallichoreClient, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    await api.create("python-adopted", argv=[])
-    response = await api.http.get("/sessions/python-adopted/connection_info")
+    await client.create_session(**new_session_body("python-adopted", argv=[]))
+    response = await client.http.get("/sessions/python-adopted/connection_info")
     assert response.status_code == 200
     info = response.json()
     assert list(info) == [
@@ -308,19 +307,19 @@ async def test_adopt_a_kernel_started_from_connection_info(
         stderr=subprocess.DEVNULL,
     )
     try:
-        response = await api.http.put("/sessions/python-adopted/adopt", json=info)
+        response = await client.http.put("/sessions/python-adopted/adopt", json=info)
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "ok"
-        session = await api.session("python-adopted")
+        session = await client.get_session("python-adopted")
         assert "process_id" not in session
-        async with api.channels("python-adopted") as channels:
-            frames = await channels.run("print(1 + 1)")
-            assert stream_text(frames) == "2\n"
-            kill = await api.http.post("/sessions/python-adopted/kill")
+        async with client.channels("python-adopted") as channels:
+            result = await channels.execute("print(1 + 1)")
+            assert stream_text(result.frames) == "2\n"
+            kill = await client.http.post("/sessions/python-adopted/kill")
             assert kill.status_code == 400
             assert kill.json()["code"] == "KS-12"
-            await channels.send(jupyter_message("shutdown_request", {"restart": False}, "control"))
-            frames = await channels.until(lambda f: f.get("kind") == "kernel" and "exited" in f)
+            await channels.send(message("shutdown_request", {"restart": False}, "control"))
+            frames = await until(channels, lambda f: f.get("kind") == "kernel" and "exited" in f)
         assert kernel_events(frames, "exited") == [0]
         assert {
             "status": "exited",
@@ -331,28 +330,32 @@ async def test_adopt_a_kernel_started_from_connection_info(
             await process.wait()
 
 
-async def test_adopt_with_an_unreachable_kernel_fails(api: Api) -> None:
-    await api.create("python-adopted", argv=[], connection_timeout=1)
-    info = (await api.http.get("/sessions/python-adopted/connection_info")).json()
-    response = await api.http.put("/sessions/python-adopted/adopt", json=info)
-    assert response.status_code == 500
-    assert response.json()["code"] == "KS-7"
+async def test_adopt_with_an_unreachable_kernel_fails(client: KallichoreClient) -> None:
+    await client.create_session(**new_session_body("python-adopted", argv=[], connection_timeout=1))
+    info = await client.connection_info("python-adopted")
+    with pytest.raises(ApiError) as failed:
+        await client.adopt("python-adopted", info)
+    assert (failed.value.status, failed.value.code) == (500, "KS-7")
 
 
-async def test_working_directory_changes_are_reported(api: Api, tmp_path: Path) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
-        await channels.run(f"import os; os.chdir({str(tmp_path)!r})")
-    assert kernel_events(channels.received, "workingDirChanged") == [str(tmp_path)]
-    assert (await api.session("python-1"))["working_directory"] == str(tmp_path)
+async def test_working_directory_changes_are_reported(
+    client: KallichoreClient, tmp_path: Path
+) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
+        frames = (await channels.execute(f"import os; os.chdir({str(tmp_path)!r})")).frames
+    assert kernel_events(frames, "workingDirChanged") == [str(tmp_path)]
+    assert (await client.get_session("python-1"))["working_directory"] == str(tmp_path)
 
 
-async def test_resource_usage_is_sampled_while_connected(api: Api, supervisor: Supervisor) -> None:
+async def test_resource_usage_is_sampled_while_connected(
+    client: KallichoreClient, supervisor: Supervisor
+) -> None:
     supervisor.resource_sample_interval_ms = 200
-    await started_session(api)
-    async with api.channels("python-1") as channels:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
         [usage] = kernel_events(
-            await channels.until(lambda f: "resourceUsage" in f, timeout=10), "resourceUsage"
+            await until(channels, lambda f: "resourceUsage" in f, timeout=10), "resourceUsage"
         )
     assert usage["memory_bytes"] > 0
     assert usage["thread_count"] >= 1
@@ -365,14 +368,14 @@ async def test_resource_usage_is_sampled_while_connected(api: Api, supervisor: S
         "sampling_period_ms",
         "timestamp",
     ]
-    assert (await api.session("python-1"))["resource_usage"]["memory_bytes"] > 0
+    assert (await client.get_session("python-1"))["resource_usage"]["memory_bytes"] > 0
 
 
 SHELL_PROBE = "import os; print('PID', os.getpid()); print('VAR', os.environ.get('TEST_KALLI_VAR'))"
 
 
 @pytest.mark.parametrize("mode", ["shell", "command", "script"])
-async def test_startup_environments(api: Api, mode: str, tmp_path: Path) -> None:
+async def test_startup_environments(client: KallichoreClient, mode: str, tmp_path: Path) -> None:
     arg = None
     if mode == "command":
         arg = "export TEST_KALLI_VAR=from_command"
@@ -381,25 +384,32 @@ async def test_startup_environments(api: Api, mode: str, tmp_path: Path) -> None
         script.write_text("export TEST_KALLI_VAR=from_script\n")
         arg = str(script)
     await started_session(
-        api, startup_environment=mode, startup_environment_arg=arg, working_directory=str(tmp_path)
+        client,
+        startup_environment=mode,
+        startup_environment_arg=arg,
+        working_directory=str(tmp_path),
     )
-    session = await api.session("python-1")
-    async with api.channels("python-1") as channels:
-        frames = await channels.run(SHELL_PROBE)
+    session = await client.get_session("python-1")
+    async with client.channels("python-1") as channels:
+        frames = (await channels.execute(SHELL_PROBE)).frames
     text = stream_text(frames)
     # The shell wrapper ends in `exec`: the pid we report is the kernel itself.
     assert f"PID {session['process_id']}\n" in text
     expected = {"shell": "None", "command": "from_command", "script": "from_script"}[mode]
     assert f"VAR {expected}\n" in text
-    outputs = "".join(line for _, line in kernel_events(channels.received, "output"))
+    outputs = "".join(line for _, line in kernel_events(frames, "output"))
     assert "KALLICHORE_STARTUP" not in outputs
 
 
-async def test_a_failing_startup_command_fails_the_start_with_details(api: Api) -> None:
-    await api.create(
-        "python-1", startup_environment="command", startup_environment_arg="echo oops; exit 3"
+async def test_a_failing_startup_command_fails_the_start_with_details(
+    client: KallichoreClient,
+) -> None:
+    await client.create_session(
+        **new_session_body(
+            "python-1", startup_environment="command", startup_environment_arg="echo oops; exit 3"
+        )
     )
-    response = await api.http.post("/sessions/python-1/start")
+    response = await client.http.post("/sessions/python-1/start")
     assert response.status_code == 500
     body = response.json()
     assert body["error"]["code"] == "KS-8"
@@ -407,87 +417,91 @@ async def test_a_failing_startup_command_fails_the_start_with_details(api: Api) 
     assert "oops" in body["output"]
     assert "KALLICHORE_STARTUP" not in body["output"]
     assert "Startup command: echo oops; exit 3" in body["error"]["details"]
-    assert (await api.session("python-1"))["status"] == "exited"
+    assert (await client.get_session("python-1"))["status"] == "exited"
 
 
-async def test_startup_with_a_bad_shell_env_var_still_starts(api: Api) -> None:
-    await api.create(
-        "python-1",
-        startup_environment="shell",
-        env=[{"action": "replace", "name": "SHELL", "value": "/non/existent/shell"}],
-        connection_timeout=15,
+async def test_startup_with_a_bad_shell_env_var_still_starts(client: KallichoreClient) -> None:
+    await client.create_session(
+        **new_session_body(
+            "python-1",
+            startup_environment="shell",
+            env=[{"action": "replace", "name": "SHELL", "value": "/non/existent/shell"}],
+            connection_timeout=15,
+        )
     )
-    assert (await api.start("python-1"))["status"] == "ok"
+    assert (await client.start("python-1"))["status"] == "ok"
 
 
-async def test_jep66_handshake(api: Api) -> None:
+async def test_jep66_handshake(client: KallichoreClient) -> None:
     launcher = str(Path(__file__).parent / "kernels" / "jep66_launcher.py")
-    await api.create(
-        "python-jep66", argv=[sys.executable, launcher, "{connection_file}"], protocol_version="5.5"
+    await client.create_session(
+        **new_session_body(
+            "python-jep66",
+            argv=[sys.executable, launcher, "{connection_file}"],
+            protocol_version="5.5",
+        )
     )
-    info = await api.start("python-jep66")
+    info = await client.start("python-jep66")
     assert info["status"] == "ok"
-    async with api.channels("python-jep66") as channels:
-        frames = await channels.run("print('registered')")
-        [handshake] = kernel_events(channels.received, "handshakeCompleted")
+    async with client.channels("python-jep66") as channels:
+        frames = (await channels.execute("print('registered')")).frames
+        [handshake] = kernel_events(frames, "handshakeCompleted")
     assert stream_text(frames) == "registered\n"
     session_id, connection = handshake
     assert session_id == "python-jep66"
     assert (
         connection["key"]
-        == (await api.http.get("/sessions/python-jep66/connection_info")).json()["key"]
+        == (await client.http.get("/sessions/python-jep66/connection_info")).json()["key"]
     )
     assert connection["shell_port"] > 0
 
 
-async def test_start_failure_reports_exit_code_and_output(api: Api) -> None:
+async def test_start_failure_reports_exit_code_and_output(client: KallichoreClient) -> None:
     code = "import sys; print('no kernel today', flush=True); sys.exit(5)"
-    await api.create("python-1", argv=[sys.executable, "-c", code])
-    response = await api.http.post("/sessions/python-1/start")
-    assert response.status_code == 500
-    body = response.json()
-    assert body["exit_code"] == 5
-    assert "no kernel today\n" in body["output"]
-    assert body["error"]["code"] == "KS-8"
-    assert body["error"]["message"]
-    assert (await api.session("python-1"))["status"] == "exited"
+    await client.create_session(**new_session_body("python-1", argv=[sys.executable, "-c", code]))
+    with pytest.raises(StartupFailed) as failed:
+        await client.start("python-1")
+    assert failed.value.status == 500
+    assert failed.value.exit_code == 5
+    assert "no kernel today\n" in failed.value.output
+    assert failed.value.code == "KS-8"
+    assert failed.value.message
+    assert (await client.get_session("python-1"))["status"] == "exited"
 
 
-async def test_session_errors(api: Api) -> None:
-    await api.create("python-1")
-    duplicate = await api.http.put("/sessions", json=new_session_body("python-1"))
-    assert duplicate.status_code == 400
-    assert duplicate.json()["code"] == "KS-0"
-    missing_program = await api.http.put(
-        "/sessions", json=new_session_body("python-2", argv=["/no/such/kernel"])
-    )
-    assert missing_program.status_code == 400
-    assert missing_program.json()["code"] == "KS-19"
-    not_on_path = await api.http.put(
-        "/sessions", json=new_session_body("python-2", argv=["no-such-kernel-program"])
-    )
-    assert not_on_path.json()["code"] == "KS-19"
-    bad_id = await api.http.put("/sessions", json=new_session_body("../../etc"))
-    assert bad_id.status_code == 400
+async def test_session_errors(client: KallichoreClient) -> None:
+    await client.create_session(**new_session_body("python-1"))
+    with pytest.raises(ApiError) as duplicate:
+        await client.create_session(**new_session_body("python-1"))
+    assert (duplicate.value.status, duplicate.value.code) == (400, "KS-0")
+    with pytest.raises(ApiError) as missing_program:
+        await client.create_session(**new_session_body("python-2", argv=["/no/such/kernel"]))
+    assert (missing_program.value.status, missing_program.value.code) == (400, "KS-19")
+    with pytest.raises(ApiError) as not_on_path:
+        await client.create_session(**new_session_body("python-2", argv=["no-such-kernel-program"]))
+    assert not_on_path.value.code == "KS-19"
+    with pytest.raises(ApiError) as bad_id:
+        await client.create_session(**new_session_body("../../etc"))
+    assert bad_id.value.status == 400
     # Never started: deletable? Only exited sessions can be deleted, as in Kallichore.
-    await api.start("python-1")
-    running = await api.http.delete("/sessions/python-1")
-    assert running.status_code == 400
-    assert running.json()["code"] == "KS-2"
-    assert (await api.http.post("/sessions/python-1/kill")).status_code == 200
+    await client.start("python-1")
+    with pytest.raises(ApiError) as running:
+        await client.delete_session("python-1")
+    assert (running.value.status, running.value.code) == (400, "KS-2")
+    await client.kill("python-1")
     with trio.fail_after(30):
-        while (await api.session("python-1"))["status"] != "exited":
+        while (await client.get_session("python-1"))["status"] != "exited":
             await trio.sleep(0.05)
-    exited = await api.http.post("/sessions/python-1/kill")
-    assert exited.status_code == 400
-    assert exited.json()["code"] == "KS-3"
-    interrupt = await api.http.post("/sessions/python-1/interrupt")
-    assert interrupt.status_code == 400
-    assert interrupt.json()["code"] == "KS-10"
-    assert (await api.http.delete("/sessions/python-1")).status_code == 200
+    with pytest.raises(ApiError) as exited:
+        await client.kill("python-1")
+    assert (exited.value.status, exited.value.code) == (400, "KS-3")
+    with pytest.raises(ApiError) as interrupt:
+        await client.interrupt("python-1")
+    assert (interrupt.value.status, interrupt.value.code) == (400, "KS-10")
+    await client.delete_session("python-1")
 
 
-async def test_unknown_sessions_are_404_with_empty_bodies(api: Api) -> None:
+async def test_unknown_sessions_are_404_with_empty_bodies(client: KallichoreClient) -> None:
     for method, path in [
         ("GET", "/sessions/nope"),
         ("DELETE", "/sessions/nope"),
@@ -497,22 +511,21 @@ async def test_unknown_sessions_are_404_with_empty_bodies(api: Api) -> None:
         ("POST", "/sessions/nope/kill"),
         ("GET", "/sessions/nope/connection_info"),
     ]:
-        response = await api.http.request(method, path)
+        response = await client.http.request(method, path)
         assert response.status_code == 404, (method, path)
         assert response.content == b""
-    response = await api.http.put("/sessions/nope/adopt", json={})
+    response = await client.http.put("/sessions/nope/adopt", json={})
     assert response.status_code == 404
-    assert (await api.http.get("/no/such/path")).status_code == 404
-    assert (await api.http.patch("/sessions")).status_code == 405
+    assert (await client.http.get("/no/such/path")).status_code == 404
+    assert (await client.http.patch("/sessions")).status_code == 405
 
 
-async def test_unknown_session_on_the_websocket(api: Api) -> None:
-    with pytest.raises(trio_websocket.HandshakeError) as raised:
-        async with api.channels("nope"):
+async def test_unknown_session_on_the_websocket(client: KallichoreClient) -> None:
+    with pytest.raises(ApiError) as raised:
+        async with client.channels("nope"):
             pass
-    assert isinstance(raised.value, trio_websocket.ConnectionRejected)
-    assert raised.value.status_code == 400
-    assert json.loads(raised.value.body or b"")["code"] == "KS-1"
+    assert raised.value.status == 400
+    assert raised.value.code == "KS-1"
 
 
 PROTECTED = [
@@ -529,31 +542,32 @@ PROTECTED = [
 
 
 async def test_token_is_required_where_kallichore_requires_it(
-    api: Api, server: RunningServer
+    client: KallichoreClient, anonymous: KallichoreClient, server: RunningServer
 ) -> None:
-    await api.create("python-1")
+    await client.create_session(**new_session_body("python-1"))
     wrong = {"Authorization": "Bearer not-the-token"}
     basic = {"Authorization": f"Basic {TOKEN}"}
     for method, path in PROTECTED:
         for headers in ({}, wrong, basic):
-            response = await api.anonymous.request(method, path, headers=headers, json={})
+            response = await anonymous.http.request(method, path, headers=headers, json={})
             assert response.status_code == 401, (method, path, headers)
             assert response.content == b""
     # The scheme is case-insensitive.
-    lower = await api.anonymous.get(
+    lower = await anonymous.http.get(
         "/sessions/python-1/connection_info", headers={"Authorization": f"bearer {TOKEN}"}
     )
     assert lower.status_code == 200
     for path in ("/status", "/sessions", "/sessions/python-1", "/server_configuration"):
-        assert (await api.anonymous.get(path)).status_code == 200, path
-    assert (await api.anonymous.post("/client_heartbeat", json={})).status_code == 200
+        assert (await anonymous.http.get(path)).status_code == 200, path
+    assert (await anonymous.http.post("/client_heartbeat", json={})).status_code == 200
     assert not server.shutdown_requested.is_set()
     # Checked on the WebSocket upgrade too (Kallichore forgets this on TCP).
     for token in (None, "not-the-token"):
-        with pytest.raises(trio_websocket.ConnectionRejected) as raised:
-            async with api.channels("python-1", token=token):
-                pass
-        assert raised.value.status_code == 401
+        async with KallichoreClient(server.url, token=token) as other:
+            with pytest.raises(ApiError) as raised:
+                async with other.channels("python-1"):
+                    pass
+        assert raised.value.status == 401
 
 
 BAD_BODIES: list[tuple[str, str, bytes]] = [
@@ -590,51 +604,51 @@ BAD_BODIES: list[tuple[str, str, bytes]] = [
 ]
 
 
-async def test_bad_bodies_get_clear_400s_and_disturb_nobody(api: Api) -> None:
-    await started_session(api)
-    async with api.channels("python-1") as channels:
+async def test_bad_bodies_get_clear_400s_and_disturb_nobody(client: KallichoreClient) -> None:
+    await started_session(client)
+    async with client.channels("python-1") as channels:
         for method, path, body in BAD_BODIES:
-            response = await api.http.request(
+            response = await client.http.request(
                 method, path, content=body, headers={"Content-Type": "application/json"}
             )
             assert response.status_code == 400, (path, body[:80], response.text)
             error = response.json()
             assert error["message"], (path, body[:80])
-        oversized = await api.http.put(
+        oversized = await client.http.put(
             "/sessions", content=b'{"session_id": "' + b"x" * (17 * 1024 * 1024) + b'"}'
         )
         assert oversized.status_code == 413
-        frames = await channels.run("print('unaffected')")
+        frames = (await channels.execute("print('unaffected')")).frames
     assert stream_text(frames) == "unaffected\n"
-    assert [s["session_id"] for s in (await api.http.get("/sessions")).json()["sessions"]] == [
+    assert [s["session_id"] for s in (await client.http.get("/sessions")).json()["sessions"]] == [
         "python-1"
     ]
 
 
-async def test_bad_body_messages_name_the_field(api: Api) -> None:
-    response = await api.http.put(
+async def test_bad_body_messages_name_the_field(client: KallichoreClient) -> None:
+    response = await client.http.put(
         "/sessions", json={"session_id": "x", "connection_timeout": "soon"}
     )
     assert "connection_timeout" in response.json()["message"]
 
 
-async def test_older_positron_new_session_shape(api: Api) -> None:
+async def test_older_positron_new_session_shape(client: KallichoreClient) -> None:
     body = new_session_body("python-old", run_in_shell=True)
     for key in ("session_mode", "startup_environment", "interrupt_mode"):
         del body[key]
-    response = await api.http.put("/sessions", json={**body, "some_future_field": 1})
+    response = await client.http.put("/sessions", json={**body, "some_future_field": 1})
     assert response.status_code == 200
     assert response.json() == {"session_id": "python-old"}
-    session = await api.session("python-old")
+    session = await client.get_session("python-old")
     assert session["session_mode"] == "console"
     assert session["interrupt_mode"] == "message"
-    assert (await api.start("python-old"))["status"] == "ok"
+    assert (await client.start("python-old"))["status"] == "ok"
 
 
-async def test_session_listing_and_details(api: Api) -> None:
+async def test_session_listing_and_details(client: KallichoreClient) -> None:
     for i in range(3):
-        await api.create(f"python-{i}", connection_timeout=3)
-    listing = (await api.http.get("/sessions")).json()
+        await client.create_session(**new_session_body(f"python-{i}", connection_timeout=3))
+    listing = (await client.http.get("/sessions")).json()
     assert listing["total"] == 3
     assert {s["session_id"] for s in listing["sessions"]} == {"python-0", "python-1", "python-2"}
     session = listing["sessions"][0]
@@ -644,8 +658,8 @@ async def test_session_listing_and_details(api: Api) -> None:
     assert session["connected"] is False
     assert session["started"].endswith("Z")
     assert "process_id" not in session
-    await api.start("python-0")
-    started = await api.session("python-0")
+    await client.start("python-0")
+    started = await client.get_session("python-0")
     assert started["process_id"] > 0
     assert started["initial_env"]["TEST_VAR"] == "test_value"
     assert started["argv"][-1] == "{connection_file}"
@@ -654,8 +668,10 @@ async def test_session_listing_and_details(api: Api) -> None:
     assert started["busy_seconds"] == 0
 
 
-async def test_status_configuration_and_heartbeat(api: Api, server: RunningServer) -> None:
-    status = (await api.anonymous.get("/status")).json()
+async def test_status_configuration_and_heartbeat(
+    client: KallichoreClient, anonymous: KallichoreClient, server: RunningServer
+) -> None:
+    status = (await anonymous.http.get("/status")).json()
     assert list(status) == [
         "sessions",
         "active",
@@ -672,34 +688,34 @@ async def test_status_configuration_and_heartbeat(api: Api, server: RunningServe
     assert status["busy"] is False
     assert status["process_id"] == os.getpid()
     assert status["server_id"] == server.state.server_id
-    await api.create("python-1")
-    assert (await api.anonymous.get("/status")).json()["active"] == 1
+    await client.create_session(**new_session_body("python-1"))
+    assert (await anonymous.http.get("/status")).json()["active"] == 1
 
-    config = (await api.anonymous.get("/server_configuration")).json()
+    config = (await anonymous.http.get("/server_configuration")).json()
     assert config == {"resource_sample_interval_ms": 1000, "log_level": "info"}
-    response = await api.anonymous.post(
+    response = await anonymous.http.post(
         "/server_configuration", json={"idle_shutdown_hours": 2, "resource_sample_interval_ms": 50}
     )
     assert response.status_code == 200
     assert response.json() is None
-    config = (await api.anonymous.get("/server_configuration")).json()
+    config = (await anonymous.http.get("/server_configuration")).json()
     assert config["idle_shutdown_hours"] == 2
     assert config["resource_sample_interval_ms"] == 100  # clamped
-    await api.anonymous.post("/server_configuration", json={"idle_shutdown_hours": -1})
-    assert "idle_shutdown_hours" not in (await api.anonymous.get("/server_configuration")).json()
+    await anonymous.http.post("/server_configuration", json={"idle_shutdown_hours": -1})
+    assert "idle_shutdown_hours" not in (await anonymous.http.get("/server_configuration")).json()
 
-    response = await api.anonymous.post("/client_heartbeat", json={"process_id": os.getpid()})
+    response = await anonymous.http.post("/client_heartbeat", json={"process_id": os.getpid()})
     assert response.status_code == 200
     assert response.json() is None
     assert server.state.idle.client_pid == os.getpid()
 
 
-async def test_shutdown_stops_every_kernel(api: Api, server: RunningServer) -> None:
-    await started_session(api, "python-1")
-    await started_session(api, "python-2")
-    await api.create("python-never-started")
-    pids = [(await api.session(f"python-{i}"))["process_id"] for i in (1, 2)]
-    response = await api.http.post("/shutdown")
+async def test_shutdown_stops_every_kernel(client: KallichoreClient, server: RunningServer) -> None:
+    await started_session(client, "python-1")
+    await started_session(client, "python-2")
+    await client.create_session(**new_session_body("python-never-started"))
+    pids = [(await client.get_session(f"python-{i}"))["process_id"] for i in (1, 2)]
+    response = await client.http.post("/shutdown")
     assert response.status_code == 200
     assert response.json() is None
     assert server.shutdown_requested.is_set()
@@ -708,48 +724,48 @@ async def test_shutdown_stops_every_kernel(api: Api, server: RunningServer) -> N
             await trio.sleep(0.05)
 
 
-async def test_multiple_session_shutdown_restart_cycle(api: Api) -> None:
-    await started_session(api, "python-1")
-    await started_session(api, "python-2")
-    async with api.channels("python-1") as channels:
-        msg_id = await channels.send(
-            jupyter_message("shutdown_request", {"restart": False}, "control")
-        )
-        await channels.until(lambda f: is_reply(f, msg_id, "shutdown_reply"), timeout=3)
+async def test_multiple_session_shutdown_restart_cycle(client: KallichoreClient) -> None:
+    await started_session(client, "python-1")
+    await started_session(client, "python-2")
+    async with client.channels("python-1") as channels:
+        msg_id = await channels.send(message("shutdown_request", {"restart": False}, "control"))
+        await until(channels, lambda f: is_reply(f, msg_id, "shutdown_reply"), timeout=3)
     with trio.fail_after(30):
-        while (await api.session("python-1"))["status"] != "exited":
+        while (await client.get_session("python-1"))["status"] != "exited":
             await trio.sleep(0.05)
-    assert (await api.http.delete("/sessions/python-1")).status_code == 200
-    assert (await api.http.post("/sessions/python-2/restart", json={})).status_code == 200
-    ids = [s["session_id"] for s in (await api.http.get("/sessions")).json()["sessions"]]
+    assert (await client.http.delete("/sessions/python-1")).status_code == 200
+    assert (await client.http.post("/sessions/python-2/restart", json={})).status_code == 200
+    ids = [s["session_id"] for s in (await client.http.get("/sessions")).json()["sessions"]]
     assert ids == ["python-2"]
 
 
-async def test_restart_with_an_unparseable_body_is_a_plain_restart(api: Api) -> None:
-    await started_session(api)
-    response = await api.http.post("/sessions/python-1/restart", content=b"{garbage")
+async def test_restart_with_an_unparseable_body_is_a_plain_restart(
+    client: KallichoreClient,
+) -> None:
+    await started_session(client)
+    response = await client.http.post("/sessions/python-1/restart", content=b"{garbage")
     assert response.status_code == 200
-    assert (await api.session("python-1"))["status"] == "idle"
+    assert (await client.get_session("python-1"))["status"] == "idle"
 
 
-async def test_restart_of_a_stopped_session_starts_it(api: Api) -> None:
-    await api.create("python-1")
-    response = await api.http.post("/sessions/python-1/restart")
+async def test_restart_of_a_stopped_session_starts_it(client: KallichoreClient) -> None:
+    await client.create_session(**new_session_body("python-1"))
+    response = await client.http.post("/sessions/python-1/restart")
     assert response.status_code == 200
-    assert (await api.session("python-1"))["status"] == "idle"
-    assert (await api.session("python-1"))["kernel_info"]["status"] == "ok"
+    assert (await client.get_session("python-1"))["status"] == "idle"
+    assert (await client.get_session("python-1"))["kernel_info"]["status"] == "ok"
 
 
-async def test_cpu_is_tracked_per_session(api: Api, supervisor: Supervisor) -> None:
+async def test_cpu_is_tracked_per_session(client: KallichoreClient, supervisor: Supervisor) -> None:
     supervisor.resource_sample_interval_ms = 200
-    await started_session(api, "python-1")
-    await started_session(api, "python-2")
-    async with api.channels("python-1") as one, api.channels("python-2") as two:
+    await started_session(client, "python-1")
+    await started_session(client, "python-2")
+    async with client.channels("python-1") as one, client.channels("python-2") as two:
         samples: dict[str, list[int]] = {}
         for session_id, channels in (("python-1", one), ("python-2", two)):
-            frames = await channels.until(lambda f: "resourceUsage" in f, timeout=20)
+            frames = await until(channels, lambda f: "resourceUsage" in f, timeout=20)
             for _ in range(4):
-                frames += await channels.until(lambda f: "resourceUsage" in f, timeout=20)
+                frames += await until(channels, lambda f: "resourceUsage" in f, timeout=20)
             samples[session_id] = [u["cpu_percent"] for u in kernel_events(frames, "resourceUsage")]
     assert all(samples.values())
     # Two idle kernels: nobody is charged for the other's CPU or for the whole machine.
@@ -757,8 +773,10 @@ async def test_cpu_is_tracked_per_session(api: Api, supervisor: Supervisor) -> N
     assert max(samples["python-1"]) < 150
 
 
-async def test_channels_negotiate_no_compression(api: Api, server: RunningServer) -> None:
-    await api.create("python-1")
+async def test_channels_negotiate_no_compression(
+    client: KallichoreClient, server: RunningServer
+) -> None:
+    await client.create_session(**new_session_body("python-1"))
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     async with stream:
         await stream.send_all(
