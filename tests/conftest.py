@@ -167,6 +167,13 @@ async def client(server: RunningServer) -> AsyncIterator[KallichoreClient]:
 
 
 @pytest.fixture
+async def anonymous(server: RunningServer) -> AsyncIterator[KallichoreClient]:
+    """A client of `server` without the token."""
+    async with KallichoreClient(server.url, timeout=TIMEOUT) as kallichore:
+        yield kallichore
+
+
+@pytest.fixture
 def short_dir() -> Iterator[Path]:
     """Unix socket paths are limited to 104 bytes: pytest's tmp_path can be too long."""
     path = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))

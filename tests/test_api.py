@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from kallichore.client import ApiError, KallichoreClient, StartupFailed, execute
 from kallichore.server.http import RunningServer
 from kallichore.supervisor import Supervisor
 from tests.conftest import (
-    TIMEOUT,
     TOKEN,
     is_idle,
     is_reply,
@@ -28,13 +27,6 @@ from tests.conftest import (
     stream_text,
     until,
 )
-
-
-@pytest.fixture
-async def anonymous(server: RunningServer) -> AsyncIterator[KallichoreClient]:
-    """A client of `server` without the token."""
-    async with KallichoreClient(server.url, timeout=TIMEOUT) as kallichore:
-        yield kallichore
 
 
 async def test_create_start_connect_and_execute(client: KallichoreClient) -> None:

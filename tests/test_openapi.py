@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 import re
 import typing
-from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
 import attrs
 import httpx
 import pytest
-import trio
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
@@ -27,9 +24,10 @@ from kallichore.api.app import ServerState, create_app
 from kallichore.api.channels import ChannelBroker
 from kallichore.api.envelope import FrameError, client_error, encode_event, kernel_event
 from kallichore.api.openapi import LOG_LEVELS, WIRE_MODELS, openapi_document
+from kallichore.client import KallichoreClient, execute_request
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message
-from kallichore.server.http import RunningServer, serve_api
+from kallichore.server.http import RunningServer
 from kallichore.session.events import (
     Event,
     EventsDropped,
@@ -45,9 +43,8 @@ from kallichore.session.events import (
 from kallichore.session.model import Status
 from kallichore.session.resources import ResourceUsage
 from kallichore.supervisor import Supervisor
-from tests.api_client import execute_request
+from tests.conftest import TOKEN
 
-TOKEN = "t"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SESSION = "openapi-1"
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -102,25 +99,17 @@ async def test_paths_are_the_apps_routes(supervisor: Supervisor, document: dict[
 
 
 @pytest.fixture
-async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
-    running: RunningServer = await nursery.start(
-        partial(serve_api, supervisor, ServerState(token=TOKEN), port=0)
+async def http(anonymous: KallichoreClient) -> httpx.AsyncClient:
+    """Requests without a token, to the `server` fixture holding one session."""
+    created = await anonymous.http.put(
+        "/sessions", json={"session_id": SESSION, "argv": []}, headers=AUTH
     )
-    return running
-
-
-@pytest.fixture
-async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        created = await http.put(
-            "/sessions", json={"session_id": SESSION, "argv": []}, headers=AUTH
-        )
-        assert created.status_code == 200, created.text
-        yield http
+    assert created.status_code == 200, created.text
+    return anonymous.http
 
 
 async def test_protected_operations_are_the_ones_the_server_protects(
-    document: dict[str, Any], client: httpx.AsyncClient, server: RunningServer
+    document: dict[str, Any], http: httpx.AsyncClient, server: RunningServer
 ) -> None:
     documented = {
         key for key, op in operations(document).items() if BEARER in op.get("security", [])
@@ -131,7 +120,7 @@ async def test_protected_operations_are_the_ones_the_server_protects(
     for path, method in order:
         url = path.format(session_id=SESSION)
         for name, headers in (("no token", {}), ("a wrong token", {"Authorization": "Bearer x"})):
-            response = await client.request(method, url, headers=headers)
+            response = await http.request(method, url, headers=headers)
             if response.status_code == 401:
                 assert response.content == b"", (method, path)
                 refused[name].add((path, method))
@@ -167,9 +156,9 @@ def test_log_levels_are_the_apps(document: dict[str, Any]) -> None:
 
 
 async def test_openapi_json_is_served_without_a_token(
-    document: dict[str, Any], client: httpx.AsyncClient
+    document: dict[str, Any], http: httpx.AsyncClient
 ) -> None:
-    response = await client.get("/openapi.json")
+    response = await http.get("/openapi.json")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json() == document
@@ -188,7 +177,7 @@ def check_response(document: dict[str, Any], path: str, response: httpx.Response
 
 
 async def test_responses_match_their_documented_schemas(
-    document: dict[str, Any], client: httpx.AsyncClient
+    document: dict[str, Any], http: httpx.AsyncClient
 ) -> None:
     one = f"/sessions/{SESSION}"
     calls: list[tuple[str, str, dict[str, Any]]] = [
@@ -210,11 +199,11 @@ async def test_responses_match_their_documented_schemas(
     ]
     for method, path, options in calls:
         url = path.replace("{session_id}", SESSION)
-        check_response(document, path, await client.request(method, url, **options))
-    missing = await client.get("/sessions/nope")
+        check_response(document, path, await http.request(method, url, **options))
+    missing = await http.get("/sessions/nope")
     assert missing.status_code == 404
     check_response(document, "/sessions/{session_id}", missing)
-    deleted = await client.delete(one, headers=AUTH)
+    deleted = await http.delete(one, headers=AUTH)
     assert deleted.status_code == 200
     check_response(document, "/sessions/{session_id}", deleted)
 
