@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -19,6 +18,7 @@ import wsproto
 import wsproto.events
 
 from kallichore.api.channels import ChannelBroker
+from kallichore.client import Channels, execute_request, open_channels
 from kallichore.server import websocket
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,
@@ -29,18 +29,9 @@ from kallichore.server.session_sockets import (
 from kallichore.server.websocket import MAX_UNANSWERED_PINGS
 from kallichore.session.kernel_session import KernelSession
 from kallichore.supervisor import Supervisor
-from tests.api_client import Channels, execute_request, kernel_events, stream_text
-from tests.conftest import ipykernel_spec
+from tests.conftest import ipykernel_spec, kernel_events, stream_text, until
 
 TIMEOUT = 30
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short directory: pytest's tmp_path can push socket paths past 104 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def start_sockets(
@@ -52,23 +43,16 @@ async def start_sockets(
 
 
 @pytest.fixture
-async def sockets(nursery: trio.Nursery, socket_dir: Path) -> SessionSockets:
-    return await start_sockets(nursery, socket_dir)
+async def sockets(nursery: trio.Nursery, short_dir: Path) -> SessionSockets:
+    return await start_sockets(nursery, short_dir)
 
 
 @asynccontextmanager
 async def connect(path: Path, session_id: str) -> AsyncIterator[Channels]:
-    """A WebSocket client on a session socket, asking for the path Positron asks for."""
-    async with trio.open_nursery() as nursery, await trio.open_unix_socket(str(path)) as stream:
-        ws = await trio_websocket.wrap_client_stream(
-            nursery, stream, "localhost", f"/api/channels/{session_id}"
-        )
-        try:
-            yield Channels(ws)
-        finally:
-            # After a close from the server, trio-websocket's aclose() leaves the stream open.
-            await ws.aclose()
-            nursery.cancel_scope.cancel()
+    """A channels connection on a session socket, asking for the path Positron asks for."""
+    stream = await trio.open_unix_socket(str(path))
+    async with open_channels(stream, "localhost", f"/api/channels/{session_id}") as channels:
+        yield channels
 
 
 async def attached(session: KernelSession) -> None:
@@ -80,7 +64,7 @@ async def attached(session: KernelSession) -> None:
 async def refused_frame(channels: Channels) -> None:
     """Send an execute_request to a session without kernel: its refusal proves the link works."""
     msg_id = await channels.send(execute_request("1"))
-    [error] = kernel_events(await channels.until(lambda f: "error" in f, TIMEOUT), "error")
+    [error] = kernel_events(await until(channels, lambda f: "error" in f, TIMEOUT), "error")
     assert error["msg_id"] == msg_id
     assert error["code"] == "KS-3"
 
@@ -94,14 +78,17 @@ async def read_until_closed(stream: trio.SocketStream) -> bytes:
     return received
 
 
-async def until_closed(channels: Channels) -> trio_websocket.CloseReason | None:
-    """Receive (and keep) frames until the server closes the WebSocket; its close reason."""
+async def until_closed(
+    channels: Channels,
+) -> tuple[list[dict[str, Any]], trio_websocket.CloseReason | None]:
+    """The frames received until the server closed the WebSocket, and its close reason."""
+    received = []
     with trio.fail_after(TIMEOUT):
         while True:
             try:
-                await channels.receive()
+                received.append(await channels.receive_frame())
             except trio_websocket.ConnectionClosed as closed:
-                return closed.reason
+                return received, closed.reason
 
 
 def test_socket_path_holds_the_whole_session_id() -> None:
@@ -148,7 +135,7 @@ async def test_execute_over_a_session_socket(
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o600
     async with connect(path, session.session_id) as channels:
-        frames = await channels.run("print('over the socket')")
+        frames = (await channels.execute("print('over the socket')")).frames
         assert session.connected
     # The events of the start, buffered before anyone connected, come first.
     assert frames[0] == {
@@ -166,7 +153,7 @@ async def test_execute_over_a_session_socket(
 
 
 async def test_reopen_and_close(
-    supervisor: Supervisor, sockets: SessionSockets, socket_dir: Path
+    supervisor: Supervisor, sockets: SessionSockets, short_dir: Path
 ) -> None:
     session = await supervisor.create_session(ipykernel_spec())
     first_path = await sockets.open(session)
@@ -175,7 +162,7 @@ async def test_reopen_and_close(
         path = await sockets.open(session)
         # The name depends only on the session and the server: the old socket is replaced.
         assert path == first_path
-        assert list(socket_dir.iterdir()) == [path]
+        assert list(short_dir.iterdir()) == [path]
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         # The attached client is not disturbed until someone uses the new socket.
         await refused_frame(first)
@@ -192,7 +179,7 @@ async def test_reopen_and_close(
 
 
 async def test_concurrent_opens_leave_one_working_socket(
-    supervisor: Supervisor, sockets: SessionSockets, socket_dir: Path
+    supervisor: Supervisor, sockets: SessionSockets, short_dir: Path
 ) -> None:
     session = await supervisor.create_session(ipykernel_spec())
     async with trio.open_nursery() as nursery:
@@ -200,37 +187,37 @@ async def test_concurrent_opens_leave_one_working_socket(
             nursery.start_soon(sockets.open, session)
     path = sockets.path(session.session_id)
     assert path is not None
-    assert list(socket_dir.iterdir()) == [path]
+    assert list(short_dir.iterdir()) == [path]
     async with connect(path, session.session_id) as channels:
         await refused_frame(channels)
 
 
 async def test_cancelling_run_removes_every_socket_file(
-    supervisor: Supervisor, socket_dir: Path
+    supervisor: Supervisor, short_dir: Path
 ) -> None:
     sessions = [
         await supervisor.create_session(ipykernel_spec(session_id))
         for session_id in ("python-3a000001", "python-3f000001")
     ]
     async with trio.open_nursery() as nursery:
-        sockets = await start_sockets(nursery, socket_dir)
+        sockets = await start_sockets(nursery, short_dir)
         paths = [await sockets.open(session) for session in sessions]
         assert len(set(paths)) == 2
         assert all(path.exists() for path in paths)
         async with connect(paths[0], sessions[0].session_id):
             await attached(sessions[0])
             nursery.cancel_scope.cancel()
-    assert not list(socket_dir.iterdir())
+    assert not list(short_dir.iterdir())
     assert sockets.path(sessions[0].session_id) is None
     with pytest.raises(RuntimeError):
         await sockets.open(sessions[0])
 
 
 async def test_a_stale_socket_file_is_replaced(
-    supervisor: Supervisor, sockets: SessionSockets, socket_dir: Path
+    supervisor: Supervisor, sockets: SessionSockets, short_dir: Path
 ) -> None:
     session = await supervisor.create_session(ipykernel_spec())
-    path = session_socket_path(socket_dir, session.session_id, os.getpid())
+    path = session_socket_path(short_dir, session.session_id, os.getpid())
     stale = trio.socket.socket(trio.socket.AF_UNIX)
     await stale.bind(str(path))
     stale.close()
@@ -277,10 +264,10 @@ async def test_binary_frames_are_ignored_and_an_empty_text_frame_closes(
     session = await supervisor.create_session(ipykernel_spec())
     path = await sockets.open(session)
     async with connect(path, session.session_id) as channels:
-        await channels.ws.send_message(b"\x00binary")
+        await channels.websocket.send_message(b"\x00binary")
         await refused_frame(channels)
-        await channels.ws.send_message("")
-        closed = await until_closed(channels)
+        await channels.websocket.send_message("")
+        _, closed = await until_closed(channels)
     assert closed is not None
     assert closed.code == 1000
     with trio.fail_after(TIMEOUT):
@@ -299,21 +286,21 @@ async def test_a_client_that_vanishes_mid_output_is_detached(
         ws = await trio_websocket.wrap_client_stream(nursery, stream, "localhost", "/")
         vanishing = Channels(ws)
         await vanishing.send(execute_request(code))
-        await vanishing.until(lambda f: "10" in stream_text([f]))
+        await until(vanishing, lambda f: "10" in stream_text([f]))
         nursery.cancel_scope.cancel()  # gone without a Close frame
     with trio.fail_after(TIMEOUT):
         while session.connected:
             await trio.sleep(0.01)
     async with connect(path, session.session_id) as channels:
-        frames = await channels.run("print('next')")
+        frames = (await channels.execute("print('next')")).frames
     assert stream_text(frames).endswith("next\n")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_a_client_that_answers_pings_stays(
-    supervisor: Supervisor, nursery: trio.Nursery, socket_dir: Path
+    supervisor: Supervisor, nursery: trio.Nursery, short_dir: Path
 ) -> None:
-    sockets = await start_sockets(nursery, socket_dir, ping_interval=0.05)
+    sockets = await start_sockets(nursery, short_dir, ping_interval=0.05)
     session = await supervisor.create_session(ipykernel_spec())
     path = await sockets.open(session)
     async with connect(path, session.session_id) as channels:
@@ -324,10 +311,10 @@ async def test_a_client_that_answers_pings_stays(
 
 
 async def test_a_client_that_never_answers_pings_is_dropped(
-    supervisor: Supervisor, nursery: trio.Nursery, socket_dir: Path
+    supervisor: Supervisor, nursery: trio.Nursery, short_dir: Path
 ) -> None:
     """A raw client completes the handshake and reads everything, but never sends a pong."""
-    sockets = await start_sockets(nursery, socket_dir, ping_interval=0.02)
+    sockets = await start_sockets(nursery, short_dir, ping_interval=0.02)
     session = await supervisor.create_session(ipykernel_spec())
     path = await sockets.open(session)
     client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
@@ -353,22 +340,22 @@ async def test_a_second_client_displaces_the_first(
     await session.start()
     path = await sockets.open(session)
     async with connect(path, session.session_id) as first:
-        await first.run("x = 1")
+        await first.execute("x = 1")
         async with connect(path, session.session_id) as second:
-            closed = await until_closed(first)
+            received, closed = await until_closed(first)
             assert closed is not None
             assert closed.code == 1008
-            [reason] = kernel_events(first.received, "clientDisconnected")
+            [reason] = kernel_events(received, "clientDisconnected")
             assert "another client" in reason
-            assert first.received[-1] == {"kind": "kernel", "clientDisconnected": reason}
-            frames = await second.run("print(x + 1)")
+            assert received[-1] == {"kind": "kernel", "clientDisconnected": reason}
+            frames = (await second.execute("print(x + 1)")).frames
     assert stream_text(frames) == "2\n"
 
 
 async def test_pings_during_batched_output_never_corrupt_frames(
     supervisor: Supervisor,
     nursery: trio.Nursery,
-    socket_dir: Path,
+    short_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Batches are written in one go; pings written meanwhile must not land inside them."""
@@ -376,17 +363,17 @@ async def test_pings_during_batched_output_never_corrupt_frames(
     # behind the output); on a loaded machine that would get it dropped, which is not what
     # this is about.
     monkeypatch.setattr(websocket, "MAX_UNANSWERED_PINGS", 1_000_000)
-    sockets = await start_sockets(nursery, socket_dir, ping_interval=0.05)
+    sockets = await start_sockets(nursery, short_dir, ping_interval=0.05)
     session = await supervisor.create_session(ipykernel_spec())
     await session.start()
     path = await sockets.open(session)
     code = "for i in range(3000):\n    print(i, flush=True)"
     async with connect(path, session.session_id) as channels:
-        frames = await channels.run(code)
+        frames = (await channels.execute(code)).frames
         # The server closes: trio-websocket's client fails on a ping after its own Close.
         await session.shutdown()
         await supervisor.delete(session.session_id)
-        closed = await until_closed(channels)
+        _, closed = await until_closed(channels)
         assert closed is not None
         assert closed.code == 1001
     assert stream_text(frames) == "".join(f"{i}\n" for i in range(3000))
