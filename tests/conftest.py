@@ -105,6 +105,14 @@ def new_session_body(session_id: str, **fields: Any) -> dict[str, Any]:
     return body
 
 
+async def started_session(
+    client: KallichoreClient, session_id: str = "python-1", **fields: Any
+) -> None:
+    """Create a session as Positron does (`fields` changed) and start its kernel."""
+    await client.create_session(**new_session_body(session_id, **fields))
+    await client.start(session_id)
+
+
 # -- channel frames as the server sent them (decoded JSON), for tests of the wire itself ----
 
 

@@ -24,6 +24,7 @@ from tests.conftest import (
     is_reply,
     kernel_events,
     new_session_body,
+    started_session,
     stream_text,
     until,
 )
@@ -60,13 +61,6 @@ async def test_create_start_connect_and_execute(client: KallichoreClient) -> Non
 
 def status_is(status: str) -> Callable[[dict[str, Any]], bool]:
     return lambda f: f.get("kind") == "kernel" and f.get("status", {}).get("status") == status
-
-
-async def started_session(
-    client: KallichoreClient, session_id: str = "python-1", **fields: object
-) -> None:
-    await client.create_session(**new_session_body(session_id, **fields))
-    await client.start(session_id)
 
 
 async def test_output_of_every_frame_size_and_non_ascii_text_arrives_intact(

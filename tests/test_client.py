@@ -28,7 +28,7 @@ from kallichore.client import (
     decode_frame,
     execute_request,
 )
-from tests.conftest import IPYKERNEL_ARGV, daemon
+from tests.conftest import IPYKERNEL_ARGV, daemon, started_session
 
 TIMEOUT = 60
 
@@ -46,11 +46,6 @@ async def kallichore(
         KallichoreClient.from_connection_file(connection_file, timeout=TIMEOUT) as client,
     ):
         yield client
-
-
-async def started(client: KallichoreClient, session_id: str = "python-1", **fields: object) -> None:
-    await client.create_session(session_id, IPYKERNEL_ARGV, language="python", **fields)
-    assert (await client.start(session_id))["status"] == "ok"
 
 
 def is_status(status: str) -> Callable[[ChannelEvent], bool]:
@@ -91,7 +86,7 @@ async def test_a_session_from_creation_to_deletion(kallichore: KallichoreClient)
 
 
 async def test_outputs_errors_and_requests(kallichore: KallichoreClient) -> None:
-    await started(kallichore)
+    await started_session(kallichore)
     async with kallichore.channels("python-1") as channels:
         failed = await channels.execute("import sys; print('to stderr', file=sys.stderr); 1 / 0")
         assert failed.status == "error"
@@ -118,7 +113,7 @@ async def test_outputs_errors_and_requests(kallichore: KallichoreClient) -> None
 async def test_restart_with_a_working_directory_and_env(
     kallichore: KallichoreClient, tmp_path: Path
 ) -> None:
-    await started(kallichore)
+    await started_session(kallichore)
     async with kallichore.channels("python-1") as channels:
         await channels.receive_until(is_status("idle"))  # the start's
         await kallichore.restart(
@@ -135,7 +130,7 @@ async def test_restart_with_a_working_directory_and_env(
 
 
 async def test_interrupt(kallichore: KallichoreClient) -> None:
-    await started(kallichore, interrupt_mode="signal")
+    await started_session(kallichore, interrupt_mode="signal")
     async with kallichore.channels("python-1") as channels:
         code = "import time\nprint('looping', flush=True)\nwhile True: time.sleep(0.05)"
         msg_id = await channels.send(execute_request(code))
@@ -210,7 +205,7 @@ async def test_server_endpoints_and_shutdown(tmp_path: Path, short_dir: Path) ->
         info = await client.connection_info("python-1")
         assert info.shell_port > 0
         assert info == await client.connection_info("python-1")
-        await started(client, "python-2")
+        await started_session(client, "python-2")
         async with client.channels("python-2") as channels:
             await channels.receive_until(lambda e: isinstance(e, ResourceUsage))
         await client.shutdown()
@@ -218,7 +213,7 @@ async def test_server_endpoints_and_shutdown(tmp_path: Path, short_dir: Path) ->
 
 
 async def test_a_second_client_displaces_the_first(kallichore: KallichoreClient) -> None:
-    await started(kallichore)
+    await started_session(kallichore)
     async with kallichore.channels("python-1") as first:
         await first.receive_until(is_status("idle"))
         async with kallichore.channels("python-1") as second:

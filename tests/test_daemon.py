@@ -7,21 +7,26 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 import trio
-import trio_websocket
 
-from tests.api_client import execute_request, is_idle, new_session_body, stream_text
+from kallichore.client import ApiError, KallichoreClient, execute_request, open_channels
+from tests.conftest import (
+    TIMEOUT,
+    daemon,
+    daemon_command,
+    is_idle,
+    is_reply,
+    new_session_body,
+    started_session,
+    stream_text,
+    until,
+)
 
-TIMEOUT = 60
 TCP_KEYS = [
     "port",
     "base_path",
@@ -32,95 +37,6 @@ TCP_KEYS = [
     "log_path",
 ]
 SOCKET_KEYS = ["socket_path", "transport", "server_path", "server_pid", "bearer_token", "log_path"]
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Unix socket paths are limited to 104 bytes: pytest's tmp_path can be too long."""
-    path = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
-
-
-class Daemon:
-    def __init__(self, process: trio.Process, connection: dict[str, Any], log: Path) -> None:
-        self.process = process
-        self.connection = connection
-        self.log = log
-
-    @property
-    def token(self) -> str | None:
-        token: str | None = self.connection["bearer_token"]
-        return token
-
-    def http(self, token: str | None = "default") -> httpx.AsyncClient:
-        token = self.token if token == "default" else token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if self.connection["transport"] == "socket":
-            transport = httpx.AsyncHTTPTransport(uds=self.connection["socket_path"])
-            return httpx.AsyncClient(
-                transport=transport, base_url="http://kallichore", headers=headers, timeout=TIMEOUT
-            )
-        return httpx.AsyncClient(
-            base_url=self.connection["base_path"], headers=headers, timeout=TIMEOUT
-        )
-
-    async def send_code(self, session_id: str, code: str) -> None:
-        """Send an execute_request over a channels WebSocket (TCP) and leave it running."""
-        url = (
-            self.connection["base_path"].replace("http", "ws") + f"/sessions/{session_id}/channels"
-        )
-        headers = [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else []
-        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
-            await ws.send_message(json.dumps(execute_request(code)))
-            # Wait until the kernel has it: its busy status comes back.
-            with trio.fail_after(TIMEOUT):
-                while '"busy"' not in str(await ws.get_message()):
-                    pass
-
-    async def wait(self, timeout: float = TIMEOUT) -> int:
-        with trio.fail_after(timeout):
-            return await self.process.wait()
-
-
-async def wait_for_file(path: Path, process: trio.Process, log: Path) -> dict[str, Any]:
-    with trio.fail_after(TIMEOUT):
-        while not path.exists():
-            if process.returncode is not None:
-                raise AssertionError(f"daemon exited {process.returncode}: {log.read_text()}")
-            await trio.sleep(0.05)
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
-
-
-def daemon_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kallichore", *args]
-
-
-@asynccontextmanager
-async def daemon(
-    tmp_path: Path, *args: str, connection_file: Path | None = None
-) -> AsyncIterator[Daemon]:
-    """Run the daemon with `args` plus a connection file; stop it (and check it stopped)."""
-    connection_file = (
-        connection_file or tmp_path / f"connection-{len(list(tmp_path.iterdir()))}.json"
-    )
-    log = tmp_path / f"{connection_file.stem}.log"
-    with log.open("wb") as output:
-        process = await trio.lowlevel.open_process(
-            daemon_command("--connection-file", str(connection_file), *args),
-            stdout=output,
-            stderr=output,
-        )
-    try:
-        yield Daemon(process, await wait_for_file(connection_file, process, log), log)
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.fail_after(TIMEOUT):
-                await process.wait()
 
 
 async def raw_request(path: Path, request: bytes) -> bytes:
@@ -147,11 +63,15 @@ def kernel_pids(sessions: list[dict[str, Any]]) -> list[int]:
     return [s["process_id"] for s in sessions if "process_id" in s]
 
 
-async def start_session(client: httpx.AsyncClient, session_id: str, **fields: Any) -> None:
-    response = await client.put("/sessions", json=new_session_body(session_id, **fields))
-    assert response.status_code == 200, response.text
-    response = await client.post(f"/sessions/{session_id}/start")
-    assert response.status_code == 200, response.text
+async def send_code(client: KallichoreClient, session_id: str, code: str) -> None:
+    """Send an execute_request over the session's channels and leave it running."""
+    async with client.channels(session_id) as channels:
+        msg_id = await channels.send(execute_request(code))
+        # Wait until the kernel has it: its busy status comes back.
+        await until(
+            channels,
+            lambda f: is_reply(f, msg_id, "status") and f["content"]["execution_state"] == "busy",
+        )
 
 
 # -- flags and connection files -----------------------------------------------------------------
@@ -195,8 +115,8 @@ async def test_tcp_connection_file(tmp_path: Path) -> None:
         assert Path(info["server_path"]).is_absolute()
         path = tmp_path / "connection-0.json"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        async with d.http() as client:
-            status = (await client.get("/status")).json()
+        async with d.client() as client:
+            status = await client.status()
         assert status["process_id"] == d.process.pid
     assert await d.wait() == 0
     assert not path.exists()
@@ -224,8 +144,8 @@ async def test_explicit_socket_transport_and_paths(tmp_path: Path, short_dir: Pa
     explicit = short_dir / "api.sock"
     async with daemon(tmp_path, "--transport", "socket", "--unix-socket", str(explicit)) as d:
         assert d.connection["socket_path"] == str(explicit)
-        async with d.http() as client:
-            assert (await client.get("/status")).status_code == 200
+        async with d.client() as client:
+            assert (await client.http.get("/status")).status_code == 200
     assert await d.wait() == 0
     async with daemon(tmp_path, "--transport", "socket", "--socket-dir", str(short_dir)) as d:
         assert d.connection["socket_path"] == str(short_dir / f"kc-{d.process.pid}.sock")
@@ -237,10 +157,12 @@ async def test_token_file_is_read_deleted_and_used(tmp_path: Path) -> None:
     async with daemon(tmp_path, "--transport", "tcp", "--token", str(token_file)) as d:
         assert d.connection["bearer_token"] == "test_auth_token_12345"
         assert not token_file.exists()
-        async with d.http() as client, d.http(token=None) as anonymous:
-            assert (await anonymous.get("/status")).status_code == 200
-            assert (await anonymous.put("/sessions", json=new_session_body("x"))).status_code == 401
-            assert (await client.put("/sessions", json=new_session_body("x"))).status_code == 200
+        async with d.client() as client, d.client(token=None) as anonymous:
+            assert (await anonymous.status())["sessions"] == 0
+            with pytest.raises(ApiError) as refused:
+                await anonymous.create_session(**new_session_body("x"))
+            assert refused.value.status == 401
+            assert await client.create_session(**new_session_body("x")) == "x"
 
 
 async def test_generated_token(tmp_path: Path) -> None:
@@ -324,9 +246,8 @@ async def test_handshake_socket(tmp_path: Path, short_dir: Path) -> None:
         document = json.loads(data)
         assert document["transport"] == "socket"
         assert document["server_pid"] == process.pid
-        transport = httpx.AsyncHTTPTransport(uds=document["socket_path"])
-        async with httpx.AsyncClient(transport=transport, base_url="http://kallichore") as client:
-            status = (await client.get("/status")).json()
+        async with KallichoreClient(socket_path=document["socket_path"]) as client:
+            status = await client.status()
         assert status["server_id"] == document["server_id"]
     finally:
         listener.close()
@@ -341,31 +262,23 @@ async def test_handshake_socket(tmp_path: Path, short_dir: Path) -> None:
 async def test_a_full_session_over_the_unix_socket(tmp_path: Path, short_dir: Path) -> None:
     async with (
         daemon(tmp_path, "--transport", "socket", "--socket-dir", str(short_dir)) as d,
-        d.http() as client,
+        d.client() as client,
     ):
-        await start_session(client, "python-1")
-        response = await client.get("/sessions/python-1/channels")
+        await started_session(client, "python-1")
+        response = await client.http.get("/sessions/python-1/channels")
         assert response.status_code == 200
         channel_path = response.json()
         assert isinstance(channel_path, str)
         assert Path(channel_path).is_socket()
-        async with trio.open_nursery() as nursery:
-            stream = await trio.open_unix_socket(channel_path)
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, "localhost", "/api/channels/python-1"
-            )
-            request = execute_request("print('over a unix socket')")
-            await ws.send_message(json.dumps(request))
-            frames: list[dict[str, Any]] = []
-            with trio.fail_after(TIMEOUT):
-                while not frames or not is_idle(frames[-1], request["header"]["msg_id"]):
-                    frames.append(json.loads(await ws.get_message()))
+        stream = await trio.open_unix_socket(channel_path)
+        async with open_channels(stream, "localhost", "/api/channels/python-1") as channels:
+            msg_id = await channels.send(execute_request("print('over a unix socket')"))
+            frames = await until(channels, lambda f: is_idle(f, msg_id))
             assert stream_text(frames) == "over a unix socket\n"
-            session = (await client.get("/sessions/python-1")).json()
+            session = await client.get_session("python-1")
             assert session["connected"] is True
             assert session["socket_path"] == channel_path
-            await ws.aclose()
-        assert (await client.post("/sessions/python-1/kill")).status_code == 200
+        await client.kill("python-1")
         assert not Path(channel_path).exists()
 
 
@@ -393,14 +306,14 @@ async def test_idle_shutdown_when_nothing_happens(tmp_path: Path) -> None:
 async def test_idle_shutdown_waits_for_a_busy_session(tmp_path: Path) -> None:
     async with (
         daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "2") as d,
-        d.http() as client,
+        d.client() as client,
     ):
-        await start_session(client, "python-1")
-        await d.send_code("python-1", "import time; time.sleep(4)")
+        await started_session(client, "python-1")
+        await send_code(client, "python-1", "import time; time.sleep(4)")
         # Busy for 4 s with a 2 s period: still up after 3 s.
         await trio.sleep(3)
         assert d.process.returncode is None
-        pid = (await client.get("/sessions/python-1")).json()["process_id"]
+        pid = (await client.get_session("python-1"))["process_id"]
         assert await d.wait() == 0
     assert not psutil.pid_exists(pid)
 
@@ -408,12 +321,10 @@ async def test_idle_shutdown_waits_for_a_busy_session(tmp_path: Path) -> None:
 async def test_idle_shutdown_waits_for_a_connected_client(tmp_path: Path) -> None:
     async with (
         daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "1") as d,
-        d.http() as client,
+        d.client() as client,
     ):
-        await start_session(client, "python-1")
-        url = d.connection["base_path"].replace("http", "ws") + "/sessions/python-1/channels"
-        headers = [(b"Authorization", f"Bearer {d.token}".encode())]
-        async with trio_websocket.open_websocket_url(url, extra_headers=headers):
+        await started_session(client, "python-1")
+        async with client.channels("python-1"):
             await trio.sleep(3)
             assert d.process.returncode is None
         assert await d.wait() == 0
@@ -424,12 +335,9 @@ async def test_idle_shutdown_waits_while_the_heartbeat_client_lives(tmp_path: Pa
     try:
         async with (
             daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "1") as d,
-            d.http() as client,
+            d.client() as client,
         ):
-            response = await client.post(
-                "/client_heartbeat", json={"process_id": client_process.pid}
-            )
-            assert response.status_code == 200
+            await client.client_heartbeat(client_process.pid)
             await trio.sleep(3)
             assert d.process.returncode is None
             client_process.kill()
@@ -442,10 +350,9 @@ async def test_idle_shutdown_waits_while_the_heartbeat_client_lives(tmp_path: Pa
 
 
 async def test_idle_period_can_be_changed_live(tmp_path: Path) -> None:
-    async with daemon(tmp_path, "--transport", "tcp") as d, d.http() as client:
-        response = await client.post("/server_configuration", json={"idle_shutdown_hours": 0})
-        assert response.status_code == 200
-        config = (await client.get("/server_configuration")).json()
+    async with daemon(tmp_path, "--transport", "tcp") as d, d.client() as client:
+        await client.set_server_configuration(idle_shutdown_hours=0)
+        config = await client.server_configuration()
         assert config["idle_shutdown_hours"] == 0
 
 
@@ -456,18 +363,17 @@ async def test_idle_period_can_be_changed_live(tmp_path: Path) -> None:
 async def test_exit_leaves_no_kernel_behind(tmp_path: Path, how: str) -> None:
     async with (
         daemon(tmp_path, "--transport", "tcp", "--shutdown-grace", "1") as d,
-        d.http() as client,
+        d.client() as client,
     ):
-        await start_session(client, "python-1")
-        await start_session(client, "python-busy")
-        response = await client.put("/sessions", json=new_session_body("never-started"))
-        assert response.status_code == 200
+        await started_session(client, "python-1")
+        await started_session(client, "python-busy")
+        await client.create_session(**new_session_body("never-started"))
         # A busy ipykernel does not act on shutdown_request: the grace period decides.
-        await d.send_code("python-busy", "import time; time.sleep(600)")
-        pids = kernel_pids((await client.get("/sessions")).json()["sessions"])
+        await send_code(client, "python-busy", "import time; time.sleep(600)")
+        pids = kernel_pids(await client.list_sessions())
         assert len(pids) == 2
         if how == "/shutdown":
-            assert (await client.post("/shutdown")).status_code == 200
+            await client.shutdown()
         else:
             d.process.send_signal(getattr(signal, how))
         assert await d.wait() == 0
@@ -477,11 +383,11 @@ async def test_exit_leaves_no_kernel_behind(tmp_path: Path, how: str) -> None:
 async def test_a_second_sigint_kills_at_once(tmp_path: Path) -> None:
     async with (
         daemon(tmp_path, "--transport", "tcp", "--shutdown-grace", "60") as d,
-        d.http() as client,
+        d.client() as client,
     ):
-        await start_session(client, "python-busy")
-        await d.send_code("python-busy", "import time; time.sleep(600)")
-        pid = (await client.get("/sessions/python-busy")).json()["process_id"]
+        await started_session(client, "python-busy")
+        await send_code(client, "python-busy", "import time; time.sleep(600)")
+        pid = (await client.get_session("python-busy"))["process_id"]
         d.process.send_signal(signal.SIGINT)
         await trio.sleep(0.5)
         assert d.process.returncode is None  # waiting out the 60 s grace period
