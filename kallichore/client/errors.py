@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import httpx
 
 
+@attrs.define(auto_exc=True)
 class ApiError(Exception):
     """The server refused a request (`status`: its HTTP status; None for a channels refusal).
 
@@ -20,19 +22,10 @@ class ApiError(Exception):
     schema error a plain-text one: that text is then the `message`).
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        details: str | None = None,
-        status: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.details = details
-        self.status = status
+    message: str
+    code: str | None = None
+    details: str | None = None
+    status: int | None = None
 
     def __str__(self) -> str:
         text = f"{self.code}: {self.message}" if self.code else self.message
@@ -72,19 +65,9 @@ class ApiError(Exception):
         return cls.from_body(response.status_code, response.content, response.reason_phrase)
 
 
+@attrs.define(auto_exc=True)
 class StartupFailed(ApiError):
     """A start or restart failed: the kernel's exit code (if it ended) and its output."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        details: str | None = None,
-        status: int | None = None,
-        exit_code: int | None = None,
-        output: str = "",
-    ) -> None:
-        super().__init__(message, code=code, details=details, status=status)
-        self.exit_code = exit_code
-        self.output = output
+    exit_code: int | None = None
+    output: str = ""
