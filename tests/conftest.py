@@ -21,8 +21,7 @@ import trio
 from kallichore.api.app import ServerState
 from kallichore.client import Channels, KallichoreClient
 from kallichore.server.http import RunningServer, serve_api
-from kallichore.session.kernel_session import SessionConfig
-from kallichore.session.model import InterruptMode, SessionSpec
+from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 IPYKERNEL_ARGV = (sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}")

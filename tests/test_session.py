@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,13 +20,21 @@ from kallichore.session.events import (
     ExitedEvent,
     JupyterEvent,
     OutputEvent,
+    ResourceUsageEvent,
     StatusEvent,
 )
-from kallichore.session.kernel_session import KernelSession, SessionConfig
-from kallichore.session.model import InterruptMode, Status, VarAction, VarActionType
+from kallichore.session.kernel_session import KernelSession
+from kallichore.session.model import InterruptMode, SessionConfig, Status, VarAction, VarActionType
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 from tests.conftest import ipykernel_spec
-from tests.kernel_client import collect_until, is_done, of_type, replies_to, stdout_text
+from tests.kernel_client import (
+    collect_until,
+    is_done,
+    is_idle_for,
+    of_type,
+    replies_to,
+    stdout_text,
+)
 
 
 async def run(session: KernelSession, code: str, **kwargs: bool) -> list[JupyterEvent | Event]:
@@ -413,11 +422,10 @@ async def test_a_watched_session_beats_at_the_attended_interval(tmp_path: os.Pat
     )
     async with open_supervisor(config) as sup:
         session = await sup.create_session(ipykernel_spec())
-        session.connected = True  # as the API marks it while a client is attached
-        await session.start()
-        pid = session.process_id
-        assert pid is not None
-        with session.events.subscribe() as sub:
+        with session.events.subscribe() as sub:  # a client is attached
+            await session.start()
+            pid = session.process_id
+            assert pid is not None
             await trio.sleep(0.5)  # past the first beat: later ones come every 0.2 s
             os.kill(pid, signal.SIGSTOP)
             try:
@@ -452,3 +460,57 @@ async def test_a_burst_of_output_while_the_supervisor_is_busy_is_not_dropped(
         time.sleep(4)  # noqa: ASYNC251
         events = await collect_until(sub, is_done(msg_id))
     assert len(of_type(replies_to(events, msg_id), "display_data")) == count
+
+
+async def test_a_control_request_during_an_execution_keeps_the_session_busy(
+    supervisor: Supervisor, tmp_path: os.PathLike[str]
+) -> None:
+    """The kernel publishes busy/idle for a kernel_info_request on control while code runs;
+    that idle must neither make the session idle nor send the queued execution early."""
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    go_on = os.path.join(tmp_path, "go-on")
+    with session.events.subscribe() as sub:
+        # Runs until the test says so, however slow the machine.
+        first = await session.execute(
+            f"import os, time\nwhile not os.path.exists({go_on!r}): time.sleep(0.05)"
+        )
+        await collect_until(sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.BUSY)
+        second = await session.execute("6 * 7")
+        info = session.message("kernel_info_request")
+        await session.send(Channel.CONTROL, info)
+        events = await collect_until(sub, is_idle_for(info.msg_id))
+        assert session.status is not Status.IDLE  # busy (or offline, on a loaded machine)
+        queue = session.execution_queue
+        assert queue.active is not None
+        assert queue.active.msg_id == first
+        assert [m.msg_id for m in queue.pending] == [second]
+        Path(go_on).touch()
+        events += await collect_until(sub, is_done(second))
+    first_done = next(i for i, e in enumerate(events) if is_idle_for(first)(e))
+    assert Status.IDLE not in [e.status for e in events[:first_done] if isinstance(e, StatusEvent)]
+    started = [
+        e.message.parent_msg_id
+        for e in events
+        if isinstance(e, JupyterEvent) and e.message.msg_type == "execute_input"
+    ]
+    assert started == [second]
+
+
+async def test_an_embedded_session_with_a_subscriber_gets_resource_usage() -> None:
+    """Whether a client is attached is a fact of the event log, not of the HTTP layer."""
+    config = SupervisorConfig(resource_sample_interval_ms=100)
+    async with open_supervisor(config) as sup:
+        session = await sup.create_session(ipykernel_spec())
+        await session.start()
+        assert not session.connected
+        with session.events.subscribe() as sub:
+            assert session.connected
+            [usage] = [
+                e
+                for e in await collect_until(sub, lambda e: isinstance(e, ResourceUsageEvent))
+                if isinstance(e, ResourceUsageEvent)
+            ]
+        assert not session.connected
+    assert usage.usage.memory_bytes > 0
+    assert session.resource_usage is not None

@@ -30,7 +30,7 @@ from kallichore.api.channels import ChannelBroker
 from kallichore.jupyter.connection import write_json_file
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.server.session_sockets import MAX_SOCKET_PATH_BYTES, SessionSockets
-from kallichore.session.kernel_session import SessionConfig
+from kallichore.session.model import SessionConfig
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 logger = logging.getLogger(__name__)

@@ -15,12 +15,24 @@ from kallichore.jupyter.kernelspec import KernelSpec
 from kallichore.jupyter.wire import PROTOCOL_VERSION
 
 
+@attrs.frozen
+class SessionConfig:
+    """Tunables shared by every session of a supervisor."""
+
+    event_buffer_size: int = 100_000
+    heartbeat_interval: float = 2.0
+    # While no client watches the session, `offline` can wait: beat less often, so that many
+    # idle sessions cost next to nothing.
+    unattended_heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 5.0
+    shutdown_grace: float = 10.0
+
+
 class Status(StrEnum):
     """A session's status, with Kallichore's names."""
 
     UNINITIALIZED = "uninitialized"
     STARTING = "starting"
-    READY = "ready"
     IDLE = "idle"
     BUSY = "busy"
     OFFLINE = "offline"
