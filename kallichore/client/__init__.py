@@ -7,8 +7,7 @@
         async with client.channels("py") as channels:
             result = await channels.execute("print(6*7)")
 
-It talks only the API (httpx, trio-websocket), never the server's internals, so it works with
-any Kallichore server: ours, or Posit's kcserver.
+It talks only the API (httpx, trio-websocket), never the server's internals.
 """
 
 from kallichore.client.channels import Channels, open_channels

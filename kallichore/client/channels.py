@@ -2,8 +2,8 @@
 
 `open_channels` speaks the WebSocket handshake over a stream the caller opened (TCP, a
 session's Unix socket, or a stream with extra socket options), so the same connection serves
-every transport. Per message it decodes the JSON once and builds one small event object: a
-client's round trip should cost about what the frame costs.
+every transport. Per message it decodes the JSON once; `execute()` then looks at the parent
+header only, so that a client's round trip costs about what its frames cost.
 """
 
 from __future__ import annotations
