@@ -210,6 +210,17 @@ def create_app(
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
+    @app.before_request
+    async def read_whole_body() -> None:
+        """Answer no request before its body is read, so its connection can carry the next.
+
+        hypercorn (0.18) tears down a connection whose response ended before the request body
+        did, from within the app's own send; quart-trio cancels that task on the disconnect
+        hypercorn feeds it first, so the close never happens and the kept-alive connection
+        hangs. A body read first never reaches that path (a 413 still closes, and says so).
+        """
+        await request.get_data()
+
     def protected(handler: Handler) -> Handler:
         async def guarded(*args: Any, **kwargs: Any) -> Response:
             if not check_token(state, request.headers.get("Authorization")):
