@@ -9,18 +9,36 @@ process that sent heartbeats is alive, or while any session is busy or has a cli
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import psutil
 import trio
 
 from kallichore.session.model import Status
-from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
 # `--idle-shutdown-hours 0` means this many seconds, as in Kallichore.
 ZERO_HOURS_SECONDS = 30.0
+
+
+class Session(Protocol):
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+class Supervised(Protocol):
+    """What idle shutdown watches: the supervisor's activity and its sessions."""
+
+    @property
+    def last_activity(self) -> float: ...
+
+    def sessions(self) -> Sequence[Session]: ...
 
 
 @attrs.define
@@ -49,7 +67,7 @@ class IdleShutdown:
         self._configured_at = trio.current_time()
         self._changed.set()
 
-    async def wait_until_idle(self, supervisor: Supervisor) -> None:
+    async def wait_until_idle(self, supervisor: Supervised) -> None:
         """Return when the server should shut down for idleness."""
         started = trio.current_time()
         last_tick = started
@@ -83,5 +101,5 @@ class IdleShutdown:
         return False
 
 
-def _in_use(supervisor: Supervisor) -> bool:
+def _in_use(supervisor: Supervised) -> bool:
     return any(s.status is Status.BUSY or s.connected for s in supervisor.sessions())
