@@ -68,8 +68,12 @@ async def test_activity_starts_the_period_again(clock: trio.testing.MockClock) -
         assert await shut_down_after(IdleShutdown(seconds=PERIOD), activity) == PERIOD * 1.75
 
 
-@pytest.mark.parametrize("in_use", [Session(status=Status.BUSY), Session(connected=True)])
-async def test_a_busy_or_attached_session_keeps_the_server_up(
+@pytest.mark.parametrize(
+    "in_use",
+    [Session(status=Status.STARTING), Session(status=Status.BUSY), Session(connected=True)],
+    ids=["starting", "busy", "attached"],
+)
+async def test_a_starting_busy_or_attached_session_keeps_the_server_up(
     clock: trio.testing.MockClock, in_use: Session
 ) -> None:
     """Checked at each tick: the tick after the session is free again shuts down."""

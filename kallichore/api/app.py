@@ -114,6 +114,11 @@ class KallichoreApi:
     control: ServerControl
     sockets: ChannelSockets | None = None
 
+    def close_channel_socket(self, session: KernelSession) -> None:
+        """A session that lost its kernel, or is gone, has no channel socket left open."""
+        if self.sockets is not None:
+            self.sockets.close(session.session_id)
+
 
 def check_token(state: ServerState, authorization: str | None) -> bool:
     return bearer_token_matches(state.token, authorization)
@@ -282,8 +287,7 @@ async def get_session(api: KallichoreApi, session: KernelSession) -> ActiveSessi
 )
 async def delete_session(api: KallichoreApi, session: KernelSession) -> None:
     await api.supervisor.delete(session.session_id)
-    if api.sockets is not None:
-        api.sockets.close(session.session_id)
+    api.close_channel_socket(session)
 
 
 @ROUTES.route(
@@ -367,8 +371,7 @@ async def interrupt_session(api: KallichoreApi, session: KernelSession) -> None:
 )
 async def kill_session(api: KallichoreApi, session: KernelSession) -> None:
     await session.kill()
-    if api.sockets is not None:
-        api.sockets.close(session.session_id)
+    api.close_channel_socket(session)
 
 
 @ROUTES.route(

@@ -89,6 +89,8 @@ class PathParameter:
 
 @attrs.frozen
 class Route:
+    """One route: what Quart serves and what the OpenAPI document says of it."""
+
     method: str
     path: str
     operation_id: str

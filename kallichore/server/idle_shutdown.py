@@ -3,7 +3,8 @@
 Nudges are sessions becoming idle or exiting, clients connecting, and client heartbeats. A tick
 comes at least one full period after the previous one and after the last nudge (missed ticks,
 say across a laptop's sleep, are not caught up). At a tick the server stays up while the client
-process that sent heartbeats is alive, or while any session is busy or has a client attached.
+process that sent heartbeats is alive, or while any session is starting, busy, or has a client
+attached.
 """
 
 from __future__ import annotations
@@ -102,4 +103,8 @@ class IdleShutdown:
 
 
 def _in_use(supervisor: Supervised) -> bool:
-    return any(s.status is Status.BUSY or s.connected for s in supervisor.sessions())
+    return any(s.status in _WORKING or s.connected for s in supervisor.sessions())
+
+
+# A kernel being started is work in progress, as much as one running code.
+_WORKING = frozenset({Status.STARTING, Status.BUSY})
