@@ -64,7 +64,6 @@ from kallichore.supervisor import Supervisor
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 
 
 @attrs.define
@@ -529,7 +528,7 @@ async def get_configuration(api: KallichoreApi) -> ServerConfigurationBody:
     return ServerConfigurationBody(
         resource_sample_interval_ms=api.supervisor.resource_sample_interval_ms,
         idle_shutdown_hours=api.control.idle_shutdown_hours,
-        log_level=log_level if log_level in LOG_LEVELS else None,
+        log_level=log_level if log_level in models.LOG_LEVELS else None,
     )
 
 

@@ -216,6 +216,10 @@ class ServerStatus:
     server_id: str
 
 
+# The log levels of Kallichore's configuration (`--log-level`, `GET /server_configuration`).
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+
+
 @attrs.define
 class ServerConfigurationBody:
     resource_sample_interval_ms: int

@@ -26,7 +26,7 @@ from kallichore.errors import ErrorCode
 from kallichore.jupyter.connection import TRANSPORTS, ConnectionInfo
 from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel
 from kallichore.session.model import (
-    _SESSION_ID,
+    SESSION_ID_PATTERN,
     InterruptMode,
     SessionMode,
     StartupEnvironment,
@@ -40,9 +40,6 @@ Schema = dict[str, Any]
 # A field note: a description, or the whole schema when the Python type says too little.
 Note = str | Schema
 
-# The levels `GET /server_configuration` reports: `kallichore.api.app.LOG_LEVELS`, which cannot
-# be imported here because the app imports this module (the tests check they agree).
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 
 # Every attrs class on the wire, with its schema name and what it is.
 WIRE_MODELS: dict[type, tuple[str, str]] = {
@@ -120,7 +117,7 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
     models.NewSession: {
         "session_id": {
             "type": "string",
-            "pattern": f"^{_SESSION_ID.pattern}$",
+            "pattern": f"^{SESSION_ID_PATTERN.pattern}$",
             "description": "Chosen by the client; ends up in file names, hence the alphabet.",
         },
         "argv": (
@@ -178,7 +175,7 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         "resource_sample_interval_ms": "0 while resource sampling is disabled.",
         "log_level": {
             "type": "string",
-            "enum": list(LOG_LEVELS),
+            "enum": list(models.LOG_LEVELS),
             "description": "The server's log level; absent if it is not one of these names.",
         },
     },
