@@ -1,10 +1,10 @@
 """Kallichore's idle shutdown: exit after a full period in which nothing nudged the server.
 
-Nudges are sessions being created, becoming idle or exiting, clients connecting, and client heartbeats. A tick
-comes at least one full period after the previous one and after the last nudge (missed ticks,
-say across a laptop's sleep, are not caught up). At a tick the server stays up while the client
-process that sent heartbeats is alive, or while any session is starting, busy, or has a client
-attached.
+Nudges are sessions being created, becoming idle or exiting, clients connecting, and client
+heartbeats. A tick comes at least one full period after the previous one and after the last
+nudge (missed ticks, say across a laptop's sleep, are not caught up). At a tick the server stays
+up while the client process that sent heartbeats is alive, or while any session is starting,
+busy, or has a client attached.
 """
 
 from __future__ import annotations
