@@ -58,7 +58,8 @@ class Supervisor:
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
         self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
-        # When a session last became idle or exited, or a client last showed up (trio clock).
+        # When a session was last created, became idle or exited, or a client last showed up
+        # (trio clock).
         self.last_activity = trio.current_time()
 
     def note_activity(self) -> None:
@@ -95,6 +96,7 @@ class Supervisor:
             on_rest=self.note_activity,
         )
         self._sessions[spec.session_id] = session
+        self.note_activity()
         await self._nursery.start(session.run)
         return session
 

@@ -157,13 +157,18 @@ def stream_text(frames: Iterable[dict[str, Any]], name: str = "stdout") -> str:
 # -- servers ---------------------------------------------------------------------------------
 
 
+async def serve(supervisor: Supervisor, nursery: trio.Nursery, **where: Any) -> RunningServer:
+    """The API of `supervisor` with `TOKEN`, on a free loopback port (or `unix_socket=...`)."""
+    running: RunningServer = await nursery.start(
+        partial(serve_api, supervisor, ServerState(token=TOKEN), **where)
+    )
+    return running
+
+
 @pytest.fixture
 async def server(supervisor: Supervisor, nursery: trio.Nursery) -> RunningServer:
     """The API served on a free loopback port by the `supervisor` fixture, with `TOKEN`."""
-    running: RunningServer = await nursery.start(
-        partial(serve_api, supervisor, ServerState(token=TOKEN), port=0)
-    )
-    return running
+    return await serve(supervisor, nursery)
 
 
 @pytest.fixture

@@ -92,11 +92,11 @@ def resolve_environment(base: Mapping[str, str], actions: Iterable[VarAction]) -
 
 # Session ids end up in file names (connection files, sockets), so they are restricted to a
 # portable file-name alphabet that still admits every id Positron generates.
-_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
 
 
 def validate_session_id(session_id: str) -> str:
-    if not _SESSION_ID.fullmatch(session_id):
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
         raise KallichoreError(
             ErrorCode.SESSION_CREATE_FAILED,
             f"invalid session id {session_id!r}",
