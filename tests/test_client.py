@@ -3,6 +3,7 @@ ipykernel; and its frame decoding and execution tracking without a server."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
+import trio_websocket
 
 from kallichore.client import (
     ApiError,
@@ -27,6 +30,7 @@ from kallichore.client import (
     UnknownEvent,
     decode_frame,
     execute_request,
+    open_channels,
 )
 from tests.conftest import IPYKERNEL_ARGV, daemon, started_session
 
@@ -299,3 +303,33 @@ def test_supervisor_events_decode_to_their_classes() -> None:
     untagged = decode_frame({**OUTPUT, "kind": None, "parent_header": {}})
     assert isinstance(untagged, KernelMessage)
     assert untagged.parent_msg_id is None
+
+
+async def test_execute_gives_up_on_a_lost_idle_after_a_quiet_spell(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer that answers an execute_request with its reply and never the idle."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+
+    async def peer() -> None:
+        request = await trio_websocket.wrap_server_stream(nursery, server_end)
+        websocket = await request.accept()
+        msg_id = json.loads(await websocket.get_message())["header"]["msg_id"]
+        output = reply_frame(msg_id, "iopub", "stream", {"name": "stdout", "text": "hi\n"})
+        reply = reply_frame(
+            msg_id, "shell", "execute_reply", {"status": "ok", "execution_count": 3}
+        )
+        for frame in (output, reply):
+            await websocket.send_message(json.dumps(frame))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        async with open_channels(client_end, "localhost", "/") as channels:
+            started = trio.current_time()
+            result = await channels.execute("print('hi')", idle_timeout=5)
+            assert trio.current_time() - started == pytest.approx(5, abs=0.1)
+        nursery.cancel_scope.cancel()
+    assert not result.idle
+    assert result.stdout == "hi\n"
+    assert result.execution_count == 3
