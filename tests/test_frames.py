@@ -9,7 +9,7 @@ import pytest
 import trio
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from kallichore.api.envelope import encode_event
+from kallichore.channels.kallichore_framing import encode_event
 from kallichore.jupyter.wire import Channel, Message
 from kallichore.server.websocket import ReplayStream, text_frame_header
 from kallichore.session.events import JupyterEvent, OutputEvent

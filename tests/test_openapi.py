@@ -24,9 +24,14 @@ from kallichore import __version__
 from kallichore.api import app as api_app
 from kallichore.api import models
 from kallichore.api.app import ServerState, create_app
-from kallichore.api.channels import ChannelBroker
-from kallichore.api.envelope import FrameError, client_error, encode_event, kernel_event
 from kallichore.api.openapi import LOG_LEVELS, WIRE_MODELS, openapi_document
+from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.kallichore_framing import (
+    FrameError,
+    client_error,
+    encode_event,
+    kernel_event,
+)
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message
 from kallichore.server.http import RunningServer, serve_api

@@ -18,7 +18,7 @@ import trio_websocket
 import wsproto
 import wsproto.events
 
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels.broker import ChannelBroker
 from kallichore.server import websocket
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,

@@ -24,8 +24,6 @@ from quart_trio import QuartTrio
 
 from kallichore import __version__
 from kallichore.api import models
-from kallichore.api.channels import ChannelBroker
-from kallichore.api.envelope import queued_message, wire_status
 from kallichore.api.models import (
     ActiveSession,
     BodyError,
@@ -44,6 +42,8 @@ from kallichore.api.models import (
     structure_body,
 )
 from kallichore.api.openapi import openapi_document
+from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.idle_shutdown import IdleShutdown
 from kallichore.session.kernel_session import KernelSession

@@ -20,7 +20,7 @@ import attrs
 
 from kallichore import __version__
 from kallichore.api import models
-from kallichore.api.envelope import CLIENT_CHANNELS, wire_status
+from kallichore.channels.kallichore_framing import CLIENT_CHANNELS, wire_status
 from kallichore.errors import ErrorCode
 from kallichore.jupyter.connection import TRANSPORTS
 from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel

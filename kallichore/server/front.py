@@ -22,7 +22,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed
 
 from kallichore.api.app import ServerState, check_token
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels.broker import ChannelBroker
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.server.websocket import (
     MAX_MESSAGE_BYTES,

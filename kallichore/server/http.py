@@ -22,7 +22,7 @@ import trio
 from hypercorn.config import Config
 
 from kallichore.api.app import ChannelSockets, ServerState, create_app
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels.broker import ChannelBroker
 from kallichore.server.front import FrontDoor
 from kallichore.supervisor import Supervisor
 

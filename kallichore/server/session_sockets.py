@@ -25,7 +25,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels.broker import ChannelBroker
 from kallichore.server.websocket import (
     MAX_MESSAGE_BYTES,
     PING_INTERVAL_SECONDS,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels.broker import ChannelBroker
 from kallichore.session.kernel_session import KernelSession
 
 logger = logging.getLogger(__name__)
