@@ -1,4 +1,4 @@
-"""Serve the Kallichore API: hypercorn for the HTTP routes, trio-websocket for the channels.
+"""Serve the Kallichore API: hypercorn for the HTTP routes, our WebSocket shell for the channels.
 
 On TCP, a `FrontDoor` owns the port and hands everything but channel WebSockets to hypercorn on
 a private Unix socket. On the Unix-socket transport, hypercorn serves the API socket itself and
