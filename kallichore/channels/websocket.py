@@ -131,6 +131,7 @@ class WebSocket:
         if (
             self._writing.locked()
             or self._unwritten
+            or self._broken
             or self._connection.state is not ConnectionState.OPEN
             or sum(map(len, frames)) > DIRECT_WRITE_MAX_BYTES
         ):
