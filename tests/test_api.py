@@ -879,3 +879,29 @@ async def test_bodies_up_to_the_limit_pass_the_front_door(api: Api) -> None:
     too_big = await api.http.post("/client_heartbeat", content=b" " * (limit + 1))
     assert too_big.status_code == 413
     assert (await api.http.get("/status")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", 200),
+        (b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\nNOT HTTP AT ALL\r\n\r\n", 400),
+        (b"\x16\x03\x01 a TLS hello, say\r\n\r\n", 400),
+    ],
+)
+async def test_connection_close_or_a_protocol_error_ends_the_connection(
+    server: RunningServer, request_bytes: bytes, status: int
+) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(request_bytes)
+        received = b""
+        with trio.fail_after(TIMEOUT):
+            while chunk := await stream.receive_some():
+                received += chunk
+    if request_bytes.startswith(b"GET"):
+        code, _, received = await read_response(stream, received)
+        assert code == 200
+    if status != 200:
+        assert received.startswith(f"HTTP/1.1 {status} ".encode())
+    else:
+        assert received == b""
