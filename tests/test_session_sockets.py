@@ -17,16 +17,16 @@ import trio_websocket
 import wsproto
 import wsproto.events
 
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels import websocket
+from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.websocket import MAX_UNANSWERED_PINGS
 from kallichore.client import Channels, execute_request, open_channels
-from kallichore.server import websocket
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,
     SessionSockets,
     SocketPathTooLong,
     session_socket_path,
 )
-from kallichore.server.websocket import MAX_UNANSWERED_PINGS
 from kallichore.session.kernel_session import KernelSession
 from kallichore.supervisor import Supervisor
 from tests.conftest import ipykernel_spec, kernel_events, stream_text, until
