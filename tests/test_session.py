@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
+import attrs
 import psutil
 import pytest
 import trio
+import trio.testing
 
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
 from kallichore.jupyter.wire import Channel
@@ -24,7 +30,7 @@ from kallichore.session.events import (
 from kallichore.session.kernel_session import KernelSession, SessionConfig
 from kallichore.session.model import InterruptMode, Status, VarAction, VarActionType
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
-from tests.conftest import ipykernel_spec
+from tests.conftest import IPYKERNEL_ARGV, ipykernel_spec
 from tests.kernel_client import collect_until, is_done, of_type, replies_to, stdout_text
 
 
@@ -452,3 +458,74 @@ async def test_a_burst_of_output_while_the_supervisor_is_busy_is_not_dropped(
         time.sleep(4)  # noqa: ASYNC251
         events = await collect_until(sub, is_done(msg_id))
     assert len(of_type(replies_to(events, msg_id), "display_data")) == count
+
+
+async def test_a_kernel_asking_for_input_at_once_is_heard_however_slow_the_stdin_connection(
+    supervisor: Supervisor, tmp_path: Path
+) -> None:
+    """The kernel's stdin ROUTER drops an input_request for a peer whose ZeroMQ handshake is not
+    done, and the kernel then waits forever. A proxy in front of the kernel's stdin port holds
+    our connection, as a loaded machine may: the session must not be ready before it is done."""
+    session = await supervisor.create_session(ipykernel_spec("python-adopted", argv=()))
+    info = session.external_connection_info()
+    connection_file = tmp_path / "kernel.json"
+    connection_file.write_text(json.dumps(info.to_dict()))
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    proxy_port = listener.socket.getsockname()[1]
+    accepted, release, adopted = trio.Event(), trio.Event(), trio.Event()
+
+    async def hold_then_forward(client: trio.SocketStream) -> None:
+        accepted.set()
+        await release.wait()
+        kernel = await trio.open_tcp_stream("127.0.0.1", info.stdin_port)
+        async with client, kernel, trio.open_nursery() as pipes:
+            pipes.start_soon(forward, client, kernel)
+            pipes.start_soon(forward, kernel, client)
+
+    async def adopt() -> None:
+        await session.adopt(attrs.evolve(info, stdin_port=proxy_port))
+        adopted.set()
+
+    process = await trio.lowlevel.open_process(
+        [*IPYKERNEL_ARGV[:-1], str(connection_file)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, hold_then_forward, [listener])
+            nursery.start_soon(adopt)
+            with trio.fail_after(60):
+                await accepted.wait()
+            # Every task now waits for something; only the held connection can free adopt().
+            await trio.testing.wait_all_tasks_blocked()
+            assert not adopted.is_set()
+            release.set()
+            with trio.fail_after(60):
+                await adopted.wait()
+            with session.events.subscribe(backlog=False) as sub:
+                msg_id = await session.execute("print('hi', input('who? '))")
+                asked = await collect_until(
+                    sub,
+                    lambda e: isinstance(e, JupyterEvent) and e.message.msg_type == "input_request",
+                )
+                [request] = of_type(replies_to(asked, msg_id), "input_request")
+                reply = session.message("input_reply", {"value": "there"}, parent=request.header)
+                await session.send(Channel.STDIN, reply)
+                events = await collect_until(sub, is_done(msg_id))
+            assert stdout_text(replies_to(events, msg_id)) == "hi there\n"
+            await session.shutdown()
+            nursery.cancel_scope.cancel()
+    except BaseException:
+        process.kill()
+        raise
+    with trio.fail_after(30):
+        await process.wait()
+
+
+async def forward(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    """Copy one direction of a proxied connection until either side closes it."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while data := await source.receive_some():
+            await sink.send_all(data)

@@ -406,7 +406,6 @@ class KernelSession:
                         kernel.cancel_scope.cancel()
                     else:
                         channels = kernel.require_channels()
-                        channels.connect_stdin()
                         nursery.start_soon(self._pump_channel, kernel, channels, Channel.STDIN)
                         kernel.ready = True
                         kernel.startup_output.clear()
@@ -478,8 +477,9 @@ class KernelSession:
     async def _connect(self, kernel: _KernelRun, nursery: trio.Nursery) -> KallichoreError | None:
         """Handshake (JEP 66), ZeroMQ connect and kernel_info, within `connection_timeout`.
 
-        Readiness needs the kernel_info_reply on shell and proof that our iopub subscription
-        is live. ipykernel 7 proves the latter with `iopub_welcome`; for other kernels a fresh
+        Readiness needs the kernel_info_reply on shell, proof that our iopub subscription
+        is live, and a stdin connection the kernel knows (see `KernelChannels`). ipykernel 7
+        proves the iopub subscription with `iopub_welcome`; for other kernels a fresh
         kernel_info_request makes them publish busy/idle, so we ask again, backing off, until
         something arrives on iopub.
         """
@@ -507,6 +507,7 @@ class KernelSession:
                     if not kernel.iopub_alive.is_set():
                         await self._request_kernel_info(kernel, channels)
                         delay = min(delay * 2, 1.0)
+                await channels.connect_stdin()
         except trio.TooSlowError:
             if kernel.registration is not None and kernel.connection is None:
                 return StartupError(
