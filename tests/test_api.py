@@ -20,6 +20,7 @@ from kallichore.api.app import ServerState
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.supervisor import Supervisor
 from tests.api_client import (
+    TIMEOUT,
     Api,
     execute_request,
     is_idle,
@@ -181,7 +182,7 @@ async def test_shutdown_request_on_shell_also_works(api: Api) -> None:
     await started_session(api)
     async with api.channels("python-1") as channels:
         msg_id = await channels.send(jupyter_message("shutdown_request", {"restart": False}))
-        await channels.until(lambda f: is_reply(f, msg_id, "shutdown_reply"), timeout=5)
+        await channels.until(lambda f: is_reply(f, msg_id, "shutdown_reply"))
 
 
 async def test_reconnect_after_reload_gets_what_was_missed(api: Api) -> None:
@@ -255,24 +256,28 @@ async def test_malformed_client_frames_get_an_error_and_the_socket_lives(api: Ap
     assert stream_text(frames) == "still here\n"
 
 
-async def test_execution_queue(api: Api) -> None:
+async def test_execution_queue(api: Api, tmp_path: Path) -> None:
     await started_session(api)
+    go_on = tmp_path / "go-on"
     async with api.channels("python-1") as channels:
+        # The first task runs until we have seen the queue behind it.
         first = await channels.send(
             execute_request(
-                "import time; print('Long task start'); time.sleep(1)\n"
+                "import os, time; print('Long task start')\n"
+                f"while not os.path.exists({str(go_on)!r}): time.sleep(0.05)\n"
                 "print('Long task end'); a = 1"
             )
         )
         second = await channels.send(execute_request("b = 2; print('Queued Second')"))
         third = await channels.send(execute_request("c = 3; print('Queued Third')"))
         fourth = await channels.send(execute_request("print('Queued Fourth:', a + b + c)"))
-        with trio.fail_after(10):
+        with trio.fail_after(TIMEOUT):
             while (await api.session("python-1"))["execution_queue"]["length"] < 3:
                 await trio.sleep(0.05)
         queue = (await api.session("python-1"))["execution_queue"]
         assert queue["active"]["header"]["msg_id"] == first
         assert [m["header"]["msg_id"] for m in queue["pending"]] == [second, third, fourth]
+        go_on.touch()
         frames = await channels.until(lambda f: is_idle(f, fourth))
     assert kernel_events(channels.received, "executionQueued") == [second, third, fourth]
     text = stream_text(frames)
@@ -352,7 +357,7 @@ async def test_resource_usage_is_sampled_while_connected(api: Api, supervisor: S
     await started_session(api)
     async with api.channels("python-1") as channels:
         [usage] = kernel_events(
-            await channels.until(lambda f: "resourceUsage" in f, timeout=10), "resourceUsage"
+            await channels.until(lambda f: "resourceUsage" in f), "resourceUsage"
         )
     assert usage["memory_bytes"] > 0
     assert usage["thread_count"] >= 1
@@ -415,7 +420,6 @@ async def test_startup_with_a_bad_shell_env_var_still_starts(api: Api) -> None:
         "python-1",
         startup_environment="shell",
         env=[{"action": "replace", "name": "SHELL", "value": "/non/existent/shell"}],
-        connection_timeout=15,
     )
     assert (await api.start("python-1"))["status"] == "ok"
 
@@ -633,7 +637,7 @@ async def test_older_positron_new_session_shape(api: Api) -> None:
 
 async def test_session_listing_and_details(api: Api) -> None:
     for i in range(3):
-        await api.create(f"python-{i}", connection_timeout=3)
+        await api.create(f"python-{i}")
     listing = (await api.http.get("/sessions")).json()
     assert listing["total"] == 3
     assert {s["session_id"] for s in listing["sessions"]} == {"python-0", "python-1", "python-2"}
@@ -715,7 +719,7 @@ async def test_multiple_session_shutdown_restart_cycle(api: Api) -> None:
         msg_id = await channels.send(
             jupyter_message("shutdown_request", {"restart": False}, "control")
         )
-        await channels.until(lambda f: is_reply(f, msg_id, "shutdown_reply"), timeout=3)
+        await channels.until(lambda f: is_reply(f, msg_id, "shutdown_reply"))
     with trio.fail_after(30):
         while (await api.session("python-1"))["status"] != "exited":
             await trio.sleep(0.05)
@@ -747,9 +751,9 @@ async def test_cpu_is_tracked_per_session(api: Api, supervisor: Supervisor) -> N
     async with api.channels("python-1") as one, api.channels("python-2") as two:
         samples: dict[str, list[int]] = {}
         for session_id, channels in (("python-1", one), ("python-2", two)):
-            frames = await channels.until(lambda f: "resourceUsage" in f, timeout=20)
+            frames = await channels.until(lambda f: "resourceUsage" in f)
             for _ in range(4):
-                frames += await channels.until(lambda f: "resourceUsage" in f, timeout=20)
+                frames += await channels.until(lambda f: "resourceUsage" in f)
             samples[session_id] = [u["cpu_percent"] for u in kernel_events(frames, "resourceUsage")]
     assert all(samples.values())
     # Two idle kernels: nobody is charged for the other's CPU or for the whole machine.

@@ -391,16 +391,21 @@ async def test_idle_shutdown_when_nothing_happens(tmp_path: Path) -> None:
 
 
 async def test_idle_shutdown_waits_for_a_busy_session(tmp_path: Path) -> None:
+    done = tmp_path / "done"
     async with (
-        daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "2") as d,
+        daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "1") as d,
         d.http() as client,
     ):
         await start_session(client, "python-1")
-        await d.send_code("python-1", "import time; time.sleep(4)")
-        # Busy for 4 s with a 2 s period: still up after 3 s.
+        # Busy until we say so: past several idle periods, the daemon is still up.
+        await d.send_code(
+            "python-1",
+            f"import os, time\nwhile not os.path.exists({str(done)!r}): time.sleep(0.05)",
+        )
         await trio.sleep(3)
         assert d.process.returncode is None
         pid = (await client.get("/sessions/python-1")).json()["process_id"]
+        done.touch()
         assert await d.wait() == 0
     assert not psutil.pid_exists(pid)
 
@@ -476,17 +481,20 @@ async def test_exit_leaves_no_kernel_behind(tmp_path: Path, how: str) -> None:
 
 async def test_a_second_sigint_kills_at_once(tmp_path: Path) -> None:
     async with (
-        daemon(tmp_path, "--transport", "tcp", "--shutdown-grace", "60") as d,
+        daemon(tmp_path, "--transport", "tcp", "--shutdown-grace", "600") as d,
         d.http() as client,
     ):
         await start_session(client, "python-busy")
         await d.send_code("python-busy", "import time; time.sleep(600)")
         pid = (await client.get("/sessions/python-busy")).json()["process_id"]
         d.process.send_signal(signal.SIGINT)
-        await trio.sleep(0.5)
-        assert d.process.returncode is None  # waiting out the 60 s grace period
+        # A signal that arrives before the daemon has read the first would be the same one.
+        with trio.fail_after(TIMEOUT):
+            while "SIGINT: shutting down" not in d.log.read_text():
+                await trio.sleep(0.05)
+        assert d.process.returncode is None  # waiting out the 600 s grace period
         d.process.send_signal(signal.SIGINT)
-        assert await d.wait(timeout=20) == 0
+        assert await d.wait() == 0
     assert not psutil.pid_exists(pid)
 
 

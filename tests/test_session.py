@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -45,6 +46,18 @@ async def execute_and_collect(session: KernelSession, code: str) -> tuple[str, l
     with session.events.subscribe() as sub:
         msg_id = await session.execute(code)
         return msg_id, await collect_until(sub, is_done(msg_id))
+
+
+SLEEPING = "import time; print('sleeping', flush=True); time.sleep(600)"
+
+
+def is_sleeping(msg_id: str) -> Callable[[Event], bool]:
+    """The output that shows that the kernel runs SLEEPING (sent as `msg_id`)."""
+    return lambda e: (
+        isinstance(e, JupyterEvent)
+        and e.message.parent_msg_id == msg_id
+        and stdout_text([e.message]) == "sleeping\n"
+    )
 
 
 def statuses(events: list[Event]) -> list[tuple[Status, str | None]]:
@@ -120,10 +133,12 @@ async def test_interrupt(supervisor: Supervisor, mode: InterruptMode) -> None:
     session = await supervisor.create_session(ipykernel_spec(interrupt_mode=mode))
     await session.start()
     with session.events.subscribe() as sub:
-        msg_id = await session.execute("import time; time.sleep(60)")
-        await collect_until(sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.BUSY)
+        msg_id = await session.execute(SLEEPING)
+        # Not on `busy`: ipykernel publishes it before it runs the code, and an interrupt that
+        # comes before the code is lost (the code then sleeps its 600 s).
+        await collect_until(sub, is_sleeping(msg_id))
         await session.interrupt()
-        events = await collect_until(sub, is_done(msg_id), timeout=30)
+        events = await collect_until(sub, is_done(msg_id))
     [reply] = of_type(replies_to(events, msg_id), "execute_reply")
     assert reply.content["status"] == "error"
     assert reply.content["ename"] == "KeyboardInterrupt"
@@ -218,7 +233,7 @@ async def test_kernel_that_exits_on_its_own(supervisor: Supervisor) -> None:
     await session.start()
     with session.events.subscribe() as sub:
         await session.execute("import os; os._exit(3)")
-        events = await collect_until(sub, lambda e: isinstance(e, ExitedEvent), timeout=10)
+        events = await collect_until(sub, lambda e: isinstance(e, ExitedEvent))
     assert events[-1] == ExitedEvent(3)
     assert session.status is Status.EXITED
     # No message is fed to a kernel that is not there.
@@ -286,17 +301,22 @@ async def test_events_wait_for_the_next_subscriber(supervisor: Supervisor) -> No
 
 
 async def test_execution_queue_holds_requests_while_the_kernel_is_busy(
-    supervisor: Supervisor,
+    supervisor: Supervisor, tmp_path: Path
 ) -> None:
     session = await supervisor.create_session(ipykernel_spec())
     await session.start()
+    go_on = tmp_path / "go-on"
     with session.events.subscribe() as sub:
-        first = await session.execute("import time; time.sleep(0.5); a = 1")
+        # The first one runs until we have seen the queue behind it.
+        first = await session.execute(
+            f"import os, time\nwhile not os.path.exists({str(go_on)!r}): time.sleep(0.05)\na = 1"
+        )
         second = await session.execute("b = a + 1")
         third = await session.execute("print(a + b)")
         assert session.execution_queue.active is not None
         assert session.execution_queue.active.msg_id == first
         assert [m.msg_id for m in session.execution_queue.pending] == [second, third]
+        go_on.touch()
         events = await collect_until(sub, is_done(third))
     queued = [e.msg_id for e in events if isinstance(e, ExecutionQueuedEvent)]
     assert queued == [second, third]
@@ -304,22 +324,28 @@ async def test_execution_queue_holds_requests_while_the_kernel_is_busy(
     assert session.execution_queue.active is None
 
 
-async def test_heartbeat_loss_and_recovery(supervisor: Supervisor) -> None:
-    session = await supervisor.create_session(ipykernel_spec())
-    await session.start()
-    pid = session.process_id
-    assert pid is not None
-    with session.events.subscribe() as sub:
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            await collect_until(
-                sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.OFFLINE
-            )
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        events = await collect_until(
-            sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.IDLE
+async def test_heartbeat_loss_and_recovery() -> None:
+    config = SupervisorConfig(
+        session=SessionConfig(
+            heartbeat_interval=0.2, unattended_heartbeat_interval=0.2, heartbeat_timeout=1.0
         )
+    )
+    async with open_supervisor(config) as supervisor:
+        session = await supervisor.create_session(ipykernel_spec())
+        await session.start()
+        pid = session.process_id
+        assert pid is not None
+        with session.events.subscribe() as sub:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await collect_until(
+                    sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.OFFLINE
+                )
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            events = await collect_until(
+                sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.IDLE
+            )
     assert (Status.IDLE, "heartbeat detected after offline") in statuses(events)
 
 
@@ -395,13 +421,12 @@ async def test_a_cancelled_start_leaves_nothing_running(supervisor: Supervisor) 
 
 
 async def test_shutdown_kills_a_kernel_that_does_not_exit_in_time(supervisor: Supervisor) -> None:
-    code = "import time; time.sleep(600)"
     session = await supervisor.create_session(ipykernel_spec())
     await session.start()
     pid = session.process_id
     with session.events.subscribe() as sub:
-        await session.execute(code)
-        await collect_until(sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.BUSY)
+        msg_id = await session.execute(SLEEPING)
+        await collect_until(sub, is_sleeping(msg_id))
         await session.shutdown(grace=0.5)
         events = await collect_until(sub, lambda e: isinstance(e, ExitedEvent))
     assert session.status is Status.EXITED
