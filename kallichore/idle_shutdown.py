@@ -3,7 +3,8 @@
 Nudges are sessions becoming idle or exiting, clients connecting, and client heartbeats. A tick
 comes at least one full period after the previous one and after the last nudge (missed ticks,
 say across a laptop's sleep, are not caught up). At a tick the server stays up while the client
-process that sent heartbeats is alive, or while any session is busy or has a client attached.
+process that sent heartbeats is alive, or while any session is starting, busy or has a client
+attached.
 """
 
 from __future__ import annotations
@@ -84,4 +85,7 @@ class IdleShutdown:
 
 
 def _in_use(supervisor: Supervisor) -> bool:
-    return any(s.status is Status.BUSY or s.connected for s in supervisor.sessions())
+    # A kernel may take longer to start than the period is long; its start is not idleness.
+    return any(
+        s.status in (Status.STARTING, Status.BUSY) or s.connected for s in supervisor.sessions()
+    )

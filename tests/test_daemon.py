@@ -410,6 +410,30 @@ async def test_idle_shutdown_waits_for_a_busy_session(tmp_path: Path) -> None:
     assert not psutil.pid_exists(pid)
 
 
+async def test_idle_shutdown_waits_for_a_starting_session(tmp_path: Path) -> None:
+    go_on = tmp_path / "go-on"
+    # A kernel that takes several idle periods to start: it waits for us before it runs.
+    slow_start = (
+        "import os, runpy, sys, time\n"
+        f"while not os.path.exists({str(go_on)!r}): time.sleep(0.05)\n"
+        "runpy.run_module('ipykernel_launcher', run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", slow_start, "-f", "{connection_file}"]
+    async with (
+        daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "1") as d,
+        d.http() as client,
+    ):
+        response = await client.put("/sessions", json=new_session_body("python-1", argv=argv))
+        assert response.status_code == 200, response.text
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.post, "/sessions/python-1/start")
+            await trio.sleep(3)
+            assert d.process.returncode is None
+            go_on.touch()
+        assert (await client.get("/sessions/python-1")).json()["status"] == "idle"
+        assert await d.wait() == 0
+
+
 async def test_idle_shutdown_waits_for_a_connected_client(tmp_path: Path) -> None:
     async with (
         daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "1") as d,
