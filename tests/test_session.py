@@ -27,6 +27,7 @@ from kallichore.session.events import (
     JupyterEvent,
     OutputEvent,
     StatusEvent,
+    Subscription,
 )
 from kallichore.session.kernel_session import KernelSession, SessionConfig
 from kallichore.session.model import InterruptMode, Status, VarAction, VarActionType
@@ -333,16 +334,8 @@ async def test_heartbeat_loss_and_recovery() -> None:
     async with open_supervisor(config) as supervisor:
         session = await supervisor.create_session(ipykernel_spec())
         await session.start()
-        pid = session.process_id
-        assert pid is not None
         with session.events.subscribe() as sub:
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                await collect_until(
-                    sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.OFFLINE
-                )
-            finally:
-                os.kill(pid, signal.SIGCONT)
+            await stop_until_offline(session, sub)
             events = await collect_until(
                 sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.IDLE
             )
@@ -446,17 +439,22 @@ async def test_a_watched_session_beats_at_the_attended_interval(tmp_path: os.Pat
         session = await sup.create_session(ipykernel_spec())
         session.connected = True  # as the API marks it while a client is attached
         await session.start()
-        pid = session.process_id
-        assert pid is not None
         with session.events.subscribe() as sub:
             await trio.sleep(0.5)  # past the first beat: later ones come every 0.2 s
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                await collect_until(
-                    sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.OFFLINE
-                )
-            finally:
-                os.kill(pid, signal.SIGCONT)
+            await stop_until_offline(session, sub)
+
+
+async def stop_until_offline(session: KernelSession, sub: Subscription) -> None:
+    """Stop the kernel (SIGSTOP) until the session reports it offline, then let it go on."""
+    pid = session.process_id
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await collect_until(
+            sub, lambda e: isinstance(e, StatusEvent) and e.status is Status.OFFLINE
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 async def test_a_burst_of_output_while_the_supervisor_is_busy_is_not_dropped(
