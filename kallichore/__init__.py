@@ -18,8 +18,15 @@ from kallichore.session.events import (
     StatusEvent,
     Subscription,
 )
-from kallichore.session.kernel_session import KernelSession, SessionConfig
-from kallichore.session.model import InterruptMode, SessionSpec, Status, VarAction, VarActionType
+from kallichore.session.kernel_session import KernelSession
+from kallichore.session.model import (
+    InterruptMode,
+    SessionConfig,
+    SessionSpec,
+    Status,
+    VarAction,
+    VarActionType,
+)
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 __version__ = "0.1.0"

@@ -16,17 +16,19 @@ from pathlib import Path
 import trio
 
 from kallichore import __version__
+from kallichore.api import models
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
 
 logger = logging.getLogger("kallichore")
 
-LOG_LEVELS = {
-    "trace": 5,
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-}
+# Kallichore's level names, as Python's logging levels (trace is below debug).
+LOG_LEVELS = dict(
+    zip(
+        models.LOG_LEVELS,
+        (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR),
+        strict=True,
+    )
+)
 MAX_TOKEN_LENGTH = 64
 
 

@@ -8,7 +8,6 @@ connection files, so after it returns nothing of ours is left running or lying a
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -21,10 +20,9 @@ import zmq
 
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import PortAllocator
-from kallichore.session.events import ResourceUsageEvent
-from kallichore.session.kernel_session import KernelSession, SessionConfig
-from kallichore.session.model import SessionSpec
-from kallichore.session.resources import ResourceSampler
+from kallichore.session.kernel_session import KernelSession
+from kallichore.session.model import SessionConfig, SessionSpec
+from kallichore.session.resources import SampleInterval
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +57,9 @@ class Supervisor:
         self._config = config
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
-        self._resource_sample_interval_ms = config.resource_sample_interval_ms
-        self._sampling_changed = trio.Event()
-        # When a session last became idle or exited, or a client last showed up (trio clock).
+        self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
+        # When a session was last created, became idle or exited, or a client last showed up
+        # (trio clock).
         self.last_activity = trio.current_time()
 
     def note_activity(self) -> None:
@@ -70,41 +68,13 @@ class Supervisor:
 
     @property
     def resource_sample_interval_ms(self) -> int:
-        return self._resource_sample_interval_ms
+        """How often sessions with a client attached publish their kernel's resource use."""
+        return self._sample_interval.milliseconds
 
     @resource_sample_interval_ms.setter
     def resource_sample_interval_ms(self, interval: int) -> None:
         """Change the sampling period; the next sample is one new period from now."""
-        self._resource_sample_interval_ms = interval
-        self._sampling_changed.set()
-
-    async def sample_resources(self) -> None:
-        """Publish `resourceUsage` for every session whose kernel has a client attached.
-
-        One timer for all sessions; a tick with no connected session costs nothing.
-        """
-        sampler = ResourceSampler()
-        sampled: dict[str, int] = {}
-        while True:
-            self._sampling_changed = trio.Event()
-            interval = self._resource_sample_interval_ms
-            with trio.move_on_after(interval / 1000 if interval > 0 else math.inf):
-                await self._sampling_changed.wait()
-                continue
-            for session in self._sessions.values():
-                pid = session.process_id
-                previous = sampled.pop(session.session_id, None)
-                if pid is None or not session.connected:
-                    if previous is not None:
-                        sampler.forget(previous)
-                    continue
-                if previous is not None and previous != pid:
-                    sampler.forget(previous)
-                usage = sampler.sample(pid, interval)
-                if usage is not None:
-                    sampled[session.session_id] = pid
-                    session.resource_usage = usage
-                    session.events.publish(ResourceUsageEvent(usage))
+        self._sample_interval.milliseconds = interval
 
     @property
     def runtime_dir(self) -> Path:
@@ -122,9 +92,11 @@ class Supervisor:
             ports=self._ports,
             runtime_dir=self._runtime_dir,
             config=self._config.session,
+            sample_interval=self._sample_interval,
             on_rest=self.note_activity,
         )
         self._sessions[spec.session_id] = session
+        self.note_activity()
         await self._nursery.start(session.run)
         return session
 
@@ -183,7 +155,6 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
     try:
         async with _single_error(), trio.open_nursery() as nursery:
             supervisor = Supervisor(nursery, context, runtime_dir, config)
-            nursery.start_soon(supervisor.sample_resources)
             try:
                 yield supervisor
             finally:

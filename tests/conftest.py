@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kallichore.session.kernel_session import SessionConfig
-from kallichore.session.model import InterruptMode, SessionSpec
+from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 IPYKERNEL_ARGV = (sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}")

@@ -26,14 +26,22 @@ from kallichore.session.events import (
     ExitedEvent,
     JupyterEvent,
     OutputEvent,
+    ResourceUsageEvent,
     StatusEvent,
     Subscription,
 )
-from kallichore.session.kernel_session import KernelSession, SessionConfig
-from kallichore.session.model import InterruptMode, Status, VarAction, VarActionType
+from kallichore.session.kernel_session import KernelSession
+from kallichore.session.model import InterruptMode, SessionConfig, Status, VarAction, VarActionType
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 from tests.conftest import IPYKERNEL_ARGV, ipykernel_spec
-from tests.kernel_client import collect_until, is_done, of_type, replies_to, stdout_text
+from tests.kernel_client import (
+    collect_until,
+    is_done,
+    is_idle_for,
+    of_type,
+    replies_to,
+    stdout_text,
+)
 
 
 async def run(session: KernelSession, code: str, **kwargs: bool) -> list[JupyterEvent | Event]:
@@ -52,12 +60,13 @@ async def execute_and_collect(session: KernelSession, code: str) -> tuple[str, l
 SLEEPING = "import time; print('sleeping', flush=True); time.sleep(600)"
 
 
-def is_sleeping(msg_id: str) -> Callable[[Event], bool]:
-    """The output that shows that the kernel runs SLEEPING (sent as `msg_id`)."""
+def printed(msg_id: str, text: str) -> Callable[[Event], bool]:
+    """The output `text` of execution `msg_id`: proof that the kernel runs its code (`busy`
+    comes earlier, and an interrupt before the code runs is lost)."""
     return lambda e: (
         isinstance(e, JupyterEvent)
         and e.message.parent_msg_id == msg_id
-        and stdout_text([e.message]) == "sleeping\n"
+        and stdout_text([e.message]) == text
     )
 
 
@@ -135,9 +144,7 @@ async def test_interrupt(supervisor: Supervisor, mode: InterruptMode) -> None:
     await session.start()
     with session.events.subscribe() as sub:
         msg_id = await session.execute(SLEEPING)
-        # Not on `busy`: ipykernel publishes it before it runs the code, and an interrupt that
-        # comes before the code is lost (the code then sleeps its 600 s).
-        await collect_until(sub, is_sleeping(msg_id))
+        await collect_until(sub, printed(msg_id, "sleeping\n"))
         await session.interrupt()
         events = await collect_until(sub, is_done(msg_id))
     [reply] = of_type(replies_to(events, msg_id), "execute_reply")
@@ -419,7 +426,7 @@ async def test_shutdown_kills_a_kernel_that_does_not_exit_in_time(supervisor: Su
     pid = session.process_id
     with session.events.subscribe() as sub:
         msg_id = await session.execute(SLEEPING)
-        await collect_until(sub, is_sleeping(msg_id))
+        await collect_until(sub, printed(msg_id, "sleeping\n"))
         await session.shutdown(grace=0.5)
         events = await collect_until(sub, lambda e: isinstance(e, ExitedEvent))
     assert session.status is Status.EXITED
@@ -437,9 +444,8 @@ async def test_a_watched_session_beats_at_the_attended_interval(tmp_path: os.Pat
     )
     async with open_supervisor(config) as sup:
         session = await sup.create_session(ipykernel_spec())
-        session.connected = True  # as the API marks it while a client is attached
-        await session.start()
-        with session.events.subscribe() as sub:
+        with session.events.subscribe() as sub:  # a client is attached
+            await session.start()
             await trio.sleep(0.5)  # past the first beat: later ones come every 0.2 s
             await stop_until_offline(session, sub)
 
@@ -563,3 +569,57 @@ async def forward(source: trio.SocketStream, sink: trio.SocketStream) -> None:
     with contextlib.suppress(trio.BrokenResourceError):
         while data := await source.receive_some():
             await sink.send_all(data)
+
+
+async def test_a_control_request_during_an_execution_keeps_the_session_busy(
+    supervisor: Supervisor, tmp_path: os.PathLike[str]
+) -> None:
+    """The kernel publishes busy/idle for a kernel_info_request on control while code runs;
+    that idle must neither make the session idle nor send the queued execution early."""
+    session = await supervisor.create_session(ipykernel_spec())
+    await session.start()
+    go_on = os.path.join(tmp_path, "go-on")
+    with session.events.subscribe() as sub:
+        # Runs until the test says so, however slow the machine.
+        first = await session.execute(
+            "import os, time; print('running', flush=True)\n"
+            f"while not os.path.exists({go_on!r}): time.sleep(0.05)"
+        )
+        await collect_until(sub, printed(first, "running\n"))
+        second = await session.execute("6 * 7")
+        info = session.message("kernel_info_request")
+        await session.send(Channel.CONTROL, info)
+        events = await collect_until(sub, is_idle_for(info.msg_id))
+        assert Status.IDLE not in [e.status for e in events if isinstance(e, StatusEvent)]
+        assert session.status is not Status.IDLE  # busy (or offline, on a loaded machine)
+        queue = session.execution_queue
+        assert queue.active is not None
+        assert queue.active.msg_id == first
+        assert [m.msg_id for m in queue.pending] == [second]
+        Path(go_on).touch()
+        events += await collect_until(sub, is_done(second))
+    started = [
+        e.message.parent_msg_id
+        for e in events
+        if isinstance(e, JupyterEvent) and e.message.msg_type == "execute_input"
+    ]
+    assert started == [second]
+
+
+async def test_an_embedded_session_with_a_subscriber_gets_resource_usage() -> None:
+    """Whether a client is attached is a fact of the event log, not of the HTTP layer."""
+    config = SupervisorConfig(resource_sample_interval_ms=100)
+    async with open_supervisor(config) as sup:
+        session = await sup.create_session(ipykernel_spec())
+        await session.start()
+        assert not session.connected
+        with session.events.subscribe() as sub:
+            assert session.connected
+            [usage] = [
+                e
+                for e in await collect_until(sub, lambda e: isinstance(e, ResourceUsageEvent))
+                if isinstance(e, ResourceUsageEvent)
+            ]
+        assert not session.connected
+    assert usage.usage.memory_bytes > 0
+    assert session.resource_usage is not None

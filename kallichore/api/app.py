@@ -1,20 +1,19 @@
-"""The Kallichore HTTP API as a Quart-Trio app: thin routes over the supervisor.
+"""The Kallichore HTTP API: its route table, and the Quart-Trio app that serves it.
 
-Routes validate, call the supervisor or a session, and shape the answer as the spec says:
-`null` bodies for actions, empty 401/404 bodies, the error object with `KS-n` codes for
-failures, StartupError for failed starts. No route touches ZeroMQ or a process directly.
+Each route is one entry (`ROUTES`) holding what it does and what it answers; the handlers
+call the supervisor or a session and return the model the spec says: `null` for actions, the
+error object with `KS-n` codes for failures, StartupError for failed starts, empty 401/404
+bodies. No route touches ZeroMQ or a process directly, nor the daemon: what the API may change
+about the server's life goes through `ServerControl`.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,13 +23,11 @@ from quart_trio import QuartTrio
 
 from kallichore import __version__
 from kallichore.api import models
-from kallichore.api.channels import ChannelBroker
 from kallichore.api.envelope import queued_message, wire_status
 from kallichore.api.models import (
     ActiveSession,
     BodyError,
     ClientHeartbeat,
-    ConnectionInfoBody,
     ErrorBody,
     ExecutionQueueBody,
     NewSession,
@@ -41,11 +38,25 @@ from kallichore.api.models import (
     ServerStatus,
     SessionList,
     StartupErrorBody,
-    structure_body,
 )
 from kallichore.api.openapi import openapi_document
+from kallichore.api.routes import (
+    Empty,
+    Failure,
+    NotFound,
+    Null,
+    PathParameter,
+    Refused,
+    Reply,
+    RouteTable,
+    bad_body,
+    bearer_token_matches,
+    empty,
+    install,
+    json_response,
+)
 from kallichore.errors import ErrorCode, KallichoreError
-from kallichore.idle_shutdown import IdleShutdown
+from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import Status
 from kallichore.supervisor import Supervisor
@@ -53,7 +64,6 @@ from kallichore.supervisor import Supervisor
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 
 
 @attrs.define
@@ -64,10 +74,24 @@ class ServerState:
     server_id: str = attrs.Factory(lambda: secrets.token_hex(8))
     started: float = attrs.Factory(time.time)
     started_monotonic: float = attrs.Factory(time.monotonic)
-    idle: IdleShutdown = attrs.Factory(IdleShutdown)
     log_level: str | None = "info"
-    # Called by POST /shutdown; the server decides how to stop.
-    request_shutdown: Callable[[], None] = lambda: None
+
+
+class ServerControl(Protocol):
+    """What the daemon lets the API see and change of the server's life."""
+
+    @property
+    def idle_shutdown_hours(self) -> int | None:
+        """The idle-shutdown period in hours; None while idle shutdown is off."""
+
+    def set_idle_shutdown_hours(self, hours: int | None) -> None:
+        """A new idle-shutdown period (None: off), counted from now."""
+
+    def note_client(self, process_id: int) -> None:
+        """The client process whose life keeps the server up."""
+
+    def request_shutdown(self) -> None:
+        """Stop every kernel, then the server."""
 
 
 class ChannelSockets(Protocol):
@@ -80,46 +104,23 @@ class ChannelSockets(Protocol):
     def close(self, session_id: str) -> None: ...
 
 
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(
-        json.dumps(models.converter.unstructure(body)),
-        status=status,
-        content_type="application/json",
-    )
+@attrs.frozen
+class KallichoreApi:
+    """What the handlers work on."""
 
+    supervisor: Supervisor
+    state: ServerState
+    control: ServerControl
+    sockets: ChannelSockets | None = None
 
-def empty(status: int) -> Response:
-    return Response(b"", status=status)
-
-
-def error_response(error: KallichoreError, status: int = 400) -> Response:
-    return json_response(ErrorBody.of(error), status)
-
-
-def body_error(error: BodyError) -> Response:
-    return json_response(ErrorBody("400", str(error)), 400)
+    def close_channel_socket(self, session: KernelSession) -> None:
+        """A session that lost its kernel, or is gone, has no channel socket left open."""
+        if self.sockets is not None:
+            self.sockets.close(session.session_id)
 
 
 def check_token(state: ServerState, authorization: str | None) -> bool:
-    """Bearer auth, scheme case-insensitive, token compared in constant time."""
-    if state.token is None:
-        return True
-    if not authorization:
-        return False
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(token.strip().encode(), state.token.encode())
-
-
-async def read_json() -> Any:
-    data = await request.get_data()
-    if not data:
-        raise BodyError("a JSON body is required")
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BodyError(f"the body is not valid JSON: {exc}") from None
+    return bearer_token_matches(state.token, authorization)
 
 
 def active_session(session: KernelSession, sockets: ChannelSockets | None) -> ActiveSession:
@@ -196,230 +197,406 @@ def server_status(supervisor: Supervisor, state: ServerState) -> ServerStatus:
     )
 
 
-Handler = Callable[..., Awaitable[Response]]
-SessionHandler = Callable[[KernelSession], Awaitable[Response]]
+def _session(api: KallichoreApi, session_id: str) -> KernelSession:
+    try:
+        return api.supervisor.get(session_id)
+    except KallichoreError:
+        raise NotFound(session_id) from None
+
+
+# -- the routes --------------------------------------------------------------------------------
+
+ROUTES = RouteTable(
+    "kallichore",
+    parameters={
+        "session_id": PathParameter(
+            "session",
+            "The id the session was created with.",
+            _session,
+            missing=Reply(Empty, "There is no session with this id (empty body)."),
+        )
+    },
+)
+_KERNEL_INFO: dict[str, Any] = {
+    "type": "object",
+    "description": "The content of the kernel's `kernel_info_reply`.",
+}
+_STARTUP_FAILED = "The kernel could not be started."
+
+
+@ROUTES.route(
+    "GET",
+    "/sessions",
+    operation_id="listSessions",
+    tag="sessions",
+    summary="List the sessions",
+    ok=Reply(SessionList, "Every session, exited ones included."),
+)
+async def list_sessions(api: KallichoreApi) -> SessionList:
+    sessions = [active_session(s, api.sockets) for s in api.supervisor.sessions()]
+    return SessionList(total=len(sessions), sessions=sessions)
+
+
+@ROUTES.route(
+    "PUT",
+    "/sessions",
+    operation_id="newSession",
+    tag="sessions",
+    summary="Create a session",
+    description="Nothing is launched until the session is started.",
+    protected=True,
+    body=NewSession,
+    ok=Reply(NewSessionReply, "The session was created."),
+    failure=Failure(
+        400,
+        bad_body(NewSession) + ", the session id is invalid (`KS-9`), `argv[0]` was not found "
+        "(`KS-19`), or the id is taken (`KS-0`).",
+    ),
+)
+async def new_session(api: KallichoreApi, body: NewSession) -> NewSessionReply:
+    spec = body.to_spec()
+    if problem := argv_problem(body.argv):
+        raise KallichoreError(ErrorCode.KERNEL_PATH_NOT_FOUND, problem)
+    session = await api.supervisor.create_session(spec)
+    return NewSessionReply(session.session_id)
+
+
+@ROUTES.route(
+    "GET",
+    "/sessions/{session_id}",
+    operation_id="getSession",
+    tag="sessions",
+    summary="Get a session",
+    ok=Reply(ActiveSession, "The session."),
+)
+async def get_session(api: KallichoreApi, session: KernelSession) -> ActiveSession:
+    return active_session(session, api.sockets)
+
+
+@ROUTES.route(
+    "DELETE",
+    "/sessions/{session_id}",
+    operation_id="deleteSession",
+    tag="sessions",
+    summary="Delete a session",
+    description="Only a session whose kernel is not running can be deleted.",
+    protected=True,
+    ok=Reply(Null, "The session is gone; an attached client was closed (1001)."),
+    failure=Failure(400, "The session's kernel is running (`KS-2`)."),
+)
+async def delete_session(api: KallichoreApi, session: KernelSession) -> None:
+    await api.supervisor.delete(session.session_id)
+    api.close_channel_socket(session)
+
+
+@ROUTES.route(
+    "POST",
+    "/sessions/{session_id}/start",
+    operation_id="startSession",
+    tag="sessions",
+    summary="Start the session's kernel",
+    description=(
+        "Launches the kernel and waits until it is connected and has answered a "
+        "`kernel_info_request`, within the session's `connection_timeout`. A "
+        "kernel already running is left alone and its kernel info returned."
+    ),
+    protected=True,
+    ok=Reply(_KERNEL_INFO, "The kernel is connected and ready."),
+    failure=Failure(500, _STARTUP_FAILED, StartupErrorBody),
+)
+async def start_session(api: KallichoreApi, session: KernelSession) -> Any:
+    return await session.start()
+
+
+@ROUTES.route(
+    "POST",
+    "/sessions/{session_id}/restart",
+    operation_id="restartSession",
+    tag="sessions",
+    summary="Restart the session's kernel",
+    description=(
+        "Asks the kernel to shut down (killing it if it does not), then starts it "
+        "again as `start` does; a session whose kernel is not running is simply "
+        "started. The body is optional: one that cannot be read is ignored."
+    ),
+    protected=True,
+    body=RestartSession,
+    body_required=False,
+    ok=Reply(Null, "The new kernel is connected and ready."),
+    failure=Failure(
+        500,
+        "The new kernel could not be started, a start or restart is already "
+        "in progress (`KS-13`), or `working_directory` does not exist (`KS-13`).",
+        StartupErrorBody,
+    ),
+)
+async def restart_session(api: KallichoreApi, session: KernelSession, body: RestartSession) -> None:
+    await session.restart(working_directory=body.working_directory or None, env=body.env or None)
+
+
+@ROUTES.route(
+    "POST",
+    "/sessions/{session_id}/interrupt",
+    operation_id="interruptSession",
+    tag="sessions",
+    summary="Interrupt the kernel",
+    description="As the session's `interrupt_mode` says.",
+    protected=True,
+    ok=Reply(Null, "The signal or `interrupt_request` was sent."),
+    failure=Failure(
+        400,
+        "The kernel is not running or cannot be reached (`KS-10`).",
+        code=ErrorCode.SESSION_INTERRUPT_FAILED,
+    ),
+)
+async def interrupt_session(api: KallichoreApi, session: KernelSession) -> None:
+    await session.interrupt()
+
+
+@ROUTES.route(
+    "POST",
+    "/sessions/{session_id}/kill",
+    operation_id="killSession",
+    tag="sessions",
+    summary="Kill the kernel",
+    description="SIGKILL to the kernel's process group; the execution queue is cleared.",
+    protected=True,
+    ok=Reply(Null, "The kernel's process group was killed and has exited."),
+    failure=Failure(
+        400,
+        "The kernel is not running (`KS-3`), has no process of ours, being "
+        "adopted (`KS-12`), or its process was not found (`KS-4`).",
+    ),
+)
+async def kill_session(api: KallichoreApi, session: KernelSession) -> None:
+    await session.kill()
+    api.close_channel_socket(session)
+
+
+@ROUTES.route(
+    "PUT",
+    "/sessions/{session_id}/adopt",
+    operation_id="adoptSession",
+    tag="sessions",
+    summary="Adopt a kernel started by somebody else",
+    description=(
+        "Connects to a running kernel at these ports, signing with this key "
+        "(usually those `connection_info` handed out). There is no process to "
+        "watch: the kernel is taken to be gone after its `shutdown_reply` or when "
+        "its heartbeat is lost."
+    ),
+    protected=True,
+    body=ConnectionInfo,
+    ok=Reply(_KERNEL_INFO, "The kernel is connected and ready."),
+    failure=Failure(
+        500,
+        "The session already has a kernel or the kernel could not be reached (`KS-6`, `KS-7`).",
+    ),
+)
+async def adopt_session(api: KallichoreApi, session: KernelSession, body: ConnectionInfo) -> Any:
+    return await session.adopt(body)
+
+
+@ROUTES.route(
+    "GET",
+    "/sessions/{session_id}/connection_info",
+    operation_id="connectionInfo",
+    tag="sessions",
+    summary="Get connection info for a kernel to adopt",
+    description=(
+        "The connection info a kernel started by somebody else should use before "
+        "the session adopts it: the session's key and, on the first call, fresh "
+        "free ports, kept for later calls."
+    ),
+    protected=True,
+    ok=Reply(ConnectionInfo, "All nine keys."),
+    failure=Failure(500, "No free ports could be found (`KS-18`)."),
+)
+async def connection_info(api: KallichoreApi, session: KernelSession) -> ConnectionInfo:
+    return session.external_connection_info()
+
+
+_CHANNELS_DESCRIPTION = """\
+The session's message stream. On the TCP transport, request it as a WebSocket upgrade; the
+token is checked on the upgrade too. On the socket transport, a plain GET opens a Unix socket
+for this session alone and answers with its path (a string); the client then connects to that
+socket and makes the WebSocket upgrade there (any request path, no token: the socket's 0600
+mode protects it). On the TCP transport a plain GET is refused with 400.
+
+Frames are JSON text. The client sends `JupyterChannelMessage`s (`shell`, `control` or `stdin`);
+binary frames are ignored and an empty text frame closes the connection. The server sends
+`ServerFrame`s, tagged by `kind`: `jupyter` (`JupyterFrame`, a kernel message, headers trimmed
+to `msg_id` and `msg_type`) or `kernel` (`KernelEventFrame`, an event of the supervisor under
+one key: `status`, `output`, `executionQueued`, `exited`, `workingDirChanged`, `resourceUsage`,
+`handshakeCompleted`, `clientDisconnected`, and our extensions `error` and `eventsDropped`).
+The `x-websocket` extension of this operation references both schemas.
+
+One client per session: a new client displaces the old, which is sent `clientDisconnected` and
+closed (1008); the new one receives exactly what the old one had not. Events are kept while no
+client is attached, so nothing is lost between connections unless the buffer overflows
+(`eventsDropped`). The server closes with 1001 when the session is deleted or the server shuts
+down."""
+
+
+@ROUTES.route(
+    "GET",
+    "/sessions/{session_id}/channels",
+    operation_id="channels",
+    tag="channels",
+    summary="Connect to the session's channels",
+    description=_CHANNELS_DESCRIPTION,
+    protected=True,
+    ok=Reply({"type": "string"}, "The path of the session's channel socket (socket transport)."),
+    replies={
+        101: Reply(Empty, "Switching to the WebSocket protocol."),
+        400: Reply(
+            ErrorBody,
+            "Upgrade: there is no such session (`KS-1`). Plain GET: the server is on the TCP "
+            "transport (code `400`), or the socket could not be made (`socket_path_too_long`, "
+            "`domain_socket_error`).",
+        ),
+        404: Reply(Empty, "Plain GET: there is no such session."),
+    },
+    extensions={
+        "x-websocket": {
+            "clientFrame": {"$ref": "#/components/schemas/JupyterChannelMessage"},
+            "serverFrame": {"$ref": "#/components/schemas/ServerFrame"},
+        }
+    },
+)
+async def channel_socket(api: KallichoreApi, session: KernelSession) -> str:
+    if api.sockets is None:
+        raise Refused(ErrorBody("400", "on the TCP transport, channels is a WebSocket upgrade"))
+    try:
+        return str(await api.sockets.open(session))
+    except ValueError as error:
+        raise Refused(ErrorBody("socket_path_too_long", str(error))) from None
+    except OSError as error:
+        raise Refused(ErrorBody("domain_socket_error", str(error))) from None
+
+
+@ROUTES.route(
+    "POST",
+    "/shutdown",
+    operation_id="shutdown",
+    tag="server",
+    summary="Shut the server down",
+    protected=True,
+    ok=Reply(Null, "Every kernel is being shut down; the server then exits."),
+)
+async def shutdown(api: KallichoreApi) -> None:
+    api.control.request_shutdown()
+
+
+@ROUTES.route(
+    "GET",
+    "/status",
+    operation_id="serverStatus",
+    tag="server",
+    summary="Get the server's status",
+    ok=Reply(ServerStatus, "The status."),
+)
+async def status(api: KallichoreApi) -> ServerStatus:
+    return server_status(api.supervisor, api.state)
+
+
+@ROUTES.route(
+    "POST",
+    "/client_heartbeat",
+    operation_id="clientHeartbeat",
+    tag="server",
+    summary="Tell the server a client is alive",
+    body=ClientHeartbeat,
+    ok=Reply(Null, "Noted: the idle-shutdown timer starts again."),
+)
+async def client_heartbeat(api: KallichoreApi, body: ClientHeartbeat) -> None:
+    api.supervisor.note_activity()
+    if body.process_id is not None:
+        api.control.note_client(body.process_id)
+
+
+@ROUTES.route(
+    "GET",
+    "/server_configuration",
+    operation_id="getServerConfiguration",
+    tag="server",
+    summary="Get the server's configuration",
+    ok=Reply(ServerConfigurationBody, "The configuration."),
+)
+async def get_configuration(api: KallichoreApi) -> ServerConfigurationBody:
+    log_level = api.state.log_level
+    return ServerConfigurationBody(
+        resource_sample_interval_ms=api.supervisor.resource_sample_interval_ms,
+        idle_shutdown_hours=api.control.idle_shutdown_hours,
+        log_level=log_level if log_level in models.LOG_LEVELS else None,
+    )
+
+
+@ROUTES.route(
+    "POST",
+    "/server_configuration",
+    operation_id="setServerConfiguration",
+    tag="server",
+    summary="Change the server's configuration",
+    description="Needs no token, as in Kallichore.",
+    body=ServerConfiguration,
+    ok=Reply(Null, "The changes were applied."),
+    replies={
+        400: Reply(
+            ErrorBody,
+            bad_body(ServerConfiguration) + ", or a value is out of range (code `400`; fields "
+            "before it are applied already).",
+        )
+    },
+)
+async def set_configuration(api: KallichoreApi, body: ServerConfiguration) -> None:
+    if body.idle_shutdown_hours is not None:
+        if body.idle_shutdown_hours > 65535:
+            raise BodyError("idle_shutdown_hours is too large")
+        hours = body.idle_shutdown_hours
+        api.control.set_idle_shutdown_hours(hours if hours >= 0 else None)
+    if body.resource_sample_interval_ms is not None:
+        interval = body.resource_sample_interval_ms
+        if interval < 0:
+            raise BodyError("resource_sample_interval_ms must not be negative")
+        api.supervisor.resource_sample_interval_ms = (
+            interval if interval == 0 else max(interval, 100)
+        )
+
+
+@ROUTES.route(
+    "GET",
+    "/openapi.json",
+    operation_id="openapi",
+    tag="server",
+    summary="Get this document",
+    ok=Reply({"type": "object"}, "This OpenAPI document."),
+)
+async def openapi(api: KallichoreApi) -> dict[str, Any]:
+    return openapi_document(ROUTES)
 
 
 def create_app(
     supervisor: Supervisor,
     state: ServerState,
-    broker: ChannelBroker,
+    control: ServerControl,
     sockets: ChannelSockets | None = None,
 ) -> QuartTrio:
     """The app; with `sockets`, `GET .../channels` hands out per-session socket paths."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    install(app, ROUTES, KallichoreApi(supervisor, state, control, sockets), lambda: state.token)
 
-    def protected(handler: Handler) -> Handler:
-        async def guarded(*args: Any, **kwargs: Any) -> Response:
-            if not check_token(state, request.headers.get("Authorization")):
-                return empty(401)
-            return await handler(*args, **kwargs)
+    @app.before_request
+    async def read_whole_body() -> None:
+        """Answer no request before its body is read, so its connection can carry the next.
 
-        guarded.__name__ = handler.__name__
-        return guarded
-
-    def lookup(session_id: str) -> KernelSession | None:
-        try:
-            return supervisor.get(session_id)
-        except KallichoreError:
-            return None
-
-    def with_session(handler: SessionHandler) -> Handler:
-        """Route `/sessions/<session_id>/...` to `handler(session)`; unknown ids get a bare 404."""
-
-        async def routed(session_id: str) -> Response:
-            session = lookup(session_id)
-            if session is None:
-                return empty(404)
-            return await handler(session)
-
-        routed.__name__ = handler.__name__
-        return routed
-
-    @app.get("/sessions")
-    async def list_sessions() -> Response:
-        sessions = [active_session(s, sockets) for s in supervisor.sessions()]
-        return json_response(SessionList(total=len(sessions), sessions=sessions))
-
-    @app.put("/sessions")
-    @protected
-    async def new_session() -> Response:
-        try:
-            body = structure_body(await read_json(), NewSession)
-            spec = body.to_spec()
-        except BodyError as error:
-            return body_error(error)
-        except KallichoreError as error:
-            return error_response(error)
-        if problem := argv_problem(body.argv):
-            return error_response(KallichoreError(ErrorCode.KERNEL_PATH_NOT_FOUND, problem))
-        try:
-            session = await supervisor.create_session(spec)
-        except KallichoreError as error:
-            return error_response(error)
-        return json_response(NewSessionReply(session.session_id))
-
-    @app.get("/sessions/<session_id>")
-    @with_session
-    async def get_session(session: KernelSession) -> Response:
-        return json_response(active_session(session, sockets))
-
-    @app.delete("/sessions/<session_id>")
-    @protected
-    @with_session
-    async def delete_session(session: KernelSession) -> Response:
-        try:
-            await supervisor.delete(session.session_id)
-        except KallichoreError as error:
-            return error_response(error)
-        if sockets is not None:
-            sockets.close(session.session_id)
-        return json_response(None)
-
-    @app.post("/sessions/<session_id>/start")
-    @protected
-    @with_session
-    async def start_session(session: KernelSession) -> Response:
-        try:
-            return json_response(await session.start())
-        except KallichoreError as error:
-            return json_response(StartupErrorBody.of(error), 500)
-
-    @app.post("/sessions/<session_id>/restart")
-    @protected
-    @with_session
-    async def restart_session(session: KernelSession) -> Response:
-        try:
-            body = structure_body(json.loads(await request.get_data() or b"{}"), RestartSession)
-        except (BodyError, ValueError, RecursionError):
-            body = RestartSession()
-        env = [action.to_model() for action in body.env] if body.env else None
-        try:
-            await session.restart(working_directory=body.working_directory or None, env=env)
-        except KallichoreError as error:
-            return json_response(StartupErrorBody.of(error), 500)
-        return json_response(None)
-
-    @app.post("/sessions/<session_id>/interrupt")
-    @protected
-    @with_session
-    async def interrupt_session(session: KernelSession) -> Response:
-        try:
-            await session.interrupt()
-        except KallichoreError as error:
-            return error_response(
-                KallichoreError(ErrorCode.SESSION_INTERRUPT_FAILED, error.message, error.details)
-            )
-        return json_response(None)
-
-    @app.post("/sessions/<session_id>/kill")
-    @protected
-    @with_session
-    async def kill_session(session: KernelSession) -> Response:
-        try:
-            await session.kill()
-        except KallichoreError as error:
-            return error_response(error)
-        if sockets is not None:
-            sockets.close(session.session_id)
-        return json_response(None)
-
-    @app.put("/sessions/<session_id>/adopt")
-    @protected
-    @with_session
-    async def adopt_session(session: KernelSession) -> Response:
-        try:
-            info = structure_body(await read_json(), ConnectionInfoBody).to_model()
-        except BodyError as error:
-            return body_error(error)
-        try:
-            return json_response(await session.adopt(info))
-        except KallichoreError as error:
-            return error_response(error, 500)
-
-    @app.get("/sessions/<session_id>/connection_info")
-    @protected
-    @with_session
-    async def connection_info(session: KernelSession) -> Response:
-        try:
-            return json_response(session.external_connection_info().to_dict())
-        except KallichoreError as error:
-            return error_response(error, 500)
-
-    @app.get("/sessions/<session_id>/channels")
-    @protected
-    @with_session
-    async def channel_socket(session: KernelSession) -> Response:
-        if sockets is None:
-            return json_response(
-                ErrorBody("400", "on the TCP transport, channels is a WebSocket upgrade"), 400
-            )
-        try:
-            path = await sockets.open(session)
-        except ValueError as error:
-            return json_response(ErrorBody("socket_path_too_long", str(error)), 400)
-        except OSError as error:
-            return json_response(ErrorBody("domain_socket_error", str(error)), 400)
-        return json_response(str(path))
-
-    @app.post("/shutdown")
-    @protected
-    async def shutdown() -> Response:
-        state.request_shutdown()
-        return json_response(None)
-
-    @app.get("/status")
-    async def status() -> Response:
-        return json_response(server_status(supervisor, state))
-
-    @app.post("/client_heartbeat")
-    async def client_heartbeat() -> Response:
-        try:
-            body = structure_body(await read_json(), ClientHeartbeat)
-        except BodyError as error:
-            return body_error(error)
-        supervisor.note_activity()
-        if body.process_id is not None and body.process_id != state.idle.client_pid:
-            logger.info("client process is now %d", body.process_id)
-            state.idle.client_pid = body.process_id
-        return json_response(None)
-
-    @app.get("/server_configuration")
-    async def get_configuration() -> Response:
-        return json_response(
-            ServerConfigurationBody(
-                resource_sample_interval_ms=supervisor.resource_sample_interval_ms,
-                idle_shutdown_hours=state.idle.hours if state.idle.period is not None else None,
-                log_level=state.log_level if state.log_level in LOG_LEVELS else None,
-            )
-        )
-
-    @app.post("/server_configuration")
-    async def set_configuration() -> Response:
-        try:
-            body = structure_body(await read_json(), ServerConfiguration)
-        except BodyError as error:
-            return body_error(error)
-        if body.idle_shutdown_hours is not None:
-            if body.idle_shutdown_hours > 65535:
-                return json_response(ErrorBody("400", "idle_shutdown_hours is too large"), 400)
-            hours = body.idle_shutdown_hours
-            state.idle.configure(hours=hours if hours >= 0 else None)
-        if body.resource_sample_interval_ms is not None:
-            if body.resource_sample_interval_ms < 0:
-                return json_response(
-                    ErrorBody("400", "resource_sample_interval_ms must not be negative"), 400
-                )
-            interval = body.resource_sample_interval_ms
-            supervisor.resource_sample_interval_ms = (
-                interval if interval == 0 else max(interval, 100)
-            )
-        return json_response(None)
-
-    @app.get("/openapi.json")
-    async def openapi() -> Response:
-        return Response(json.dumps(openapi_document()), status=200, content_type="application/json")
+        hypercorn (0.18) tears down a connection whose response ended before the request body
+        did, from within the app's own send; quart-trio cancels that task on the disconnect
+        hypercorn feeds it first, so the close never happens and the kept-alive connection
+        hangs. A body read first never reaches that path (a 413 still closes, and says so).
+        """
+        await request.get_data()
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:

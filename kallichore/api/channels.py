@@ -198,12 +198,10 @@ class ChannelBroker:
         self._clients[session_id] = client
         if previous is not None:
             await previous.displace()
-        session.connected = True
         try:
             await client.run(self.stopping)
         finally:
             if self._clients.get(session_id) is client:
                 del self._clients[session_id]
-                session.connected = False
             if not self._clients:
                 self._detached.set()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 
-from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.errors import KallichoreError, StartupError
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import PROTOCOL_VERSION, JSONObject
 from kallichore.session.model import (
@@ -27,7 +27,6 @@ from kallichore.session.model import (
     SessionSpec,
     StartupEnvironment,
     VarAction,
-    VarActionType,
 )
 
 T = TypeVar("T")
@@ -38,16 +37,6 @@ class BodyError(ValueError):
 
 
 # -- requests ---------------------------------------------------------------------------------
-
-
-@attrs.define
-class VarActionBody:
-    action: VarActionType
-    name: str
-    value: str
-
-    def to_model(self) -> VarAction:
-        return VarAction(self.action, self.name, self.value)
 
 
 @attrs.define
@@ -62,7 +51,7 @@ class NewSession:
     session_mode: SessionMode = SessionMode.CONSOLE
     working_directory: str = ""
     notebook_uri: str | None = None
-    env: list[VarActionBody] = attrs.Factory(list)
+    env: list[VarAction] = attrs.Factory(list)
     connection_timeout: int = 30
     interrupt_mode: InterruptMode = InterruptMode.MESSAGE
     protocol_version: str = PROTOCOL_VERSION
@@ -83,7 +72,7 @@ class NewSession:
             language=self.language,
             username=self.username,
             working_directory=self.working_directory,
-            env=[action.to_model() for action in self.env],
+            env=self.env,
             connection_timeout=float(self.connection_timeout),
             interrupt_mode=self.interrupt_mode,
             protocol_version=self.protocol_version,
@@ -99,7 +88,7 @@ class NewSession:
 @attrs.define
 class RestartSession:
     working_directory: str | None = None
-    env: list[VarActionBody] | None = None
+    env: list[VarAction] | None = None
 
 
 @attrs.define
@@ -112,25 +101,6 @@ class ServerConfiguration:
     idle_shutdown_hours: int | None = None
     resource_sample_interval_ms: int | None = None
     log_level: str | None = None
-
-
-@attrs.define
-class ConnectionInfoBody:
-    control_port: int
-    shell_port: int
-    stdin_port: int
-    hb_port: int
-    iopub_port: int
-    key: str
-    signature_scheme: str = "hmac-sha256"
-    transport: str = "tcp"
-    ip: str = "127.0.0.1"
-
-    def to_model(self) -> ConnectionInfo:
-        try:
-            return ConnectionInfo(**attrs.asdict(self))
-        except ValueError as exc:
-            raise BodyError(str(exc)) from None
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -246,6 +216,10 @@ class ServerStatus:
     server_id: str
 
 
+# The log levels of Kallichore's configuration (`--log-level`, `GET /server_configuration`).
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+
+
 @attrs.define
 class ServerConfigurationBody:
     resource_sample_interval_ms: int
@@ -343,6 +317,7 @@ def _make_converter() -> cattrs.Converter:
         return {key: body[key] for key in ACTIVE_SESSION_ORDER if key in body}
 
     converter.register_unstructure_hook(ActiveSession, unstructure_session)
+    converter.register_unstructure_hook(ConnectionInfo, ConnectionInfo.to_dict)
     return converter
 
 
@@ -360,7 +335,3 @@ def structure_body(data: Any, model: type[T]) -> T:
         raise BodyError(problems) from None
     except (TypeError, ValueError) as exc:
         raise BodyError(f"{model.__name__}: {exc}") from None
-
-
-def not_found(session_id: str) -> KallichoreError:
-    return KallichoreError(ErrorCode.SESSION_NOT_FOUND, f"session {session_id} not found")

@@ -3,16 +3,15 @@
 Component schemas are generated from the attrs models in `kallichore.api.models` (and the enums
 they use), so a field added to a model shows up here without an edit. What a Python type cannot
 say (a description, the enum behind a plain `str`) is noted per field, and a note naming a field
-that no longer exists is an error, not silently dropped. Paths are written by hand, since auth
-and status codes are behaviour of the routes in `kallichore.api.app`; tests/test_openapi.py
-keeps them in step with the app's routes and with what the server actually sends.
+that no longer exists is an error, not silently dropped. Paths come from a route table
+(`kallichore.api.routes`), the same entries that Quart serves; tests/test_openapi.py checks
+them against what the server actually sends.
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -21,15 +20,18 @@ import attrs
 from kallichore import __version__
 from kallichore.api import models
 from kallichore.api.envelope import CLIENT_CHANNELS, wire_status
+from kallichore.api.models import ErrorBody
+from kallichore.api.routes import Empty, Null, Reply, Route, RouteTable, bad_body
 from kallichore.errors import ErrorCode
-from kallichore.jupyter.connection import TRANSPORTS
+from kallichore.jupyter.connection import TRANSPORTS, ConnectionInfo
 from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel
 from kallichore.session.model import (
-    _SESSION_ID,
+    SESSION_ID_PATTERN,
     InterruptMode,
     SessionMode,
     StartupEnvironment,
     Status,
+    VarAction,
     VarActionType,
 )
 from kallichore.session.resources import ResourceUsage
@@ -38,9 +40,6 @@ Schema = dict[str, Any]
 # A field note: a description, or the whole schema when the Python type says too little.
 Note = str | Schema
 
-# The levels `GET /server_configuration` reports: `kallichore.api.app.LOG_LEVELS`, which cannot
-# be imported here because the app imports this module (the tests check they agree).
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 
 # Every attrs class on the wire, with its schema name and what it is.
 WIRE_MODELS: dict[type, tuple[str, str]] = {
@@ -50,7 +49,7 @@ WIRE_MODELS: dict[type, tuple[str, str]] = {
         "given, wins over the older `run_in_shell`.",
     ),
     models.NewSessionReply: ("NewSessionReply", "The id of the session just created."),
-    models.VarActionBody: (
+    VarAction: (
         "VarAction",
         "One step of building a kernel's environment, applied in order to the server's own "
         "environment at each start. `append` and `prepend` insert no separator.",
@@ -66,7 +65,7 @@ WIRE_MODELS: dict[type, tuple[str, str]] = {
         "Changes to the server's configuration; a field left out is left as it is.",
     ),
     models.ServerConfigurationBody: ("ServerConfigurationBody", "The server's configuration."),
-    models.ConnectionInfoBody: (
+    ConnectionInfo: (
         "ConnectionInfo",
         "A kernel's connection file: the ports of its five sockets and the key that signs its "
         "messages. Fields with a default may be left out of a request; responses always carry "
@@ -118,7 +117,7 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
     models.NewSession: {
         "session_id": {
             "type": "string",
-            "pattern": f"^{_SESSION_ID.pattern}$",
+            "pattern": f"^{SESSION_ID_PATTERN.pattern}$",
             "description": "Chosen by the client; ends up in file names, hence the alphabet.",
         },
         "argv": (
@@ -176,11 +175,11 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         "resource_sample_interval_ms": "0 while resource sampling is disabled.",
         "log_level": {
             "type": "string",
-            "enum": list(LOG_LEVELS),
+            "enum": list(models.LOG_LEVELS),
             "description": "The server's log level; absent if it is not one of these names.",
         },
     },
-    models.ConnectionInfoBody: {
+    ConnectionInfo: {
         "control_port": _PORT,
         "shell_port": _PORT,
         "stdin_port": _PORT,
@@ -548,343 +547,87 @@ def _frame_schemas() -> dict[str, Schema]:
 # -- paths -------------------------------------------------------------------------------------
 
 _NULL: Schema = {"type": "object", "nullable": True, "enum": [None], "description": "`null`."}
-_UNAUTHORIZED: Schema = {"description": "The bearer token is missing or wrong (empty body)."}
-_NOT_FOUND: Schema = {"description": "There is no session with this id (empty body)."}
+_UNAUTHORIZED = Reply(Empty, "The bearer token is missing or wrong (empty body).")
+_TOO_LARGE = Reply(ErrorBody, "The body is larger than the server accepts (code `413`).")
 
 
-def _json(schema: Schema, description: str) -> Schema:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _reply(reply: Reply) -> Schema:
+    if reply.model is Empty:
+        return {"description": reply.description}
+    if reply.model is Null:
+        schema = _NULL
+    elif isinstance(reply.model, dict):
+        schema = reply.model
+    else:
+        schema = _ref(WIRE_MODELS[reply.model][0])
+    return {"description": reply.description, "content": {"application/json": {"schema": schema}}}
 
 
-def _done(description: str) -> Schema:
-    return _json(_NULL, description)
-
-
-def _error(description: str) -> Schema:
-    return _json(_ref("Error"), description)
-
-
-_TOO_LARGE = _error("The body is larger than the server accepts (code `413`).")
-_BAD_BODY = "The body is not JSON or does not match {} (code `400`, naming the field)"
-
-
-def _operation(
-    operation_id: str,
-    tag: str,
-    summary: str,
-    responses: Mapping[str, Schema],
-    *,
-    description: str | None = None,
-    protected: bool = False,
-    body: str | None = None,
-    body_required: bool = True,
-) -> Schema:
-    operation: Schema = {"operationId": operation_id, "tags": [tag], "summary": summary}
-    if description:
-        operation["description"] = description
-    if body:
+def _operation(table: RouteTable, route: Route) -> Schema:
+    """One operation: the route's own answers, then those its parameters, body and auth add."""
+    operation: Schema = {
+        "operationId": route.operation_id,
+        "tags": [route.tag],
+        "summary": route.summary,
+    }
+    if route.description:
+        operation["description"] = route.description
+    replies: dict[int, Reply] = {200: route.ok}
+    if route.failure is not None:
+        replies[route.failure.status] = Reply(route.failure.body, route.failure.description)
+    for name in route.parameters:
+        replies[404] = table.parameters[name].missing
+    if route.body is not None:
         operation["requestBody"] = {
-            "required": body_required,
-            "content": {"application/json": {"schema": _ref(body)}},
+            "required": route.body_required,
+            "content": {"application/json": {"schema": _ref(WIRE_MODELS[route.body][0])}},
         }
-    responses = dict(responses)
-    if body:
-        responses["413"] = _TOO_LARGE
-    if protected:
+        if route.body_required:
+            replies.setdefault(400, Reply(ErrorBody, bad_body(route.body) + "."))
+        replies[413] = _TOO_LARGE
+    replies |= route.replies
+    if route.protected:
         operation["security"] = [{"bearerAuth": []}]
-        responses["401"] = _UNAUTHORIZED
-    operation["responses"] = dict(sorted(responses.items()))
-    return operation
+        replies[401] = _UNAUTHORIZED
+    operation["responses"] = {
+        str(status): _reply(reply) for status, reply in sorted(replies.items())
+    }
+    return operation | dict(route.extensions)
 
 
-_CHANNELS_DESCRIPTION = """\
-The session's message stream. On the TCP transport, request it as a WebSocket upgrade; the
-token is checked on the upgrade too. On the socket transport, a plain GET opens a Unix socket
-for this session alone and answers with its path (a string); the client then connects to that
-socket and makes the WebSocket upgrade there (any request path, no token: the socket's 0600
-mode protects it). On the TCP transport a plain GET is refused with 400.
-
-Frames are JSON text. The client sends `JupyterChannelMessage`s (`shell`, `control` or `stdin`);
-binary frames are ignored and an empty text frame closes the connection. The server sends
-`ServerFrame`s, tagged by `kind`: `jupyter` (`JupyterFrame`, a kernel message, headers trimmed
-to `msg_id` and `msg_type`) or `kernel` (`KernelEventFrame`, an event of the supervisor under
-one key: `status`, `output`, `executionQueued`, `exited`, `workingDirChanged`, `resourceUsage`,
-`handshakeCompleted`, `clientDisconnected`, and our extensions `error` and `eventsDropped`).
-The `x-websocket` extension of this operation references both schemas.
-
-One client per session: a new client displaces the old, which is sent `clientDisconnected` and
-closed (1008); the new one receives exactly what the old one had not. Events are kept while no
-client is attached, so nothing is lost between connections unless the buffer overflows
-(`eventsDropped`). The server closes with 1001 when the session is deleted or the server shuts
-down."""
+def _paths(table: RouteTable) -> dict[str, Schema]:
+    paths: dict[str, Schema] = {}
+    for route in table.routes:
+        item = paths.setdefault(route.path, {})
+        if route.parameters and "parameters" not in item:
+            item["parameters"] = [
+                {"$ref": f"#/components/parameters/{_parameter_name(name)}"}
+                for name in route.parameters
+            ]
+        item[route.method.lower()] = _operation(table, route)
+    return paths
 
 
-def _paths() -> dict[str, Schema]:
-    session_id = {"$ref": "#/components/parameters/SessionId"}
-    kernel_info = {"type": "object", "description": _KERNEL_INFO}
+def _parameter_name(name: str) -> str:
+    """`session_id` -> `SessionId`, the parameter's name among the components."""
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _parameters(table: RouteTable) -> dict[str, Schema]:
     return {
-        "/sessions": {
-            "get": _operation(
-                "listSessions",
-                "sessions",
-                "List the sessions",
-                {"200": _json(_ref("SessionList"), "Every session, exited ones included.")},
-            ),
-            "put": _operation(
-                "newSession",
-                "sessions",
-                "Create a session",
-                {
-                    "200": _json(_ref("NewSessionReply"), "The session was created."),
-                    "400": _error(
-                        _BAD_BODY.format("NewSession")
-                        + ", the session id is invalid (`KS-9`), `argv[0]` was not found "
-                        "(`KS-19`), or the id is taken (`KS-0`)."
-                    ),
-                },
-                description="Nothing is launched until the session is started.",
-                protected=True,
-                body="NewSession",
-            ),
-        },
-        "/sessions/{session_id}": {
-            "parameters": [session_id],
-            "get": _operation(
-                "getSession",
-                "sessions",
-                "Get a session",
-                {"200": _json(_ref("ActiveSession"), "The session."), "404": _NOT_FOUND},
-            ),
-            "delete": _operation(
-                "deleteSession",
-                "sessions",
-                "Delete a session",
-                {
-                    "200": _done("The session is gone; an attached client was closed (1001)."),
-                    "400": _error("The session's kernel is running (`KS-2`)."),
-                    "404": _NOT_FOUND,
-                },
-                description="Only a session whose kernel is not running can be deleted.",
-                protected=True,
-            ),
-        },
-        "/sessions/{session_id}/start": {
-            "parameters": [session_id],
-            "post": _operation(
-                "startSession",
-                "sessions",
-                "Start the session's kernel",
-                {
-                    "200": _json(kernel_info, "The kernel is connected and ready."),
-                    "404": _NOT_FOUND,
-                    "500": _json(_ref("StartupError"), "The kernel could not be started."),
-                },
-                description=(
-                    "Launches the kernel and waits until it is connected and has answered a "
-                    "`kernel_info_request`, within the session's `connection_timeout`. A "
-                    "kernel already running is left alone and its kernel info returned."
-                ),
-                protected=True,
-            ),
-        },
-        "/sessions/{session_id}/restart": {
-            "parameters": [session_id],
-            "post": _operation(
-                "restartSession",
-                "sessions",
-                "Restart the session's kernel",
-                {
-                    "200": _done("The new kernel is connected and ready."),
-                    "404": _NOT_FOUND,
-                    "500": _json(
-                        _ref("StartupError"),
-                        "The new kernel could not be started, a start or restart is already "
-                        "in progress (`KS-13`), or `working_directory` does not exist "
-                        "(`KS-13`).",
-                    ),
-                },
-                description=(
-                    "Asks the kernel to shut down (killing it if it does not), then starts it "
-                    "again as `start` does; a session whose kernel is not running is simply "
-                    "started. The body is optional: one that cannot be read is ignored."
-                ),
-                protected=True,
-                body="RestartSession",
-                body_required=False,
-            ),
-        },
-        "/sessions/{session_id}/interrupt": {
-            "parameters": [session_id],
-            "post": _operation(
-                "interruptSession",
-                "sessions",
-                "Interrupt the kernel",
-                {
-                    "200": _done("The signal or `interrupt_request` was sent."),
-                    "400": _error("The kernel is not running or cannot be reached (`KS-10`)."),
-                    "404": _NOT_FOUND,
-                },
-                description="As the session's `interrupt_mode` says.",
-                protected=True,
-            ),
-        },
-        "/sessions/{session_id}/kill": {
-            "parameters": [session_id],
-            "post": _operation(
-                "killSession",
-                "sessions",
-                "Kill the kernel",
-                {
-                    "200": _done("The kernel's process group was killed and has exited."),
-                    "400": _error(
-                        "The kernel is not running (`KS-3`), has no process of ours, being "
-                        "adopted (`KS-12`), or its process was not found (`KS-4`)."
-                    ),
-                    "404": _NOT_FOUND,
-                },
-                description="SIGKILL to the kernel's process group; the execution queue is "
-                "cleared.",
-                protected=True,
-            ),
-        },
-        "/sessions/{session_id}/adopt": {
-            "parameters": [session_id],
-            "put": _operation(
-                "adoptSession",
-                "sessions",
-                "Adopt a kernel started by somebody else",
-                {
-                    "200": _json(kernel_info, "The kernel is connected and ready."),
-                    "400": _error(_BAD_BODY.format("ConnectionInfo") + "."),
-                    "404": _NOT_FOUND,
-                    "500": _error(
-                        "The session already has a kernel or the kernel could not be reached "
-                        "(`KS-6`, `KS-7`)."
-                    ),
-                },
-                description=(
-                    "Connects to a running kernel at these ports, signing with this key "
-                    "(usually those `connection_info` handed out). There is no process to "
-                    "watch: the kernel is taken to be gone after its `shutdown_reply` or when "
-                    "its heartbeat is lost."
-                ),
-                protected=True,
-                body="ConnectionInfo",
-            ),
-        },
-        "/sessions/{session_id}/connection_info": {
-            "parameters": [session_id],
-            "get": _operation(
-                "connectionInfo",
-                "sessions",
-                "Get connection info for a kernel to adopt",
-                {
-                    "200": _json(_ref("ConnectionInfo"), "All nine keys."),
-                    "404": _NOT_FOUND,
-                    "500": _error("No free ports could be found (`KS-18`)."),
-                },
-                description=(
-                    "The connection info a kernel started by somebody else should use before "
-                    "the session adopts it: the session's key and, on the first call, fresh "
-                    "free ports, kept for later calls."
-                ),
-                protected=True,
-            ),
-        },
-        "/sessions/{session_id}/channels": {
-            "parameters": [session_id],
-            "get": {
-                **_operation(
-                    "channels",
-                    "channels",
-                    "Connect to the session's channels",
-                    {
-                        "101": {"description": "Switching to the WebSocket protocol."},
-                        "200": _json(
-                            {"type": "string"},
-                            "The path of the session's channel socket (socket transport).",
-                        ),
-                        "400": _error(
-                            "Upgrade: there is no such session (`KS-1`). Plain GET: the "
-                            "server is on the TCP transport (code `400`), or the socket "
-                            "could not be made (`socket_path_too_long`, "
-                            "`domain_socket_error`)."
-                        ),
-                        "404": {"description": "Plain GET: there is no such session."},
-                    },
-                    description=_CHANNELS_DESCRIPTION,
-                    protected=True,
-                ),
-                "x-websocket": {
-                    "clientFrame": _ref("JupyterChannelMessage"),
-                    "serverFrame": _ref("ServerFrame"),
-                },
-            },
-        },
-        "/shutdown": {
-            "post": _operation(
-                "shutdown",
-                "server",
-                "Shut the server down",
-                {"200": _done("Every kernel is being shut down; the server then exits.")},
-                protected=True,
-            ),
-        },
-        "/status": {
-            "get": _operation(
-                "serverStatus",
-                "server",
-                "Get the server's status",
-                {"200": _json(_ref("ServerStatus"), "The status.")},
-            ),
-        },
-        "/client_heartbeat": {
-            "post": _operation(
-                "clientHeartbeat",
-                "server",
-                "Tell the server a client is alive",
-                {
-                    "200": _done("Noted: the idle-shutdown timer starts again."),
-                    "400": _error(_BAD_BODY.format("ClientHeartbeat") + "."),
-                },
-                body="ClientHeartbeat",
-            ),
-        },
-        "/server_configuration": {
-            "get": _operation(
-                "getServerConfiguration",
-                "server",
-                "Get the server's configuration",
-                {"200": _json(_ref("ServerConfigurationBody"), "The configuration.")},
-            ),
-            "post": _operation(
-                "setServerConfiguration",
-                "server",
-                "Change the server's configuration",
-                {
-                    "200": _done("The changes were applied."),
-                    "400": _error(
-                        _BAD_BODY.format("ServerConfiguration") + ", or a value is out of "
-                        "range (code `400`; fields before it are applied already)."
-                    ),
-                },
-                description="Needs no token, as in Kallichore.",
-                body="ServerConfiguration",
-            ),
-        },
-        "/openapi.json": {
-            "get": _operation(
-                "openapi",
-                "server",
-                "Get this document",
-                {"200": _json({"type": "object"}, "This OpenAPI document.")},
-            ),
-        },
+        _parameter_name(name): {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": parameter.description,
+            "schema": {"type": "string"},
+        }
+        for name, parameter in table.parameters.items()
     }
 
 
-def openapi_document() -> dict[str, Any]:
-    """The whole document, built afresh so that callers may change their copy."""
+def openapi_document(table: RouteTable) -> dict[str, Any]:
+    """The document of `table`'s API, built afresh so that callers may change their copy."""
     builder = _SchemaBuilder()
     for cls in WIRE_MODELS:
         builder.add_model(cls)
@@ -906,7 +649,7 @@ def openapi_document() -> dict[str, Any]:
             {"name": "channels", "description": "The stream of a session's messages."},
             {"name": "server", "description": "The server itself."},
         ],
-        "paths": _paths(),
+        "paths": _paths(table),
         "components": {
             "securitySchemes": {
                 "bearerAuth": {
@@ -915,15 +658,7 @@ def openapi_document() -> dict[str, Any]:
                     "description": "The token the server was started with.",
                 }
             },
-            "parameters": {
-                "SessionId": {
-                    "name": "session_id",
-                    "in": "path",
-                    "required": True,
-                    "description": "The id the session was created with.",
-                    "schema": {"type": "string"},
-                }
-            },
+            "parameters": _parameters(table),
             "schemas": builder.schemas | _frame_schemas(),
         },
     }

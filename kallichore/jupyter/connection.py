@@ -12,8 +12,7 @@ import os
 import random
 import secrets
 import socket
-import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +87,19 @@ class ConnectionInfo:
             "transport": self.transport,
             "ip": self.ip,
         }
+
+    @classmethod
+    def on_ports(cls, ports: Sequence[int], key: str) -> ConnectionInfo:
+        """Loopback TCP on five ports, in the order control, shell, iopub, hb, stdin."""
+        control, shell, iopub, hb, stdin = ports
+        return cls(
+            control_port=control,
+            shell_port=shell,
+            iopub_port=iopub,
+            hb_port=hb,
+            stdin_port=stdin,
+            key=key,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConnectionInfo:
@@ -193,8 +205,6 @@ class PortAllocator:
         self._candidates = candidates
         self._random = random.Random()
         self._reserved: set[int] = set()
-        # Sessions may be started from worker threads as well as the event loop.
-        self._lock = threading.Lock()
 
     @classmethod
     def for_this_machine(cls) -> PortAllocator:
@@ -204,8 +214,7 @@ class PortAllocator:
     @property
     def reserved(self) -> frozenset[int]:
         """The ports handed out and not yet released."""
-        with self._lock:
-            return frozenset(self._reserved)
+        return frozenset(self._reserved)
 
     def allocate(self, count: int = 5) -> list[int]:
         """`count` distinct free ports, reserved until `release`d."""
@@ -213,20 +222,19 @@ class PortAllocator:
             raise ValueError(f"count must not be negative, got {count}")
         ports: list[int] = []
         probes: list[socket.socket] = []
-        with self._lock:
-            try:
-                while len(ports) < count:
-                    if len(probes) == count * _MAX_ATTEMPTS_PER_PORT:
-                        raise OSError(f"could not find {count} free ports")
-                    # Keep every probe bound until the end, so the OS cannot hand out the same
-                    # port twice within this call.
-                    port = self._probe(probes)
-                    if port and port not in self._reserved and port not in ports:
-                        ports.append(port)
-            finally:
-                for probe in probes:
-                    probe.close()
-            self._reserved.update(ports)
+        try:
+            while len(ports) < count:
+                if len(probes) == count * _MAX_ATTEMPTS_PER_PORT:
+                    raise OSError(f"could not find {count} free ports")
+                # Keep every probe bound until the end, so the OS cannot hand out the same
+                # port twice within this call.
+                port = self._probe(probes)
+                if port and port not in self._reserved and port not in ports:
+                    ports.append(port)
+        finally:
+            for probe in probes:
+                probe.close()
+        self._reserved.update(ports)
         return ports
 
     def _probe(self, probes: list[socket.socket]) -> int:
@@ -245,5 +253,4 @@ class PortAllocator:
 
     def release(self, ports: Iterable[int]) -> None:
         """Return ports to the pool once the kernel that used them has exited."""
-        with self._lock:
-            self._reserved.difference_update(ports)
+        self._reserved.difference_update(ports)

@@ -29,8 +29,10 @@ from kallichore.api.app import ServerState
 from kallichore.api.channels import ChannelBroker
 from kallichore.jupyter.connection import write_json_file
 from kallichore.server.http import RunningServer, serve_api
+from kallichore.server.idle_shutdown import IdleShutdown
+from kallichore.server.lifetime import ServerLifetime
 from kallichore.server.session_sockets import MAX_SOCKET_PATH_BYTES, SessionSockets
-from kallichore.session.kernel_session import SessionConfig
+from kallichore.session.model import SessionConfig
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 logger = logging.getLogger(__name__)
@@ -139,9 +141,9 @@ async def run_daemon(options: DaemonOptions) -> int:
         resource_sample_interval_ms=options.resource_sample_interval_ms,
     )
     state = ServerState(token=options.token, log_level=options.log_level)
-    if options.idle_shutdown_seconds is not None:
-        state.idle.seconds = options.idle_shutdown_seconds
-    state.idle.hours = options.idle_shutdown_hours
+    lifetime = ServerLifetime(
+        IdleShutdown(hours=options.idle_shutdown_hours, seconds=options.idle_shutdown_seconds)
+    )
     created: list[Path] = []
     try:
         async with open_supervisor(config) as supervisor, trio.open_nursery() as nursery:
@@ -164,6 +166,7 @@ async def run_daemon(options: DaemonOptions) -> int:
                         unix_socket=socket_path,
                         broker=broker,
                         sockets=sockets,
+                        lifetime=lifetime,
                         shutdown_grace=grace,
                     )
                 )
@@ -179,7 +182,7 @@ async def run_daemon(options: DaemonOptions) -> int:
                 )
             announce(options, server, socket_path)
             nursery.start_soon(shut_down_on_signals, server, supervisor)
-            nursery.start_soon(shut_down_when_idle, server, supervisor)
+            nursery.start_soon(lifetime.shut_down_when_idle, supervisor)
             await server.finished.wait()
             nursery.cancel_scope.cancel()
     finally:
@@ -208,12 +211,7 @@ async def shut_down_on_signals(server: RunningServer, supervisor: Supervisor) ->
             name = signal.Signals(signum).name
             if not server.shutdown_requested.is_set():
                 logger.info("%s: shutting down", name)
-                server.state.request_shutdown()
+                server.lifetime.request_shutdown()
             else:
                 logger.info("%s again: killing every kernel now", name)
                 supervisor.kill_all()
-
-
-async def shut_down_when_idle(server: RunningServer, supervisor: Supervisor) -> None:
-    await server.state.idle.wait_until_idle(supervisor)
-    server.state.request_shutdown()

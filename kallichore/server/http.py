@@ -24,6 +24,7 @@ from hypercorn.config import Config
 from kallichore.api.app import ChannelSockets, ServerState, create_app
 from kallichore.api.channels import ChannelBroker
 from kallichore.server.front import FrontDoor
+from kallichore.server.lifetime import ServerLifetime
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -35,14 +36,18 @@ CLIENTS_CLOSE_SECONDS = 2.0
 
 @attrs.define
 class RunningServer:
-    """A serving API: where it listens, and its server-wide state."""
+    """A serving API: where it listens, its server-wide state, and what ends it."""
 
     url: str
     state: ServerState
     broker: ChannelBroker
-    shutdown_requested: trio.Event
+    lifetime: ServerLifetime
     # Set once the kernels are down and the HTTP server has stopped.
     finished: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def shutdown_requested(self) -> trio.Event:
+        return self.lifetime.shutdown_requested
 
     @property
     def port(self) -> int:
@@ -57,16 +62,16 @@ async def serve_api(
     unix_socket: Path | None = None,
     broker: ChannelBroker | None = None,
     sockets: ChannelSockets | None = None,
+    lifetime: ServerLifetime | None = None,
     shutdown_grace: float | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on 127.0.0.1:`port` (0: any free port), or on `unix_socket`, until shut down.
 
     `POST /shutdown` requests the shutdown, and so may the caller with
-    `state.request_shutdown()`; every kernel is shut down before the server stops.
+    `lifetime.request_shutdown()`; every kernel is shut down before the server stops.
     """
-    shutdown_requested = trio.Event()
-    state.request_shutdown = shutdown_requested.set
+    lifetime = lifetime or ServerLifetime()
     broker = broker or ChannelBroker()
     config = Config()
     config.accesslog = None
@@ -86,7 +91,7 @@ async def serve_api(
             await nursery.start(
                 partial(
                     hypercorn.trio.serve,
-                    create_app(supervisor, state, broker, sockets),
+                    create_app(supervisor, state, lifetime, sockets),
                     config,
                     shutdown_trigger=stop_http.wait,
                 )
@@ -97,10 +102,10 @@ async def serve_api(
                 url = f"http://{HOST}:{bound}"
             else:
                 url = f"unix:{unix_socket}"
-            running = RunningServer(url, state, broker, shutdown_requested)
+            running = RunningServer(url, state, broker, lifetime)
             task_status.started(running)
             try:
-                await shutdown_requested.wait()
+                await lifetime.shutdown_requested.wait()
                 logger.info("shutting down: stopping every kernel")
                 await supervisor.shutdown(shutdown_grace)
             finally:

@@ -9,10 +9,9 @@ events are dropped and the subscriber that missed them is told how many with `Ev
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
 
@@ -122,7 +121,7 @@ class EventLog:
         self._subscribers: set[Subscription] = set()
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
-        self._held: list[Event] | None = None
+        self._attached = trio.Event()
 
     @property
     def next_seq(self) -> int:
@@ -131,29 +130,19 @@ class EventLog:
     def __len__(self) -> int:
         return len(self._events)
 
+    @property
+    def attached(self) -> bool:
+        """A client is attached: some subscriber takes the backlog (an observer does not count)."""
+        return self._attached.is_set()
+
+    async def wait_attached(self) -> None:
+        await self._attached.wait()
+
     def publish(self, event: Event) -> None:
         self.publish_many([event])
 
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Publish what is published while this lasts as one batch on leaving (even on
-        error), so a caught-up client gets it in one write. Hold only across synchronous code:
-        what other tasks publish meanwhile would wait too. Nested, the outermost publishes."""
-        if self._held is not None:
-            yield
-            return
-        self._held = []
-        try:
-            yield
-        finally:
-            held, self._held = self._held, None
-            self.publish_many(held)
-
     def publish_many(self, events: list[Event]) -> None:
         """Append `events` in order; a caught-up subscriber's sink may take them at once."""
-        if self._held is not None:
-            self._held.extend(events)
-            return
         if self._closed or not events:
             return
         first = self._next_seq
@@ -179,6 +168,7 @@ class EventLog:
         """
         if backlog:
             subscription = Subscription(self, self._delivered, delivers=True)
+            self._attached.set()
         else:
             subscription = Subscription(self, self._next_seq, delivers=False)
         self._subscribers.add(subscription)
@@ -191,6 +181,8 @@ class EventLog:
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
+        if self.attached and not any(s.delivers for s in self._subscribers):
+            self._attached = trio.Event()
         self._trim()
 
     def _take(self, subscription: Subscription, max_events: int) -> list[Event]:

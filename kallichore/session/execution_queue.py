@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from collections import deque
 
+import attrs
+
 from kallichore.jupyter.wire import Message
+
+
+@attrs.frozen
+class QueueSnapshot:
+    """The queue as it stands: the request at the kernel, and those held back, oldest first."""
+
+    active: Message | None
+    pending: tuple[Message, ...]
+
+    def __len__(self) -> int:
+        """The number of pending requests, not counting the active one."""
+        return len(self.pending)
 
 
 class ExecutionQueue:
@@ -25,13 +39,16 @@ class ExecutionQueue:
         return False
 
     def advance(self) -> Message | None:
-        """The kernel went idle: the next request to send, if any, becomes active."""
+        """The active request is done: the next request to send, if any, becomes active."""
         self.active = self.pending.popleft() if self.pending else None
         return self.active
 
     def clear(self) -> None:
         self.active = None
         self.pending.clear()
+
+    def snapshot(self) -> QueueSnapshot:
+        return QueueSnapshot(self.active, tuple(self.pending))
 
     def __len__(self) -> int:
         """The number of pending requests, not counting the active one."""

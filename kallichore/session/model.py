@@ -15,12 +15,24 @@ from kallichore.jupyter.kernelspec import KernelSpec
 from kallichore.jupyter.wire import PROTOCOL_VERSION
 
 
+@attrs.frozen
+class SessionConfig:
+    """Tunables shared by every session of a supervisor."""
+
+    event_buffer_size: int = 100_000
+    heartbeat_interval: float = 2.0
+    # While no client watches the session, `offline` can wait: beat less often, so that many
+    # idle sessions cost next to nothing.
+    unattended_heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 5.0
+    shutdown_grace: float = 10.0
+
+
 class Status(StrEnum):
     """A session's status, with Kallichore's names."""
 
     UNINITIALIZED = "uninitialized"
     STARTING = "starting"
-    READY = "ready"
     IDLE = "idle"
     BUSY = "busy"
     OFFLINE = "offline"
@@ -80,11 +92,11 @@ def resolve_environment(base: Mapping[str, str], actions: Iterable[VarAction]) -
 
 # Session ids end up in file names (connection files, sockets), so they are restricted to a
 # portable file-name alphabet that still admits every id Positron generates.
-_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
 
 
 def validate_session_id(session_id: str) -> str:
-    if not _SESSION_ID.fullmatch(session_id):
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
         raise KallichoreError(
             ErrorCode.SESSION_CREATE_FAILED,
             f"invalid session id {session_id!r}",

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
+import psutil
 import trio
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,25 @@ def signal_group(pid: int, signum: int) -> bool:
 
 def kill_group(pid: int) -> bool:
     return signal_group(pid, signal.SIGKILL)
+
+
+def current_directory(pid: int) -> str | None:
+    """The working directory of process `pid`; None if it cannot be read.
+
+    Read after every execution: the /proc link is much cheaper than psutil, which remains for
+    systems without /proc.
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        cwd: str = psutil.Process(pid).cwd()
+    except psutil.Error:
+        return None
+    return cwd
 
 
 async def read_lines(

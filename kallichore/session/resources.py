@@ -12,12 +12,14 @@ costs only what the tree itself costs; that walk is cached and redone every few 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 
 import attrs
 import psutil
+import trio
 
 # How many samples reuse a cached tree before it is walked again. A process the kernel spawns
 # is counted from the next walk on (its CPU from the sample after), so at the default 1 s
@@ -199,3 +201,35 @@ class ResourceSampler:
     def forget(self, pid: int) -> None:
         """Drop what is remembered about root `pid` (its session ended, or it exited)."""
         self._trees.pop(pid, None)
+
+
+class SampleInterval:
+    """How often sessions sample their kernel's resources, shared by a supervisor's sessions.
+
+    Changing it wakes every sampler, so the next sample comes one new period from the change.
+    0 means never.
+    """
+
+    def __init__(self, milliseconds: int) -> None:
+        self._milliseconds = milliseconds
+        self._changed = trio.Event()
+
+    @property
+    def milliseconds(self) -> int:
+        return self._milliseconds
+
+    @milliseconds.setter
+    def milliseconds(self, value: int) -> None:
+        self._milliseconds = value
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self) -> int:
+        """Sleep one full period in which the interval did not change; returns the period."""
+        while True:
+            changed = self._changed
+            period = self._milliseconds
+            with trio.move_on_after(period / 1000 if period > 0 else math.inf):
+                await changed.wait()
+                continue
+            return period

@@ -1,27 +1,45 @@
 """Kallichore's idle shutdown: exit after a full period in which nothing nudged the server.
 
-Nudges are sessions becoming idle or exiting, clients connecting, and client heartbeats. A tick
-comes at least one full period after the previous one and after the last nudge (missed ticks,
-say across a laptop's sleep, are not caught up). At a tick the server stays up while the client
-process that sent heartbeats is alive, or while any session is starting, busy or has a client
-attached.
+Nudges are sessions being created, becoming idle or exiting, clients connecting, and client
+heartbeats. A tick comes at least one full period after the previous one and after the last
+nudge (missed ticks, say across a laptop's sleep, are not caught up). At a tick the server stays
+up while the client process that sent heartbeats is alive, or while any session is starting,
+busy, or has a client attached.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import psutil
 import trio
 
 from kallichore.session.model import Status
-from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
 # `--idle-shutdown-hours 0` means this many seconds, as in Kallichore.
 ZERO_HOURS_SECONDS = 30.0
+
+
+class Session(Protocol):
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+class Supervised(Protocol):
+    """What idle shutdown watches: the supervisor's activity and its sessions."""
+
+    @property
+    def last_activity(self) -> float: ...
+
+    def sessions(self) -> Sequence[Session]: ...
 
 
 @attrs.define
@@ -50,7 +68,7 @@ class IdleShutdown:
         self._configured_at = trio.current_time()
         self._changed.set()
 
-    async def wait_until_idle(self, supervisor: Supervisor) -> None:
+    async def wait_until_idle(self, supervisor: Supervised) -> None:
         """Return when the server should shut down for idleness."""
         started = trio.current_time()
         last_tick = started
@@ -84,8 +102,9 @@ class IdleShutdown:
         return False
 
 
-def _in_use(supervisor: Supervisor) -> bool:
-    # A kernel may take longer to start than the period is long; its start is not idleness.
-    return any(
-        s.status in (Status.STARTING, Status.BUSY) or s.connected for s in supervisor.sessions()
-    )
+def _in_use(supervisor: Supervised) -> bool:
+    return any(s.status in _WORKING or s.connected for s in supervisor.sessions())
+
+
+# A kernel being started is work in progress, as much as one running code.
+_WORKING = frozenset({Status.STARTING, Status.BUSY})

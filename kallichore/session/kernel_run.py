@@ -1,0 +1,481 @@
+"""One kernel from launch (or adoption) to exit: the I/O shell around `SessionState`.
+
+A run owns, in one nursery whose cancel scope is the run's lifetime, the kernel process and its
+output readers, the ZeroMQ pumps, the heartbeat monitor and the resource sampler. Every message
+goes the same way: frames from ZeroMQ, verified and parsed (header only), fed to the session's
+`SessionState`, whose `Outbox` says what to publish to the event log and what to send to the
+kernel. The run ends when the process exits (on its own, killed or shut down); cleaning up
+(process group, sockets, connection file, ports) happens in one place, shielded, so that
+nothing is left behind however the run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import trio
+import zmq
+
+from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, write_json_file
+from kallichore.jupyter.wire import Channel, Message, WireError
+from kallichore.session import process as kernel_process
+from kallichore.session.channels import KernelChannels
+from kallichore.session.events import EventLog, OutputEvent, ResourceUsageEvent
+from kallichore.session.handshake import HandshakeError, Registration, wants_handshake
+from kallichore.session.model import (
+    SessionConfig,
+    SessionSpec,
+    StartupEnvironment,
+    VarAction,
+    resolve_environment,
+)
+from kallichore.session.resources import ResourceSampler, ResourceUsage, SampleInterval
+from kallichore.session.startup import (
+    build_command,
+    choose_shell,
+    is_marker_line,
+    startup_failure_details,
+)
+from kallichore.session.state import Outbox, SessionState
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_PAYLOAD = b"kallichore-heartbeat"
+# Output lines kept for a StartupError; a kernel that prints more before failing is cut short.
+MAX_STARTUP_OUTPUT_LINES = 2000
+# An adopted kernel has no process to watch; this many missed heartbeats in a row end it.
+ADOPTED_HEARTBEAT_MISSES = 3
+# How long the output readers may go on after the process exits (a grandchild can hold a pipe).
+OUTPUT_DRAIN_SECONDS = 1.0
+
+
+@attrs.frozen
+class RunContext:
+    """What a run needs from its session and supervisor."""
+
+    spec: SessionSpec
+    key: str
+    state: SessionState
+    events: EventLog
+    context: zmq.Context[zmq.Socket[bytes]]
+    ports: PortAllocator
+    runtime_dir: Path
+    config: SessionConfig
+    sample_interval: SampleInterval
+    # Called when the session comes to rest (idle shutdown counts from then).
+    on_rest: Callable[[], None]
+    # Builds a message with the session's header.
+    message: Callable[..., Message]
+
+
+class KernelRun:
+    """One kernel run; see the module docstring. `KernelSession` starts and stops it."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        *,
+        env: Sequence[VarAction] = (),
+        adopt: ConnectionInfo | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._env = env
+        self._adopted = adopt is not None
+        self._connection = adopt
+        self.process: trio.Process | None = None
+        self.channels: KernelChannels | None = None
+        self.initial_env: dict[str, str] = {}
+        self.resource_usage: ResourceUsage | None = None
+        self.cancel_scope = trio.CancelScope()
+        self.exited = trio.Event()
+        self.exit_code: int | None = None
+        self._registration: Registration | None = None
+        self._connection_file: Path | None = None
+        self._ports: list[int] = []
+        self._shell: str | None = None
+        self._startup_output: list[str] = []
+        self._markers_seen: list[str] = []
+        self._ready = False
+        # Set whenever a pump has fed the state machine; renewed by whoever waits on it.
+        self._fed = trio.Event()
+
+    @property
+    def process_id(self) -> int | None:
+        """The kernel's pid while it runs."""
+        if self.process is None or self.exited.is_set():
+            return None
+        return self.process.pid
+
+    # -- the state machine's outbox, carried out -------------------------------------------
+
+    def publish(self, out: Outbox) -> None:
+        """Carry out the synchronous part of `out`: the events, in order."""
+        ctx = self._ctx
+        if out.check_working_directory_at is not None:
+            ctx.state.working_directory_seen(self.working_directory(), out)
+        ctx.events.publish_many(out.events)
+        if out.rested:
+            ctx.on_rest()
+
+    async def deliver(self, out: Outbox) -> None:
+        """Carry out `out`: publish its events, then send its messages to the kernel."""
+        self.publish(out)
+        if out.to_kernel:
+            channels = self._require_channels()
+            for channel, message in out.to_kernel:
+                await channels.send(channel, message)
+
+    def _require_channels(self) -> KernelChannels:
+        if self.channels is None:
+            raise KallichoreError(ErrorCode.SESSION_NOT_RUNNING, "the kernel is still starting")
+        return self.channels
+
+    def working_directory(self) -> str | None:
+        pid = self.process_id
+        return None if pid is None else kernel_process.current_directory(pid)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Launch (or adopt), connect, serve until the kernel exits, and clean up.
+
+        Reports started once the kernel is ready; raises `StartupError` if it never is.
+        """
+        ctx = self._ctx
+        if not self._adopted:
+            out = Outbox()
+            ctx.state.starting(out)
+            self.publish(out)
+            await self._launch()
+        failure: KallichoreError | None = None
+        try:
+            with self.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    if self.process is not None:
+                        nursery.start_soon(self._watch_process, self.process)
+                    failure = await self._connect(nursery)
+                    if failure is not None:
+                        self.cancel_scope.cancel()
+                    else:
+                        channels = self._require_channels()
+                        nursery.start_soon(self._pump, channels, Channel.STDIN)
+                        self._startup_output.clear()
+                        self._ready = True
+                        out = Outbox()
+                        ctx.state.kernel_ready(out)
+                        self.publish(out)
+                        nursery.start_soon(self._monitor_heartbeat, channels)
+                        if self.process is not None:
+                            nursery.start_soon(self._sample_resources, self.process.pid)
+                        task_status.started()
+        except Exception:
+            if not self._ready:
+                raise
+            logger.exception("session %s: internal error, ending its kernel", ctx.spec.session_id)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._reap()
+        if not self._ready:
+            raise failure or self._exited_during_start()
+
+    async def _launch(self) -> None:
+        """Spawn the kernel, told where to connect by a connection or registration file."""
+        ctx = self._ctx
+        spec = ctx.spec
+        if not spec.argv:
+            self._launch_failed("empty argv")
+            raise StartupError(ErrorCode.PROCESS_START_FAILED, "the session has no argv to start")
+        env = resolve_environment(os.environ, self._env)
+        self.initial_env = env
+        cwd = ctx.state.working_directory or None
+        if cwd is not None and not os.path.isdir(cwd):
+            logger.warning("session %s: working directory %r does not exist", spec.session_id, cwd)
+            cwd = None
+        mode = spec.startup_environment
+        self._shell = choose_shell(os.environ) if mode is not StartupEnvironment.NONE else None
+        try:
+            if wants_handshake(spec.protocol_version):
+                self._registration = Registration(ctx.context, ctx.key)
+                path = ctx.runtime_dir / f"registration-{spec.session_id}.json"
+                contents = self._registration.file_contents()
+            else:
+                self._ports = ctx.ports.allocate(5)
+                self._connection = ConnectionInfo.on_ports(self._ports, ctx.key)
+                ctx.state.connected_at(self._connection)
+                path = ctx.runtime_dir / f"kernel-{spec.session_id}.json"
+                contents = self._connection.to_dict()
+            self._connection_file = path
+            argv = [arg.replace("{connection_file}", str(path)) for arg in spec.argv]
+            command = build_command(
+                argv, mode, spec.startup_environment_arg, working_directory=cwd, shell=self._shell
+            )
+            write_json_file(path, contents)
+            self.process = await kernel_process.launch(command, env, cwd)
+        except BaseException as exc:
+            self._release()
+            self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
+            if not isinstance(exc, OSError):
+                raise
+            raise StartupError(
+                ErrorCode.PROCESS_START_FAILED,
+                f"failed to start the kernel {spec.argv[0]!r}: {exc.strerror or exc}",
+                exit_code=exc.errno,
+            ) from exc
+
+    def _launch_failed(self, reason: str) -> None:
+        out = Outbox()
+        self._ctx.state.launch_failed(reason, out)
+        self.publish(out)
+        self.exited.set()
+
+    async def _connect(self, nursery: trio.Nursery) -> KallichoreError | None:
+        """Handshake (JEP 66), ZeroMQ connect and kernel_info, within `connection_timeout`.
+
+        Readiness needs the kernel_info_reply on shell, proof that our iopub subscription
+        is live, and a stdin connection the kernel knows (see `KernelChannels`). ipykernel 7
+        proves the iopub subscription with `iopub_welcome`; for other kernels a fresh
+        kernel_info_request makes them publish busy/idle, so we ask again, backing off, until
+        something arrives on iopub.
+        """
+        ctx = self._ctx
+        state = ctx.state
+        timeout = ctx.spec.connection_timeout
+        try:
+            with trio.fail_after(timeout):
+                if self._registration is not None:
+                    failure = await self._await_handshake()
+                    if failure is not None:
+                        return failure
+                assert self._connection is not None
+                channels = KernelChannels(
+                    ctx.context, self._connection, ctx.spec.session_id.encode()
+                )
+                self.channels = channels
+                nursery.start_soon(self._pump, channels, Channel.IOPUB)
+                nursery.start_soon(self._pump, channels, Channel.SHELL)
+                nursery.start_soon(self._pump, channels, Channel.CONTROL)
+                await self._request_kernel_info(channels)
+                while not state.kernel_info_received:
+                    await self._fed_again()
+                delay = 0.1
+                while not state.iopub_alive:
+                    with trio.move_on_after(delay):
+                        await self._fed_again()
+                    if not state.iopub_alive:
+                        await self._request_kernel_info(channels)
+                        delay = min(delay * 2, 1.0)
+                await channels.connect_stdin()
+        except trio.TooSlowError:
+            if self._registration is not None and self._connection is None:
+                return StartupError(
+                    ErrorCode.HANDSHAKE_FAILED,
+                    f"the kernel did not register within {timeout:g} seconds",
+                    "timed out waiting for the JEP 66 handshake",
+                )
+            return StartupError(
+                ErrorCode.SESSION_CONNECTION_TIMEOUT,
+                f"the kernel did not connect within {timeout:g} seconds",
+                self._failure_details("the kernel failed to connect to its ZeroMQ sockets"),
+                exit_code=130,
+                output="".join(self._startup_output),
+            )
+        return None
+
+    async def _fed_again(self) -> None:
+        """Wait until a pump has fed the state machine again."""
+        self._fed = trio.Event()
+        await self._fed.wait()
+
+    async def _await_handshake(self) -> KallichoreError | None:
+        assert self._registration is not None
+        try:
+            with self._registration:
+                connection = await self._registration.wait()
+        except HandshakeError as exc:
+            return StartupError(
+                ErrorCode.HANDSHAKE_FAILED,
+                f"the kernel's JEP 66 handshake failed: {exc}",
+                output="".join(self._startup_output),
+            )
+        self._connection = connection
+        out = Outbox()
+        self._ctx.state.registered(self._ctx.spec.session_id, connection, out)
+        self.publish(out)
+        return None
+
+    def _exited_during_start(self) -> StartupError:
+        output = "".join(self._startup_output)
+        if self._registration is not None and self._connection is None:
+            return StartupError(
+                ErrorCode.EXITED_BEFORE_CONNECTION,
+                f"the kernel exited with code {self.exit_code} before it registered",
+                self._failure_details("the kernel exited before connecting"),
+                exit_code=self.exit_code,
+                output=output,
+            )
+        return StartupError(
+            ErrorCode.PROCESS_ABNORMAL_EXIT,
+            f"the kernel exited with code {self.exit_code} before it was ready",
+            self._failure_details("the kernel process exited during startup"),
+            exit_code=self.exit_code,
+            output=output,
+        )
+
+    def _failure_details(self, default: str) -> str:
+        spec = self._ctx.spec
+        details = startup_failure_details(
+            spec.startup_environment,
+            spec.startup_environment_arg,
+            self._shell,
+            "".join(self._markers_seen),
+        )
+        return details or default
+
+    async def _request_kernel_info(self, channels: KernelChannels) -> None:
+        request = self._ctx.message("kernel_info_request")
+        self._ctx.state.startup_request(request.msg_id)
+        await channels.send(Channel.SHELL, request)
+
+    async def _watch_process(self, process: trio.Process) -> None:
+        """Read the kernel's output until it exits, then end the run."""
+        async with trio.open_nursery() as readers:
+            if process.stdout is not None:
+                readers.start_soon(kernel_process.read_lines, process.stdout, "stdout", self._line)
+            if process.stderr is not None:
+                readers.start_soon(kernel_process.read_lines, process.stderr, "stderr", self._line)
+            self.exit_code = await process.wait()
+            readers.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_SECONDS
+        self.cancel_scope.cancel()
+
+    def _line(self, stream: Literal["stdout", "stderr"], text: str) -> None:
+        if is_marker_line(text):
+            # The shell wrapper's progress markers explain a failed start; clients never see them.
+            self._markers_seen.append(text)
+            return
+        if not self._ctx.state.ready and len(self._startup_output) < MAX_STARTUP_OUTPUT_LINES:
+            self._startup_output.append(text)
+        self._ctx.events.publish(OutputEvent(stream, text))
+
+    async def _pump(self, channels: KernelChannels, channel: Channel) -> None:
+        """The hot path: a batch of frames from one kernel socket, verified, parsed (header
+        only), followed by the state machine, and published as one batch of events (a caught-up
+        client gets it in one write); then whatever the state says to send (the next queued
+        execution) goes to the kernel."""
+        sock = channels.socket(channel)
+        state = self._ctx.state
+        session_id = self._ctx.spec.session_id
+        while True:
+            out = Outbox()
+            for frames in await sock.recv_batch():
+                try:
+                    message = channels.parse(frames)
+                except WireError as exc:
+                    logger.warning(
+                        "session %s: dropped a message on %s: %s", session_id, channel, exc
+                    )
+                    continue
+                state.from_kernel(channel, message, out)
+                if (
+                    self._adopted
+                    and channel is not Channel.IOPUB
+                    and message.msg_type == "shutdown_reply"
+                ):
+                    # An adopted kernel is going away; there is no process to watch for it.
+                    self.cancel_scope.cancel()
+            await self.deliver(out)
+            self._fed.set()
+
+    async def _monitor_heartbeat(self, channels: KernelChannels) -> None:
+        """Mark the session offline when the kernel misses a heartbeat, and back when it answers.
+
+        Each beat also lets the state give up on idles that never came. An adopted kernel has
+        no process to watch: missing several beats in a row ends it.
+        """
+        ctx = self._ctx
+        config = ctx.config
+        sock = channels.socket(Channel.HEARTBEAT)
+        misses = 0
+        while True:
+            await sock.send_multipart([HEARTBEAT_PAYLOAD])
+            with trio.move_on_after(config.heartbeat_timeout) as timer:
+                await sock.recv_multipart()
+            out = Outbox()
+            if timer.cancelled_caught:
+                misses += 1
+                ctx.state.heartbeat_missed(out)
+                if self._adopted and misses >= ADOPTED_HEARTBEAT_MISSES:
+                    self.cancel_scope.cancel()
+            else:
+                misses = 0
+                ctx.state.heartbeat_answered(out)
+            ctx.state.check_overdue(out)
+            await self.deliver(out)
+            await trio.sleep(
+                config.heartbeat_interval
+                if ctx.events.attached
+                else config.unattended_heartbeat_interval
+            )
+
+    async def _sample_resources(self, pid: int) -> None:
+        """Publish the kernel's CPU and memory use while a client is attached."""
+        ctx = self._ctx
+        sampler = ResourceSampler()
+        while True:
+            await ctx.events.wait_attached()
+            interval_ms = await ctx.sample_interval.wait()
+            if not ctx.events.attached:
+                continue
+            usage = sampler.sample(pid, interval_ms)
+            if usage is None:
+                return
+            self.resource_usage = usage
+            ctx.events.publish(ResourceUsageEvent(usage))
+
+    async def _reap(self) -> None:
+        """Make sure the kernel's process group is gone, then release everything of the run."""
+        process = self.process
+        if process is not None:
+            kernel_process.kill_group(process.pid)
+            if process.returncode is None:
+                # It may have left its process group; the group kill would then miss it.
+                process.kill()
+            exit_code = await process.wait()
+            if self.exit_code is None:
+                self.exit_code = exit_code
+            reason = "child process exited"
+        else:
+            self.exit_code = 0
+            reason = "all sockets disconnected from an adopted kernel"
+        self._release()
+        out = Outbox()
+        self._ctx.state.exited(self.exit_code, reason, out)
+        self.publish(out)
+        self.exited.set()
+
+    def _release(self) -> None:
+        if self.channels is not None:
+            self.channels.close()
+        if self._registration is not None:
+            self._registration.close()
+        if self._connection_file is not None:
+            self._connection_file.unlink(missing_ok=True)
+        self._ctx.ports.release(self._ports)
+
+    # -- control ---------------------------------------------------------------------------
+
+    def kill(self) -> bool:
+        """SIGKILL the kernel's process group (an adopted kernel: end the run); False if the
+        process was not found."""
+        if self.process is None:
+            self.cancel_scope.cancel()
+            return True
+        return kernel_process.kill_group(self.process.pid)
+
+    def signal(self, signum: int) -> bool:
+        return self.process is not None and kernel_process.signal_group(self.process.pid, signum)

@@ -1,0 +1,452 @@
+"""SessionState on its own: no kernel, no trio, no ZeroMQ; a hand-turned clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
+
+from kallichore.errors import KallichoreError
+from kallichore.jupyter.connection import ConnectionInfo
+from kallichore.jupyter.wire import Channel, Message
+from kallichore.session.events import (
+    ExecutionQueuedEvent,
+    ExitedEvent,
+    JupyterEvent,
+    StatusEvent,
+    WorkingDirChangedEvent,
+)
+from kallichore.session.model import SessionSpec, Status
+from kallichore.session.state import REPLY_IDLE_GRACE_SECONDS, Outbox, SessionState
+from tests.conftest import ipykernel_spec
+
+
+@attrs.define
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def client(msg_type: str, **content: Any) -> Message:
+    return Message.build(msg_type, content, session="client")
+
+
+def kernel(msg_type: str, parent: Message | None, **content: Any) -> Message:
+    return Message.build(
+        msg_type, content, session="kernel", parent=parent.header if parent else None
+    )
+
+
+def busy(parent: Message | None) -> Message:
+    return kernel("status", parent, execution_state="busy")
+
+
+def idle(parent: Message | None) -> Message:
+    return kernel("status", parent, execution_state="idle")
+
+
+def reply(request: Message) -> Message:
+    return kernel(request.msg_type.removesuffix("_request") + "_reply", request, status="ok")
+
+
+def statuses(out: Outbox) -> list[Status]:
+    return [e.status for e in out.events if isinstance(e, StatusEvent)]
+
+
+def sent(out: Outbox) -> list[str]:
+    return [m.msg_id for _, m in out.to_kernel]
+
+
+def ready_state(spec: SessionSpec | None = None, clock: Clock | None = None) -> SessionState:
+    """A state whose kernel has started and answered."""
+    state = SessionState(spec or ipykernel_spec(), clock or Clock())
+    state.starting(Outbox())
+    state.kernel_ready(Outbox())
+    return state
+
+
+def run_to_busy(state: SessionState, request: Message) -> Outbox:
+    """A client's execute_request sent and the kernel's busy for it seen."""
+    out = Outbox()
+    state.from_client(Channel.SHELL, request, out)
+    state.from_kernel(Channel.IOPUB, busy(request), out)
+    return out
+
+
+def test_a_new_session_is_uninitialized_and_refuses_messages() -> None:
+    state = SessionState(ipykernel_spec())
+    assert state.status is Status.UNINITIALIZED
+    with pytest.raises(KallichoreError, match="not running"):
+        state.from_client(Channel.SHELL, client("execute_request", code="1"), Outbox())
+
+
+def test_start_goes_starting_then_idle_and_rests() -> None:
+    state = SessionState(ipykernel_spec())
+    out = Outbox()
+    state.starting(out)
+    state.kernel_ready(out)
+    assert statuses(out) == [Status.STARTING, Status.IDLE]
+    assert out.rested
+    assert state.ready
+
+
+def test_our_startup_requests_are_followed_but_not_forwarded() -> None:
+    state = SessionState(ipykernel_spec())
+    state.starting(Outbox())
+    request = client("kernel_info_request")
+    state.startup_request(request.msg_id)
+    out = Outbox()
+    positron = {"input_prompt": "In> ", "continuation_prompt": "..> "}
+    info = {"language_info": {"name": "python", "positron": positron}}
+    state.from_kernel(Channel.IOPUB, kernel("iopub_welcome", None), out)
+    state.from_kernel(Channel.IOPUB, busy(request), out)
+    state.from_kernel(Channel.SHELL, kernel("kernel_info_reply", request, **info), out)
+    state.from_kernel(Channel.IOPUB, idle(request), out)
+    assert out.events == []
+    assert state.kernel_info_received
+    assert state.iopub_alive
+    assert state.kernel_info == info
+    assert (state.input_prompt, state.continuation_prompt) == ("In> ", "..> ")
+
+
+def test_stdin_is_refused_until_the_kernel_is_ready() -> None:
+    state = SessionState(ipykernel_spec())
+    state.starting(Outbox())
+    with pytest.raises(KallichoreError, match="still starting"):
+        state.from_client(Channel.STDIN, client("input_reply", value="x"), Outbox())
+    with pytest.raises(ValueError, match="iopub"):
+        state.from_client(Channel.IOPUB, client("status"), Outbox())
+
+
+def test_executions_queue_while_one_runs_and_go_one_at_a_time() -> None:
+    state = ready_state()
+    first, second, third = (client("execute_request", code=str(i)) for i in range(3))
+    out = run_to_busy(state, first)
+    assert sent(out) == [first.msg_id]
+    assert statuses(out) == [Status.BUSY]
+    out = Outbox()
+    state.from_client(Channel.SHELL, second, out)
+    state.from_client(Channel.SHELL, third, out)
+    assert out.to_kernel == []
+    assert out.events == [
+        ExecutionQueuedEvent(second.msg_id),
+        ExecutionQueuedEvent(third.msg_id),
+    ]
+    assert [m.msg_id for m in state.execution_queue.pending] == [second.msg_id, third.msg_id]
+    out = Outbox()
+    state.from_kernel(Channel.SHELL, reply(first), out)
+    state.from_kernel(Channel.IOPUB, idle(first), out)
+    assert sent(out) == [second.msg_id]
+    assert statuses(out) == [Status.IDLE]
+    assert out.check_working_directory_at == 2  # after the reply and the idle status
+    assert state.execution_queue.active == second
+
+
+def test_a_control_request_during_an_execution_keeps_the_session_busy_and_the_queue_held() -> None:
+    """Bug: the kernel_info_request's idle used to release the next execution and say idle."""
+    state = ready_state()
+    running, queued = client("execute_request", code="sleep"), client("execute_request", code="1")
+    run_to_busy(state, running)
+    state.from_client(Channel.SHELL, queued, Outbox())
+    info = client("kernel_info_request")
+    out = Outbox()
+    state.from_client(Channel.CONTROL, info, out)
+    state.from_kernel(Channel.IOPUB, busy(info), out)
+    state.from_kernel(Channel.CONTROL, reply(info), out)
+    state.from_kernel(Channel.IOPUB, idle(info), out)
+    assert sent(out) == [info.msg_id]
+    assert statuses(out) == []
+    assert state.status is Status.BUSY
+    assert state.busy_since is not None
+    assert state.execution_queue.active == running
+    out = Outbox()
+    state.from_kernel(Channel.IOPUB, idle(running), out)
+    assert sent(out) == [queued.msg_id]
+    assert statuses(out) == [Status.IDLE]
+
+
+def test_an_execution_whose_idle_never_comes_lets_the_queue_go_after_a_grace_period() -> None:
+    clock = Clock()
+    state = ready_state(clock=clock)
+    first, second = client("execute_request", code="1"), client("execute_request", code="2")
+    run_to_busy(state, first)
+    state.from_client(Channel.SHELL, second, Outbox())
+    state.from_kernel(Channel.SHELL, reply(first), Outbox())
+    clock.now += REPLY_IDLE_GRACE_SECONDS / 2
+    out = Outbox()
+    state.check_overdue(out)
+    assert out.to_kernel == []
+    assert state.status is Status.BUSY
+    clock.now += REPLY_IDLE_GRACE_SECONDS
+    state.check_overdue(out)
+    assert sent(out) == [second.msg_id]
+    assert statuses(out) == [Status.IDLE]
+    # The idle, when it comes after all, changes nothing.
+    late = Outbox()
+    state.from_kernel(Channel.IOPUB, idle(first), late)
+    assert late.to_kernel == []
+    assert statuses(late) == []
+    assert state.execution_queue.active == second
+
+
+def test_an_idle_before_its_reply_needs_no_grace_period() -> None:
+    clock = Clock()
+    state = ready_state(clock=clock)
+    first = client("execute_request", code="1")
+    run_to_busy(state, first)
+    state.from_kernel(Channel.IOPUB, idle(first), Outbox())
+    state.from_kernel(Channel.SHELL, reply(first), Outbox())
+    clock.now += 10 * REPLY_IDLE_GRACE_SECONDS
+    out = Outbox()
+    state.check_overdue(out)
+    assert out == Outbox()
+
+
+def test_interrupt_and_shutdown_requests_drop_the_queue() -> None:
+    for msg_type in ("interrupt_request", "shutdown_request"):
+        state = ready_state()
+        run_to_busy(state, client("execute_request", code="1"))
+        state.from_client(Channel.SHELL, client("execute_request", code="2"), Outbox())
+        out = Outbox()
+        request = client(msg_type)
+        state.from_client(Channel.CONTROL, request, out)
+        assert sent(out) == [request.msg_id]
+        assert state.execution_queue.active is None
+        assert len(state.execution_queue) == 0
+
+
+def test_heartbeat_offline_and_back_to_what_the_kernel_is_doing() -> None:
+    state = ready_state()
+    out = Outbox()
+    state.heartbeat_missed(out)
+    state.heartbeat_missed(out)
+    state.heartbeat_answered(out)
+    assert statuses(out) == [Status.OFFLINE, Status.IDLE]
+    run_to_busy(state, client("execute_request", code="1"))
+    out = Outbox()
+    state.heartbeat_missed(out)
+    state.heartbeat_answered(out)
+    assert statuses(out) == [Status.OFFLINE, Status.BUSY]
+
+
+def test_exit_clears_the_queue_and_says_why() -> None:
+    clock = Clock()
+    state = ready_state(clock=clock)
+    run_to_busy(state, client("execute_request", code="1"))
+    state.from_client(Channel.SHELL, client("execute_request", code="2"), Outbox())
+    clock.now += 5
+    out = Outbox()
+    state.exited(-9, "child process exited", out)
+    assert out.events == [StatusEvent(Status.EXITED, "child process exited"), ExitedEvent(-9)]
+    assert state.execution_queue.active is None
+    assert len(state.execution_queue) == 0
+    assert state.idle_since == clock.now
+    assert state.busy_since is None
+    assert not state.running
+    # Late messages from the dead kernel change nothing.
+    late = Outbox()
+    state.from_kernel(Channel.IOPUB, idle(None), late)
+    assert statuses(late) == []
+    with pytest.raises(KallichoreError):
+        state.from_client(Channel.SHELL, client("execute_request", code="3"), Outbox())
+
+
+def test_working_directory_changes_follow_the_idle_that_ends_the_execution() -> None:
+    state = ready_state()
+    request = client("execute_request", code="import os; os.chdir('/tmp')")
+    out = run_to_busy(state, request)
+    out = Outbox()
+    state.from_kernel(Channel.IOPUB, idle(request), out)
+    state.working_directory_seen("/tmp", out)
+    assert out.events[0] == StatusEvent(Status.IDLE, "execute_request")
+    assert out.events[1] == WorkingDirChangedEvent("/tmp")
+    assert isinstance(out.events[2], JupyterEvent)
+    assert out.check_working_directory_at is None
+    again = Outbox()
+    state.working_directory_seen("/tmp", again)
+    state.working_directory_seen(None, again)
+    assert again.events == []
+    assert state.working_directory == "/tmp"
+
+
+def test_a_failed_launch_is_an_exit_without_exit_code() -> None:
+    state = SessionState(ipykernel_spec())
+    out = Outbox()
+    state.starting(out)
+    state.launch_failed("no such file", out)
+    assert statuses(out) == [Status.STARTING, Status.EXITED]
+    assert not state.running
+
+
+def test_adoption_records_where_the_kernel_listens() -> None:
+    state = SessionState(ipykernel_spec())
+    info = ConnectionInfo.on_ports([1001, 1002, 1003, 1004, 1005], "key")
+    state.adopting(info)
+    assert state.running
+    assert state.connection == info
+    assert info.shell_port == 1002
+    assert info.stdin_port == 1005
+
+
+class KernelAndClients(RuleBasedStateMachine):
+    """A kernel that handles shell requests one at a time (control requests any time), clients
+    sending executions and control requests, a heartbeat that comes and goes, a clock that moves,
+    and messages that the kernel's PUB socket may drop. Whatever the interleaving: the kernel
+    is never handed a second execution before the first one ended, no execution is lost or sent
+    twice, and the session is busy exactly while the kernel works on something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.state = ready_state(clock=self.clock)
+        # The kernel's view: shell requests received, in order; the one it is working on.
+        self.kernel_shell: list[Message] = []
+        self.working: Message | None = None
+        self.replied: Message | None = None
+        self.replied_at = 0.0
+        self.control_working: list[Message] = []
+        self.submitted: list[str] = []
+        self.sent_executions: list[str] = []
+        self.dropped: set[str] = set()
+        self.abandoned: set[str] = set()
+        self.finished: set[str] = set()
+        self.busy_delivered = False
+        self.last_status: Status = self.state.status
+
+    def feed(self, out: Outbox) -> None:
+        for channel, message in out.to_kernel:
+            if channel is Channel.SHELL:
+                if message.msg_type == "execute_request":
+                    assert message.msg_id not in self.sent_executions, "sent twice"
+                    self.sent_executions.append(message.msg_id)
+                self.kernel_shell.append(message)
+            else:
+                self.control_working.append(message)
+        for event in out.events:
+            if isinstance(event, StatusEvent):
+                assert event.status is not self.last_status, "a status repeated"
+                self.last_status = event.status
+
+    def from_kernel(self, channel: Channel, message: Message) -> None:
+        out = Outbox()
+        self.state.from_kernel(channel, message, out)
+        self.feed(out)
+
+    @rule(code=st.integers(0, 9))
+    def client_executes(self, code: int) -> None:
+        request = client("execute_request", code=str(code))
+        self.submitted.append(request.msg_id)
+        out = Outbox()
+        self.state.from_client(Channel.SHELL, request, out)
+        self.feed(out)
+
+    @rule()
+    def client_asks_on_control(self) -> None:
+        out = Outbox()
+        self.state.from_client(Channel.CONTROL, client("kernel_info_request"), out)
+        self.feed(out)
+
+    @rule()
+    def client_interrupts(self) -> None:
+        queued = self.state.execution_queue
+        self.dropped.update(m.msg_id for m in queued.pending)
+        if queued.active is not None:
+            self.abandoned.add(queued.active.msg_id)
+        out = Outbox()
+        self.state.from_client(Channel.CONTROL, client("interrupt_request"), out)
+        self.feed(out)
+
+    @precondition(lambda self: self.working is None and self.kernel_shell)
+    @rule(lose_busy=st.booleans())
+    def kernel_starts_the_next_shell_request(self, lose_busy: bool) -> None:
+        self.working = self.kernel_shell.pop(0)
+        self.busy_delivered = not lose_busy
+        if not lose_busy:
+            self.from_kernel(Channel.IOPUB, busy(self.working))
+
+    @precondition(lambda self: self.working is not None and self.replied is None)
+    @rule()
+    def kernel_replies(self) -> None:
+        assert self.working is not None
+        self.replied = self.working
+        self.replied_at = self.clock.now
+        self.from_kernel(Channel.SHELL, reply(self.working))
+
+    @precondition(lambda self: self.replied is not None)
+    @rule(lose_idle=st.booleans())
+    def kernel_goes_idle(self, lose_idle: bool) -> None:
+        assert self.working is not None
+        finished, self.working, self.replied = self.working, None, None
+        self.busy_delivered = False
+        self.finished.add(finished.msg_id)
+        if not lose_idle:
+            self.from_kernel(Channel.IOPUB, idle(finished))
+
+    @precondition(lambda self: self.control_working)
+    @rule()
+    def kernel_answers_on_control(self) -> None:
+        request = self.control_working.pop(0)
+        self.from_kernel(Channel.IOPUB, busy(request))
+        self.from_kernel(Channel.CONTROL, reply(request))
+        self.from_kernel(Channel.IOPUB, idle(request))
+
+    @rule(seconds=st.sampled_from([0.1, 1.0, REPLY_IDLE_GRACE_SECONDS * 1.5]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.now += seconds
+        if (
+            self.replied is not None
+            and self.clock.now - self.replied_at >= REPLY_IDLE_GRACE_SECONDS
+        ):
+            # Replied long ago and still no idle: the session stops waiting for it.
+            self.abandoned.add(self.replied.msg_id)
+        out = Outbox()
+        self.state.check_overdue(out)
+        self.feed(out)
+
+    @rule(answered=st.booleans())
+    def heartbeat(self, answered: bool) -> None:
+        out = Outbox()
+        if answered:
+            self.state.heartbeat_answered(out)
+            assert self.state.status is not Status.OFFLINE
+        else:
+            self.state.heartbeat_missed(out)
+            assert self.state.status is Status.OFFLINE
+        self.feed(out)
+
+    @invariant()
+    def one_execution_at_a_time(self) -> None:
+        """The kernel is never handed a second execution while one runs (one abandoned by an
+        interrupt, or whose idle did not come within the grace after its reply, aside: the
+        kernel itself queues what follows it)."""
+        unfinished = [m for m in self.sent_executions if m not in self.finished | self.abandoned]
+        assert len(unfinished) <= 1, unfinished
+
+    @invariant()
+    def no_execution_lost(self) -> None:
+        queue = self.state.execution_queue
+        waiting = {m.msg_id for m in queue.pending}
+        for msg_id in self.submitted:
+            assert msg_id in self.sent_executions or msg_id in waiting or msg_id in self.dropped
+
+    @invariant()
+    def busy_while_the_kernel_works(self) -> None:
+        """Working on a request whose busy we saw, and not replied yet: the session is busy
+        (or offline). After the reply, a lost idle may make it give up after the grace."""
+        if self.busy_delivered and self.replied is None:
+            assert self.state.status in (Status.BUSY, Status.OFFLINE)
+
+
+TestKernelAndClients = KernelAndClients.TestCase
+TestKernelAndClients.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
