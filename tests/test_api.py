@@ -12,10 +12,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
+import httpx
 import psutil
 import pytest
 import trio
 import trio_websocket
+import wsproto
+import wsproto.events
 
 from kallichore.api.app import ServerState
 from kallichore.server.http import RunningServer, serve_api
@@ -33,6 +37,7 @@ from tests.api_client import (
 )
 
 TOKEN = "test-token-0123456789"
+TIMEOUT = 30
 
 
 @pytest.fixture
@@ -801,3 +806,129 @@ def test_the_api_layer_imports_neither_the_daemon_nor_zeromq() -> None:
         for name, modules in imported.items()
         if any(m.startswith(forbidden) for m in modules)
     } == {}
+
+
+# -- kept-alive connections on the TCP front door ------------------------------------------------
+
+
+async def read_response(stream: trio.SocketStream, received: bytes) -> tuple[int, bytes, bytes]:
+    """One response to a GET, read from `received` and then `stream`: its status, its body and
+    whatever followed it."""
+    reader = h11.Connection(h11.CLIENT)
+    reader.send(h11.Request(method="GET", target="/", headers=[("Host", "localhost")]))
+    reader.send(h11.EndOfMessage())
+    if received:
+        reader.receive_data(received)  # (b"" would mean the end of the stream)
+    status, body = 0, b""
+    with trio.fail_after(TIMEOUT):
+        while True:
+            event = reader.next_event()
+            if event is h11.NEED_DATA:
+                reader.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, body, reader.trailing_data[0]
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+
+async def test_a_websocket_upgrade_after_plain_requests_on_the_same_connection(
+    api: Api, server: RunningServer
+) -> None:
+    """Two pipelined `GET /status` and then the channels upgrade, all on one connection."""
+    await api.create("python-1")
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    upgrade = ws.send(
+        wsproto.events.Request(
+            host="localhost",
+            target="/sessions/python-1/channels",
+            extra_headers=[(b"Authorization", f"Bearer {TOKEN}".encode())],
+        )
+    )
+    status = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(status + status + upgrade)
+        received = b""
+        for _ in range(2):
+            code, body, received = await read_response(stream, received)
+            assert code == 200
+            assert json.loads(body)["sessions"] == 1
+        if received:
+            ws.receive_data(received)
+        events: list[wsproto.events.Event] = []
+        with trio.fail_after(TIMEOUT):
+            while not any(isinstance(e, wsproto.events.TextMessage) for e in events):
+                events.extend(ws.events())
+                if not events:
+                    ws.receive_data(await stream.receive_some())
+                    continue
+                assert isinstance(events[0], wsproto.events.AcceptConnection), events[0]
+                if len(events) == 1:
+                    # The link works: the session has no kernel, so the request is refused.
+                    message = json.dumps(execute_request("1"))
+                    await stream.send_all(ws.send(wsproto.events.TextMessage(message)))
+                    events.extend(ws.events())
+                    ws.receive_data(await stream.receive_some())
+    [frame] = [json.loads(e.data) for e in events if isinstance(e, wsproto.events.TextMessage)]
+    assert frame["kind"] == "kernel"
+    assert frame["error"]["code"] == "KS-3"
+
+
+async def test_many_requests_on_one_kept_alive_connection(api: Api) -> None:
+    async with httpx.AsyncClient(
+        base_url=api.base_url,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        limits=httpx.Limits(max_connections=1),
+        timeout=TIMEOUT,
+    ) as client:
+        used = set()
+        for i in range(20):
+            response = await client.put("/sessions", json=new_session_body(f"python-{i}"))
+            assert response.status_code == 200, response.text
+            assert (await client.get(f"/sessions/python-{i}")).json()["session_id"] == f"python-{i}"
+            assert (await client.get("/sessions/nope")).status_code == 404
+            head = await client.head("/status")
+            assert head.status_code == 200
+            assert head.content == b""
+            assert (await client.get("/sessions")).json()["total"] == i + 1
+            used.add(response.extensions["network_stream"].get_extra_info("client_addr"))
+        assert len(used) == 1
+
+
+async def test_bodies_up_to_the_limit_pass_the_front_door(api: Api) -> None:
+    limit = 16 * 1024 * 1024
+    padding = "x" * (limit - 100)
+    response = await api.http.post("/client_heartbeat", json={"process_id": None, "x": padding})
+    assert response.status_code in (200, 400)  # the body arrived whole, and was read
+    too_big = await api.http.post("/client_heartbeat", content=b" " * (limit + 1))
+    assert too_big.status_code == 413
+    assert (await api.http.get("/status")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", 200),
+        (b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\nNOT HTTP AT ALL\r\n\r\n", 400),
+        (b"\x16\x03\x01 a TLS hello, say\r\n\r\n", 400),
+    ],
+)
+async def test_connection_close_or_a_protocol_error_ends_the_connection(
+    server: RunningServer, request_bytes: bytes, status: int
+) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(request_bytes)
+        received = b""
+        with trio.fail_after(TIMEOUT):
+            while chunk := await stream.receive_some():
+                received += chunk
+    if request_bytes.startswith(b"GET"):
+        code, _, received = await read_response(stream, received)
+        assert code == 200
+    if status != 200:
+        assert received.startswith(f"HTTP/1.1 {status} ".encode())
+    else:
+        assert received == b""

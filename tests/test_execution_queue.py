@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kallichore.api.envelope import queued_message
+from kallichore.channels.kallichore_framing import queued_message
 from kallichore.jupyter.wire import Message
 from kallichore.session.execution_queue import ExecutionQueue
 

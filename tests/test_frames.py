@@ -7,11 +7,12 @@ import os
 
 import pytest
 import trio
+from wsproto.connection import Connection, ConnectionType
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from kallichore.api.envelope import encode_event
+from kallichore.channels.kallichore_framing import encode_event
+from kallichore.channels.websocket import DIRECT_WRITE_MAX_BYTES, WebSocket, text_frames
 from kallichore.jupyter.wire import Channel, Message
-from kallichore.server.websocket import ReplayStream, text_frame_header
 from kallichore.session.events import JupyterEvent, OutputEvent
 
 
@@ -19,7 +20,7 @@ from kallichore.session.events import JupyterEvent, OutputEvent
 def test_a_client_reads_our_text_frames_of_every_length_class(size: int) -> None:
     payload = (b"0123456789" * (size // 10 + 1))[:size]
     client = FrameProtocol(client=True, extensions=[])
-    client.receive_bytes(text_frame_header(size) + payload + text_frame_header(2) + b"ok")
+    client.receive_bytes(text_frames([payload, b"ok"]))
     frames = list(client.received_frames())
     assert [frame.opcode for frame in frames] == [Opcode.TEXT, Opcode.TEXT]
     assert frames[0].payload == payload.decode()
@@ -48,23 +49,31 @@ def test_non_ascii_text_is_sent_as_utf8() -> None:
 
 async def test_what_the_socket_cannot_take_at_once_is_written_before_anything_else() -> None:
     ours, theirs = trio.socket.socketpair()
-    stream = ReplayStream(trio.SocketStream(ours), b"")
-    client = trio.SocketStream(theirs)
-    big = os.urandom(8 * 2**20)  # far more than a socket buffer holds
-    assert stream.write_now(big)
-    assert stream.owes
-    assert not stream.write_now(b"x"), "nothing may overtake the unwritten part"
-    received = bytearray()
+    ours.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    websocket = WebSocket(trio.SocketStream(ours), Connection(ConnectionType.SERVER), b"")
+    client_stream = trio.SocketStream(theirs)
+    big = [os.urandom(DIRECT_WRITE_MAX_BYTES // 2).hex().encode()]  # more than the buffer holds
+    assert websocket.send_now(big)
+    assert websocket.owes
+    assert not websocket.send_now([b"x"]), "nothing may overtake the unwritten part"
+    client = FrameProtocol(client=True, extensions=[])
+    received: list[str] = []
     async with trio.open_nursery() as nursery:
 
         async def read() -> None:
-            while len(received) < len(big) + 4:
-                received.extend(await client.receive_some())
+            parts: list[str] = []
+            while len(received) < 2:
+                client.receive_bytes(await client_stream.receive_some())
+                for frame in client.received_frames():
+                    parts.append(str(frame.payload))
+                    if frame.message_finished:
+                        received.append("".join(parts))
+                        parts.clear()
 
         nursery.start_soon(read)
-        await stream.send_all(b"tail")
-    assert received == big + b"tail"
-    assert not stream.owes
-    await stream.aclose()
-    assert not stream.write_now(b"x"), "a closed socket takes nothing"
-    await client.aclose()
+        await websocket.send(b"tail")
+    assert received == [big[0].decode(), "tail"]
+    assert not websocket.owes
+    await websocket.aclose()
+    assert not websocket.send_now([b"x"]), "a closed socket takes nothing"
+    await client_stream.aclose()

@@ -22,8 +22,13 @@ from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 from kallichore import __version__
 from kallichore.api import models
 from kallichore.api.app import ROUTES, ServerState, create_app
-from kallichore.api.envelope import FrameError, client_error, encode_event, kernel_event
 from kallichore.api.openapi import WIRE_MODELS, openapi_document
+from kallichore.channels.kallichore_framing import (
+    FrameError,
+    client_error,
+    encode_event,
+    kernel_event,
+)
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message
 from kallichore.server.http import RunningServer, serve_api

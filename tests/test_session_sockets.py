@@ -18,15 +18,15 @@ import trio_websocket
 import wsproto
 import wsproto.events
 
-from kallichore.api.channels import ChannelBroker
-from kallichore.server import websocket
+from kallichore.channels import websocket
+from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.websocket import MAX_UNANSWERED_PINGS
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,
     SessionSockets,
     SocketPathTooLong,
     session_socket_path,
 )
-from kallichore.server.websocket import MAX_UNANSWERED_PINGS
 from kallichore.session.kernel_session import KernelSession
 from kallichore.supervisor import Supervisor
 from tests.api_client import Channels, execute_request, kernel_events, stream_text

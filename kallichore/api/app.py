@@ -23,7 +23,6 @@ from quart_trio import QuartTrio
 
 from kallichore import __version__
 from kallichore.api import models
-from kallichore.api.envelope import queued_message, wire_status
 from kallichore.api.models import (
     ActiveSession,
     BodyError,
@@ -55,6 +54,7 @@ from kallichore.api.routes import (
     install,
     json_response,
 )
+from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.session.kernel_session import KernelSession

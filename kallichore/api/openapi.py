@@ -19,9 +19,9 @@ import attrs
 
 from kallichore import __version__
 from kallichore.api import models
-from kallichore.api.envelope import CLIENT_CHANNELS, wire_status
 from kallichore.api.models import ErrorBody
 from kallichore.api.routes import Empty, Null, Reply, Route, RouteTable, bad_body
+from kallichore.channels.kallichore_framing import CLIENT_CHANNELS, wire_status
 from kallichore.errors import ErrorCode
 from kallichore.jupyter.connection import TRANSPORTS, ConnectionInfo
 from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel

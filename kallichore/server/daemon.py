@@ -26,7 +26,7 @@ import trio
 
 from kallichore import __version__
 from kallichore.api.app import ServerState
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels.broker import ChannelBroker
 from kallichore.jupyter.connection import write_json_file
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.server.idle_shutdown import IdleShutdown

@@ -3,44 +3,45 @@
 The channels WebSocket is the hot path of every kernel's output. Behind hypercorn each frame
 costs two trips through the scheduler, permessage-deflate is negotiated whenever a client
 offers it, and the app cannot see pongs, so a hung client is never noticed. The front door
-therefore reads the head of each new connection: a WebSocket upgrade of
-`/sessions/<id>/channels` is answered here with trio-websocket (the same code that serves the
-per-session Unix sockets); any other connection is spliced, byte for byte, to hypercorn
-listening on a private Unix socket. The API keeps one port, as Kallichore's clients expect.
+therefore reads each request head with h11: a WebSocket upgrade of `/sessions/<id>/channels`
+is answered here (`kallichore.channels.websocket`, the same shell as the per-session Unix
+sockets); any other request is relayed, with its body, to hypercorn on a private Unix socket,
+and its response relayed back, after which the connection goes on to its next request. The
+decision is per request, so a client that keeps its connection alive may upgrade it after any
+number of plain requests. The API keeps one port, as Kallichore's clients expect.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
+from types import TracebackType
 from urllib.parse import unquote
 
+import h11
 import trio
-import trio_websocket
-from trio_websocket import ConnectionClosed
+from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
 from kallichore.api.app import ServerState, check_token
-from kallichore.api.channels import ChannelBroker
-from kallichore.errors import ErrorCode, KallichoreError
-from kallichore.server.websocket import (
-    MAX_MESSAGE_BYTES,
+from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.websocket import (
     PING_INTERVAL_SECONDS,
-    ReplayStream,
-    serve_channel_client,
+    accept,
+    handshake_for,
+    serve_channels,
 )
+from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.server.h11_stream import RECEIVE_BYTES, next_event, respond, server_connection
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
-# A request head larger than this, or slower than this, is not a client of ours.
-MAX_HEAD_BYTES = 64 * 1024
+# How long a connection may wait for its next request head (idle keep-alive included).
 HEAD_TIMEOUT_SECONDS = 10.0
-SPLICE_CHUNK_BYTES = 64 * 1024
-
-_CHANNELS_REQUEST = re.compile(rb"GET /sessions/([^/?# ]+)/channels(?:\?[^ ]*)? HTTP/1\.1\r\n")
-_UPGRADE_HEADER = re.compile(rb"\r\nupgrade:[ \t]*websocket[ \t]*\r\n", re.IGNORECASE)
+# hypercorn closes a connection left idle for its keep_alive_timeout (5 s): a connection to it
+# idle for longer than this is replaced rather than reused, so no request races that close.
+BACKEND_REUSE_SECONDS = 2.0
 
 
 class FrontDoor:
@@ -70,86 +71,199 @@ class FrontDoor:
         await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        client = server_connection()
         try:
-            head = await _read_head(stream)
-            if head is None:
-                return
-            request = _CHANNELS_REQUEST.match(head)
-            if request is not None and _UPGRADE_HEADER.search(head.partition(b"\r\n\r\n")[0]):
-                await self._serve_channels(stream, head, unquote(request.group(1).decode()))
-            else:
-                await self._splice(stream, head)
-        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            async with _Backend(self._backend) as backend:
+                await self._serve_requests(stream, client, backend)
+        except* h11.RemoteProtocolError as errors:
+            # Not HTTP/1.1: tell the client, if no response has begun, and hang up.
+            error = errors.exceptions[0]
+            if client.our_state in (h11.IDLE, h11.SEND_RESPONSE) and isinstance(
+                error, h11.RemoteProtocolError
+            ):
+                status = error.error_status_hint
+                with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
+                    await respond(stream, client, status)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("an API connection went away")
         except* Exception:
             logger.exception("an API connection failed")
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_channels(
-        self, stream: trio.SocketStream, head: bytes, session_id: str
+    async def _serve_requests(
+        self, stream: trio.SocketStream, client: h11.Connection, backend: _Backend
     ) -> None:
-        async with trio.open_nursery() as nursery:  # trio-websocket's reader task runs here
-            replay = ReplayStream(stream, head)
-            request = await trio_websocket.wrap_server_stream(
-                nursery, replay, max_message_size=MAX_MESSAGE_BYTES
-            )
-            headers = {name.lower(): value for name, value in request.headers}
-            authorization = headers.get(b"authorization")
-            if not check_token(self._state, authorization.decode() if authorization else None):
-                await request.reject(401)
+        """Request after request, until the client or hypercorn ends the connection."""
+        while True:
+            event: h11.Event | type[h11.PAUSED] | None = None
+            with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
+                event = await next_event(stream, client)
+            if not isinstance(event, h11.Request):
+                return  # the client hung up, or kept the connection idle too long
+            session_id = _channels_session(event)
+            if session_id is not None:
+                await self._serve_channels(stream, client, event, session_id)
                 return
+            await backend.relay(event, stream, client)
+            if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+                return  # `Connection: close`, or a request body left unread
+            client.start_next_cycle()
+
+    async def _serve_channels(
+        self,
+        stream: trio.SocketStream,
+        client: h11.Connection,
+        request: h11.Request,
+        session_id: str,
+    ) -> None:
+        # The end of the request leaves h11 paused, holding whatever followed its head.
+        while isinstance(event := await next_event(stream, client), h11.Data):
+            pass
+        if not isinstance(event, h11.EndOfMessage):
+            return
+        authorization = dict(request.headers).get(b"authorization")
+        if not check_token(self._state, authorization.decode("latin-1") if authorization else None):
+            await respond(stream, client, 401)
+            return
+        try:
+            session = self._supervisor.get(session_id)
+        except KallichoreError:
+            error = {
+                "code": ErrorCode.SESSION_NOT_FOUND.wire,
+                "message": f"session {session_id} not found",
+                "details": "establishing a websocket requires a valid session id",
+            }
+            await respond(stream, client, 400, json.dumps(error).encode())
+            return
+        try:
+            handshake = handshake_for(request)
+        except WebSocketHandshakeError as error:
+            await respond(stream, client, 400, str(error).encode(), b"text/plain")
+            return
+        websocket = await accept(stream, handshake, client.trailing_data[0])
+        self._supervisor.note_activity()
+        await serve_channels(self._broker, session, websocket, ping_interval=self._ping_interval)
+
+
+def _channels_session(request: h11.Request) -> str | None:
+    """The session id if `request` asks to upgrade `/sessions/<id>/channels` to a WebSocket."""
+    if request.method != b"GET" or not any(
+        name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers
+    ):
+        return None
+    parts = request.target.partition(b"?")[0].split(b"/")
+    if len(parts) != 4 or parts[:2] != [b"", b"sessions"] or parts[3] != b"channels":
+        return None
+    return unquote(parts[2].decode("ascii")) if parts[2] else None
+
+
+class _Backend:
+    """The connection to hypercorn that one client's requests are relayed on.
+
+    Opened on the first relayed request and reused while both sides of h11 agree that it can
+    be (and while it is fresh); otherwise closed and replaced for the next request.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stream: trio.SocketStream | None = None
+        self._connection = h11.Connection(h11.CLIENT)
+        self._idle_since = 0.0
+
+    async def __aenter__(self) -> _Backend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._stream is not None:
+            await trio.aclose_forcefully(self._stream)
+            self._stream = None
+
+    async def _connect(self) -> trio.SocketStream:
+        if self._stream is not None and (
+            trio.current_time() - self._idle_since > BACKEND_REUSE_SECONDS
+        ):
+            await self._close()
+        if self._stream is None:
+            self._stream = await trio.open_unix_socket(str(self._path))
+            self._connection = h11.Connection(h11.CLIENT)
+        return self._stream
+
+    async def relay(
+        self, request: h11.Request, client_stream: trio.SocketStream, client: h11.Connection
+    ) -> None:
+        """Send `request` and its body to hypercorn, and its response back to the client."""
+        stream = await self._connect()
+        backend = self._connection
+        head = h11.Request(
+            method=request.method, target=request.target, headers=request.headers.raw_items()
+        )
+        await stream.send_all(backend.send(head) or b"")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_relay_body, client_stream, client, stream, backend)
+            await _relay_response(stream, backend, client_stream, client)
+        if backend.our_state is h11.DONE and backend.their_state is h11.DONE:
+            backend.start_next_cycle()
+            self._idle_since = trio.current_time()
+        else:
+            await self._close()
+
+
+async def _relay_body(
+    client_stream: trio.SocketStream,
+    client: h11.Connection,
+    stream: trio.SocketStream,
+    backend: h11.Connection,
+) -> None:
+    """The client's request body to hypercorn. Should hypercorn hang up first (it answered
+    without reading it all), the rest is read and dropped, so the connection can go on."""
+    forwarding = True
+    while True:
+        event = await next_event(client_stream, client)
+        if not isinstance(event, h11.Data | h11.EndOfMessage):
+            return  # the client hung up: the connection ends after the response
+        if forwarding:
             try:
-                session = self._supervisor.get(session_id)
-            except KallichoreError:
-                error = {
-                    "code": ErrorCode.SESSION_NOT_FOUND.wire,
-                    "message": f"session {session_id} not found",
-                    "details": "establishing a websocket requires a valid session id",
-                }
-                await request.reject(
-                    400,
-                    extra_headers=[(b"Content-Type", b"application/json")],
-                    body=json.dumps(error).encode(),
-                )
-                return
-            ws = await request.accept()
-            self._supervisor.note_activity()
-            await serve_channel_client(
-                self._broker, session, ws, replay, ping_interval=self._ping_interval
-            )
-            nursery.cancel_scope.cancel()
-
-    async def _splice(self, stream: trio.SocketStream, head: bytes) -> None:
-        """Relay the connection to hypercorn until hypercorn is done with it."""
-        backend = await trio.open_unix_socket(str(self._backend))
-        async with backend:
-            await backend.send_all(head)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_relay_requests, stream, backend)
-                await _relay(backend, stream)
-                nursery.cancel_scope.cancel()
+                await stream.send_all(backend.send(event) or b"")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                forwarding = False
+        if isinstance(event, h11.EndOfMessage):
+            return
 
 
-async def _read_head(stream: trio.SocketStream) -> bytes | None:
-    """What the client sent up to the end of its first request head (and perhaps beyond)."""
-    head = b""
-    with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
-        while b"\r\n\r\n" not in head and len(head) < MAX_HEAD_BYTES:
-            chunk = await stream.receive_some(SPLICE_CHUNK_BYTES)
-            if not chunk:
-                break
-            head += chunk
-        return head or None
-    return None
-
-
-async def _relay(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream) -> None:
-    while chunk := await source.receive_some(SPLICE_CHUNK_BYTES):
-        await sink.send_all(chunk)
-
-
-async def _relay_requests(client: trio.SocketStream, backend: trio.SocketStream) -> None:
-    """Client to hypercorn; the client's end of input is passed on, the response still flows."""
-    await _relay(client, backend)
-    await backend.send_eof()
+async def _relay_response(
+    stream: trio.SocketStream,
+    backend: h11.Connection,
+    client_stream: trio.SocketStream,
+    client: h11.Connection,
+) -> None:
+    """hypercorn's response to the client, written as it arrives, in as few writes as it
+    arrives in."""
+    pending = b""
+    while True:
+        try:
+            event = backend.next_event()
+        except h11.RemoteProtocolError as error:
+            raise trio.BrokenResourceError(f"hypercorn's response: {error}") from error
+        if event is h11.NEED_DATA:
+            if pending:
+                await client_stream.send_all(pending)
+                pending = b""
+            backend.receive_data(await stream.receive_some(RECEIVE_BYTES))
+            continue
+        if not isinstance(
+            event, h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
+        ):
+            raise trio.BrokenResourceError("hypercorn closed the connection mid-response")
+        pending += client.send(event) or b""
+        if isinstance(event, h11.EndOfMessage):
+            await client_stream.send_all(pending)
+            return

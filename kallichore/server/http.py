@@ -1,4 +1,4 @@
-"""Serve the Kallichore API: hypercorn for the HTTP routes, trio-websocket for the channels.
+"""Serve the Kallichore API: hypercorn for the HTTP routes, our WebSocket shell for the channels.
 
 On TCP, a `FrontDoor` owns the port and hands everything but channel WebSockets to hypercorn on
 a private Unix socket. On the Unix-socket transport, hypercorn serves the API socket itself and
@@ -22,7 +22,7 @@ import trio
 from hypercorn.config import Config
 
 from kallichore.api.app import ChannelSockets, ServerState, create_app
-from kallichore.api.channels import ChannelBroker
+from kallichore.channels.broker import ChannelBroker
 from kallichore.server.front import FrontDoor
 from kallichore.server.lifetime import ServerLifetime
 from kallichore.supervisor import Supervisor

@@ -21,17 +21,19 @@ from functools import partial
 from pathlib import Path
 
 import attrs
+import h11
 import trio
-import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
-from kallichore.api.channels import ChannelBroker
-from kallichore.server.websocket import (
-    MAX_MESSAGE_BYTES,
+from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.websocket import (
     PING_INTERVAL_SECONDS,
-    ReplayStream,
-    serve_channel_client,
+    WebSocket,
+    accept,
+    handshake_for,
+    serve_channels,
 )
+from kallichore.server.h11_stream import next_event, respond, server_connection
 from kallichore.session.kernel_session import KernelSession
 
 logger = logging.getLogger(__name__)
@@ -165,20 +167,18 @@ class SessionSockets:
 
     async def _serve_connection(self, session: KernelSession, stream: trio.SocketStream) -> None:
         """Serve one accepted connection; its failures are logged and end only that connection."""
-        session_id = session.session_id
         try:
-            async with trio.open_nursery() as nursery:  # trio-websocket's reader task runs here
-                accepted = await _accept_websocket(nursery, stream, session_id)
-                if accepted is not None:
-                    ws, replay = accepted
-                    await serve_channel_client(
-                        self._broker, session, ws, replay, ping_interval=self._ping_interval
-                    )
-                nursery.cancel_scope.cancel()
-        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            logger.info("session %s: a channels client went away", session_id)
-        except* Exception:
-            logger.exception("session %s: a channels connection failed", session_id)
+            websocket = await _accept_websocket(stream, session.session_id)
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.info("session %s: a channels client went away", session.session_id)
+            websocket = None
+        except Exception:
+            logger.exception("session %s: a channels connection failed", session.session_id)
+            websocket = None
+        if websocket is None:
+            await trio.aclose_forcefully(stream)
+            return
+        await serve_channels(self._broker, session, websocket, ping_interval=self._ping_interval)
 
 
 async def _listen_privately(path: Path) -> trio.SocketListener:
@@ -209,9 +209,7 @@ async def _listen_privately(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def _accept_websocket(
-    nursery: trio.Nursery, stream: trio.SocketStream, session_id: str
-) -> tuple[WebSocketConnection, ReplayStream] | None:
+async def _accept_websocket(stream: trio.SocketStream, session_id: str) -> WebSocket | None:
     """Complete the client's HTTP WebSocket handshake; None (after logging) if there is none."""
     prefix = b""
     with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
@@ -228,13 +226,18 @@ async def _accept_websocket(
             prefix[:4],
         )
         return None
+    client = server_connection()
+    client.receive_data(prefix)
     with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS):
-        # An invalid request gets a 400 from trio-websocket, which then never returns: hence
-        # the timeout.
-        replay = ReplayStream(stream, prefix)
-        request = await trio_websocket.wrap_server_stream(
-            nursery, replay, max_message_size=MAX_MESSAGE_BYTES
-        )
-        return await request.accept(), replay
+        request = await next_event(stream, client)
+        while isinstance(event := await next_event(stream, client), h11.Data):
+            pass
+        if isinstance(request, h11.Request) and isinstance(event, h11.EndOfMessage):
+            try:
+                handshake = handshake_for(request)
+            except WebSocketHandshakeError as error:
+                await respond(stream, client, 400, str(error).encode(), b"text/plain")
+                return None
+            return await accept(stream, handshake, client.trailing_data[0])
     logger.info("session %s: a channels WebSocket handshake did not complete", session_id)
     return None

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import trio
 
-from kallichore.api.envelope import (
+from kallichore.channels.kallichore_framing import (
     FrameError,
     client_error,
     decode_buffers,
