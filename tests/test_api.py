@@ -25,7 +25,6 @@ from kallichore.api.app import ServerState
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.supervisor import Supervisor
 from tests.api_client import (
-    TIMEOUT,
     Api,
     execute_request,
     is_idle,
