@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -783,28 +782,6 @@ async def test_channels_negotiate_no_compression(api: Api, server: RunningServer
                 head += await stream.receive_some()
     assert head.startswith(b"HTTP/1.1 101")
     assert b"sec-websocket-extensions" not in head.lower()
-
-
-def test_the_api_layer_imports_neither_the_daemon_nor_zeromq() -> None:
-    """The daemon gives the API what it needs (`ServerControl`); the API never reaches back."""
-    forbidden = ("kallichore.server", "kallichore.cli", "kallichore.idle_shutdown", "zmq")
-    api_dir = Path(__file__).parent.parent / "kallichore" / "api"
-    imported: dict[str, set[str]] = {}
-    for source in sorted(api_dir.glob("*.py")):
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Import):
-                names = {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                names = {node.module or ""}
-            else:
-                continue
-            imported.setdefault(source.name, set()).update(names)
-    assert "app.py" in imported
-    assert {
-        name: sorted(m for m in modules if m.startswith(forbidden))
-        for name, modules in imported.items()
-        if any(m.startswith(forbidden) for m in modules)
-    } == {}
 
 
 # -- kept-alive connections on the TCP front door ------------------------------------------------
