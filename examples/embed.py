@@ -17,39 +17,36 @@ from kallichore import (
 )
 
 
-async def run_cell(
-    session: KernelSession, code: str, *, interrupt_after: float | None = None
-) -> None:
-    """Execute `code`, printing its output as it arrives, until the kernel is idle again."""
+async def run_cell(session: KernelSession, code: str, *, interrupt: bool = False) -> None:
+    """Execute `code`, printing its output as it arrives, until the kernel is idle again.
+
+    With `interrupt`, interrupt it once it has printed something: an interrupt that comes
+    before the kernel runs the code (it says `busy` a little earlier) would be lost.
+    """
     print(f">>> {code}")
     with session.events.subscribe(backlog=False) as events:
         msg_id = await session.execute(code)
-        async with trio.open_nursery() as nursery:
-            if interrupt_after is not None:
-                nursery.start_soon(interrupt_later, session, interrupt_after)
-            while True:
-                for event in await events.receive():
-                    if isinstance(event, JupyterEvent) and event.message.parent_msg_id == msg_id:
-                        message = event.message
-                        if message.msg_type == "stream":
-                            print(message.content["text"], end="")
-                        elif message.msg_type == "execute_result":
-                            print(message.content["data"]["text/plain"])
-                        elif message.msg_type == "error":
-                            print(f"{message.content['ename']}: {message.content['evalue']}")
-                        elif (
-                            message.msg_type == "status"
-                            and message.content["execution_state"] == "idle"
-                        ):
-                            nursery.cancel_scope.cancel()
-                    elif isinstance(event, StatusEvent) and event.status == "exited":
-                        nursery.cancel_scope.cancel()
-
-
-async def interrupt_later(session: KernelSession, delay: float) -> None:
-    await trio.sleep(delay)
-    print(f"(interrupting after {delay} s)")
-    await session.interrupt()
+        while True:
+            for event in await events.receive():
+                if isinstance(event, JupyterEvent) and event.message.parent_msg_id == msg_id:
+                    message = event.message
+                    if message.msg_type == "stream":
+                        print(message.content["text"], end="")
+                        if interrupt:
+                            print("(interrupting)")
+                            await session.interrupt()
+                            interrupt = False
+                    elif message.msg_type == "execute_result":
+                        print(message.content["data"]["text/plain"])
+                    elif message.msg_type == "error":
+                        print(f"{message.content['ename']}: {message.content['evalue']}")
+                    elif (
+                        message.msg_type == "status"
+                        and message.content["execution_state"] == "idle"
+                    ):
+                        return
+                elif isinstance(event, StatusEvent) and event.status == "exited":
+                    return
 
 
 async def main() -> None:
@@ -62,7 +59,9 @@ async def main() -> None:
 
         await run_cell(session, "print(6*7)")
         await run_cell(session, "secret = 42; secret / 0")
-        await run_cell(session, "import time; time.sleep(60)", interrupt_after=1.0)
+        await run_cell(
+            session, "import time; print('sleeping', flush=True); time.sleep(60)", interrupt=True
+        )
 
         await session.restart()
         print(f"restarted, pid {session.process_id}; the state is gone:")

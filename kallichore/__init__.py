@@ -13,10 +13,13 @@ from kallichore.session.events import (
     EventsDropped,
     ExecutionQueuedEvent,
     ExitedEvent,
+    HandshakeCompletedEvent,
     JupyterEvent,
     OutputEvent,
+    ResourceUsageEvent,
     StatusEvent,
     Subscription,
+    WorkingDirChangedEvent,
 )
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import (
@@ -38,6 +41,7 @@ __all__ = [
     "EventsDropped",
     "ExecutionQueuedEvent",
     "ExitedEvent",
+    "HandshakeCompletedEvent",
     "InterruptMode",
     "JupyterEvent",
     "KallichoreError",
@@ -45,6 +49,7 @@ __all__ = [
     "KernelSpec",
     "Message",
     "OutputEvent",
+    "ResourceUsageEvent",
     "SessionConfig",
     "SessionSpec",
     "StartupError",
@@ -55,6 +60,7 @@ __all__ = [
     "SupervisorConfig",
     "VarAction",
     "VarActionType",
+    "WorkingDirChangedEvent",
     "get_kernelspec",
     "open_supervisor",
     "python_kernelspec",

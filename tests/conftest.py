@@ -74,7 +74,9 @@ async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
         session=SessionConfig(
             heartbeat_interval=0.2,
             unattended_heartbeat_interval=0.2,
-            heartbeat_timeout=1.0,
+            # A hang guard: a loaded machine must not make a kernel look offline. The tests of
+            # heartbeat loss stop the kernel and use a short timeout of their own.
+            heartbeat_timeout=30.0,
             shutdown_grace=5.0,
         ),
     )

@@ -304,18 +304,47 @@ async def test_idle_shutdown_when_nothing_happens(tmp_path: Path) -> None:
 
 
 async def test_idle_shutdown_waits_for_a_busy_session(tmp_path: Path) -> None:
+    done = tmp_path / "done"
     async with (
-        daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "2") as d,
+        daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "1") as d,
         d.client() as client,
     ):
         await started_session(client, "python-1")
-        await send_code(client, "python-1", "import time; time.sleep(4)")
-        # Busy for 4 s with a 2 s period: still up after 3 s.
+        # Busy until we say so: past several idle periods, the daemon is still up.
+        await send_code(
+            client,
+            "python-1",
+            f"import os, time\nwhile not os.path.exists({str(done)!r}): time.sleep(0.05)",
+        )
         await trio.sleep(3)
         assert d.process.returncode is None
         pid = (await client.get_session("python-1"))["process_id"]
+        done.touch()
         assert await d.wait() == 0
     assert not psutil.pid_exists(pid)
+
+
+async def test_idle_shutdown_waits_for_a_starting_session(tmp_path: Path) -> None:
+    go_on = tmp_path / "go-on"
+    # A kernel that takes several idle periods to start: it waits for us before it runs.
+    slow_start = (
+        "import os, runpy, sys, time\n"
+        f"while not os.path.exists({str(go_on)!r}): time.sleep(0.05)\n"
+        "runpy.run_module('ipykernel_launcher', run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", slow_start, "-f", "{connection_file}"]
+    async with (
+        daemon(tmp_path, "--transport", "tcp", "--idle-shutdown-seconds", "1") as d,
+        d.client() as client,
+    ):
+        await client.create_session(**new_session_body("python-1", argv=argv))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.start, "python-1")
+            await trio.sleep(3)
+            assert d.process.returncode is None
+            go_on.touch()
+        assert (await client.get_session("python-1"))["status"] == "idle"
+        assert await d.wait() == 0
 
 
 async def test_idle_shutdown_waits_for_a_connected_client(tmp_path: Path) -> None:
@@ -382,17 +411,20 @@ async def test_exit_leaves_no_kernel_behind(tmp_path: Path, how: str) -> None:
 
 async def test_a_second_sigint_kills_at_once(tmp_path: Path) -> None:
     async with (
-        daemon(tmp_path, "--transport", "tcp", "--shutdown-grace", "60") as d,
+        daemon(tmp_path, "--transport", "tcp", "--shutdown-grace", "600") as d,
         d.client() as client,
     ):
         await started_session(client, "python-busy")
         await send_code(client, "python-busy", "import time; time.sleep(600)")
         pid = (await client.get_session("python-busy"))["process_id"]
         d.process.send_signal(signal.SIGINT)
-        await trio.sleep(0.5)
-        assert d.process.returncode is None  # waiting out the 60 s grace period
+        # A signal that arrives before the daemon has read the first would be the same one.
+        with trio.fail_after(TIMEOUT):
+            while "SIGINT: shutting down" not in d.log.read_text():
+                await trio.sleep(0.05)
+        assert d.process.returncode is None  # waiting out the 600 s grace period
         d.process.send_signal(signal.SIGINT)
-        assert await d.wait(timeout=20) == 0
+        assert await d.wait() == 0
     assert not psutil.pid_exists(pid)
 
 

@@ -171,34 +171,54 @@ def test_memory_threads_and_the_usage_fields(spawn: Spawn) -> None:
     assert ResourceUsage(**usage.to_dict()) == usage
 
 
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def use_cpu(pid: int, seconds: float) -> None:
+    """Wait until `pid` has used `seconds` more of CPU: "a while" that no load can shorten."""
+    target = cpu_seconds(pid) + seconds
+    deadline = time.monotonic() + 60
+    while cpu_seconds(pid) < target:
+        assert time.monotonic() < deadline, f"{pid} is not burning CPU"
+        time.sleep(0.01)
+
+
+def shows_the_cpu_it_used(usage: ResourceUsage | None, used: float, window: float) -> bool:
+    """`usage` accounts for at least `used` CPU seconds in at most `window` seconds; at most
+    one core (a burning thread), with margin for the kernel's CPU-time ticks."""
+    assert usage is not None
+    return used / window * 100 - 1 <= usage.cpu_percent <= 150
+
+
 def test_a_busy_process_shows_cpu_and_an_idle_one_does_not(spawn: Spawn) -> None:
     busy = spawn(burn=True)
     idle = spawn()
     sampler = ResourceSampler()
+    start = time.monotonic()
     for node in (busy, idle):
         first = sampler.sample(node.pid, 1000)
         assert first is not None
         assert first.cpu_percent == 0
-    time.sleep(0.8)
+    use_cpu(busy.pid, 0.3)
     busy_usage = sampler.sample(busy.pid, 1000)
     idle_usage = sampler.sample(idle.pid, 1000)
-    assert busy_usage is not None
+    assert shows_the_cpu_it_used(busy_usage, 0.3, time.monotonic() - start)
     assert idle_usage is not None
-    # One busy thread is at most one core, which is 100 (with margin for tick rounding).
-    assert 30 < busy_usage.cpu_percent <= 150
     assert idle_usage.cpu_percent < 50
 
 
 def test_forget_starts_the_cpu_measurement_afresh(spawn: Spawn) -> None:
     node = spawn(burn=True)
     sampler = ResourceSampler()
+    start = time.monotonic()
     sampler.sample(node.pid, 1000)
-    time.sleep(0.5)
+    use_cpu(node.pid, 0.3)
     usage = sampler.sample(node.pid, 1000)
-    assert usage is not None
-    assert usage.cpu_percent > 30
+    assert shows_the_cpu_it_used(usage, 0.3, time.monotonic() - start)
     sampler.forget(node.pid)
-    time.sleep(0.5)
+    use_cpu(node.pid, 0.1)
     usage = sampler.sample(node.pid, 1000)
     assert usage is not None
     assert usage.cpu_percent == 0
@@ -254,17 +274,19 @@ def test_a_new_busy_child_is_picked_up_within_a_few_samples(spawn: Spawn) -> Non
     usage = sampler.sample(node.pid, 1000)
     assert usage is not None
     assert usage.memory_bytes < 50 * MB
-    node.spawn_on_demand()
+    [child] = node.spawn_on_demand()
     # The tree is walked again within TREE_REFRESH_SAMPLES samples; the child's CPU counts from
     # the sample after the one that first saw it.
     history = []
-    for _ in range(TREE_REFRESH_SAMPLES + 1):
-        time.sleep(0.4)
+    for _ in range(TREE_REFRESH_SAMPLES):
+        use_cpu(child, 0.05)
+        start = time.monotonic()
         usage = sampler.sample(node.pid, 1000)
         assert usage is not None
         history.append(usage)
-    assert history[TREE_REFRESH_SAMPLES - 1].memory_bytes >= 60 * MB
-    assert history[-1].cpu_percent > 30
+    assert history[-1].memory_bytes >= 60 * MB
+    use_cpu(child, 0.3)
+    assert shows_the_cpu_it_used(sampler.sample(node.pid, 1000), 0.3, time.monotonic() - start)
 
 
 def test_an_exited_root_samples_as_none(spawn: Spawn) -> None:

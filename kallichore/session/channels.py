@@ -6,7 +6,10 @@ subscribed to everything; the heartbeat is a REQ that may resend after a missed 
 
 stdin is connected only once the kernel has answered on shell: ipykernel 7 never routes an
 `input_request` to a stdin DEALER that connected before its sockets were all set up (measured:
-an early connection gets nothing, the same connection made after kernel_info works).
+an early connection gets nothing, the same connection made after kernel_info works). And the
+kernel is ready only once that connection's ZeroMQ handshake is done: the kernel's stdin ROUTER
+drops an `input_request` for a peer it does not know yet, so code asking for input right after
+start would wait forever (1 in 10 starts on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class KernelChannels:
         socket_type: int,
         address: str,
         identity: bytes | None = None,
+        *,
+        connect: bool = True,
     ) -> TrioSocket:
         sock = context.socket(socket_type)
         try:
@@ -70,18 +75,24 @@ class KernelChannels:
                 # drop the late reply to an abandoned request.
                 sock.setsockopt(zmq.REQ_RELAXED, 1)
                 sock.setsockopt(zmq.REQ_CORRELATE, 1)
-            sock.connect(address)
+            if connect:
+                sock.connect(address)
         except BaseException:
             sock.close(linger=0)
             raise
         return TrioSocket(sock)
 
-    def connect_stdin(self) -> TrioSocket:
-        """Connect the stdin DEALER; call once the kernel has answered a kernel_info_request."""
-        sock = self._open(
-            self._context, zmq.DEALER, self._info.address(Channel.STDIN), self._identity
-        )
+    async def connect_stdin(self) -> TrioSocket:
+        """Connect the stdin DEALER and wait until its handshake with the kernel is done; call
+        once the kernel has answered a kernel_info_request."""
+        address = self._info.address(Channel.STDIN)
+        sock = self._open(self._context, zmq.DEALER, address, self._identity, connect=False)
         self._sockets[Channel.STDIN] = sock
+        monitor = sock.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        with TrioSocket(monitor) as events:
+            sock.socket.connect(address)
+            await events.recv_multipart()
+            sock.socket.disable_monitor()
         return sock
 
     def socket(self, channel: Channel) -> TrioSocket:

@@ -164,7 +164,6 @@ class KernelRun:
                         self.cancel_scope.cancel()
                     else:
                         channels = self._require_channels()
-                        channels.connect_stdin()
                         nursery.start_soon(self._pump, channels, Channel.STDIN)
                         self._startup_output.clear()
                         self._ready = True
@@ -238,8 +237,9 @@ class KernelRun:
     async def _connect(self, nursery: trio.Nursery) -> KallichoreError | None:
         """Handshake (JEP 66), ZeroMQ connect and kernel_info, within `connection_timeout`.
 
-        Readiness needs the kernel_info_reply on shell and proof that our iopub subscription
-        is live. ipykernel 7 proves the latter with `iopub_welcome`; for other kernels a fresh
+        Readiness needs the kernel_info_reply on shell, proof that our iopub subscription
+        is live, and a stdin connection the kernel knows (see `KernelChannels`). ipykernel 7
+        proves the iopub subscription with `iopub_welcome`; for other kernels a fresh
         kernel_info_request makes them publish busy/idle, so we ask again, backing off, until
         something arrives on iopub.
         """
@@ -270,6 +270,7 @@ class KernelRun:
                     if not state.iopub_alive:
                         await self._request_kernel_info(channels)
                         delay = min(delay * 2, 1.0)
+                await channels.connect_stdin()
         except trio.TooSlowError:
             if self._registration is not None and self._connection is None:
                 return StartupError(
