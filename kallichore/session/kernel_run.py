@@ -28,6 +28,7 @@ from kallichore.session import process as kernel_process
 from kallichore.session.channels import KernelChannels
 from kallichore.session.events import EventLog, OutputEvent, ResourceUsageEvent
 from kallichore.session.handshake import HandshakeError, Registration, wants_handshake
+from kallichore.session.heartbeat import keep_beating
 from kallichore.session.model import (
     SessionConfig,
     SessionSpec,
@@ -400,27 +401,28 @@ class KernelRun:
         ctx = self._ctx
         config = ctx.config
         sock = channels.socket(Channel.HEARTBEAT)
-        misses = 0
-        while True:
+
+        async def ping() -> None:
             await sock.send_multipart([HEARTBEAT_PAYLOAD])
-            with trio.move_on_after(config.heartbeat_timeout) as timer:
-                await sock.recv_multipart()
+            await sock.recv_multipart()
+
+        async def on_beat(misses: int) -> None:
             out = Outbox()
-            if timer.cancelled_caught:
-                misses += 1
+            if misses:
                 ctx.state.heartbeat_missed(out)
                 if self._adopted and misses >= ADOPTED_HEARTBEAT_MISSES:
                     self.cancel_scope.cancel()
             else:
-                misses = 0
                 ctx.state.heartbeat_answered(out)
             ctx.state.check_overdue(out)
             await self.deliver(out)
-            await trio.sleep(
-                config.heartbeat_interval
-                if ctx.events.attached
-                else config.unattended_heartbeat_interval
-            )
+
+        def interval() -> float:
+            if ctx.events.attached:
+                return config.heartbeat_interval
+            return config.unattended_heartbeat_interval
+
+        await keep_beating(ping, on_beat, timeout=config.heartbeat_timeout, interval=interval)
 
     async def _sample_resources(self, pid: int) -> None:
         """Publish the kernel's CPU and memory use while a client is attached."""
