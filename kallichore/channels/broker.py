@@ -48,6 +48,10 @@ class ClientTransport(Protocol):
     async def send_batch(self, frames: list[bytes]) -> None:
         """Several frames at once, in order (the transport may coalesce the writes)."""
 
+    @property
+    def free(self) -> bool:
+        """Nothing is being written and nothing is owed: `send_now` may write at once."""
+
     def send_now(self, frames: list[bytes]) -> bool:
         """Write the frames at once if nothing else is being written, without waiting.
 
@@ -92,9 +96,10 @@ class ChannelClient:
     def _send_now(self, nursery: trio.Nursery, events: list[Event]) -> bool:
         """The event log's fast path: new events written in the publisher's task, when the
         client is caught up and its socket takes them without waiting."""
-        if self._displaced:
-            return False
         transport = self._transport
+        # Checked before framing: a batch declined here is framed again by the forwarding task.
+        if self._displaced or not transport.free:
+            return False
         if not transport.send_now([encode_event(event) for event in events]):
             return False
         if transport.owes:

@@ -122,19 +122,22 @@ class WebSocket:
         """Write `frames` as text frames in one write; raises ConnectionClosed once closing."""
         await self._write(text_frames(frames))
 
+    @property
+    def free(self) -> bool:
+        return not (
+            self._writing.locked()
+            or self._unwritten
+            or self._broken
+            or self._connection.state is not ConnectionState.OPEN
+        )
+
     def send_now(self, frames: list[bytes]) -> bool:
         """Write the frames at once if nothing else is being written, without waiting.
 
         False if nothing was written. True if the socket took the frames, or part of them:
         then `owes` is true until a later write or `flush` has written the rest.
         """
-        if (
-            self._writing.locked()
-            or self._unwritten
-            or self._broken
-            or self._connection.state is not ConnectionState.OPEN
-            or sum(map(len, frames)) > DIRECT_WRITE_MAX_BYTES
-        ):
+        if not self.free or sum(map(len, frames)) > DIRECT_WRITE_MAX_BYTES:
             return False
         # Looked up each time: a closed socket says -1, and its old number may be reused.
         fd = self._stream.socket.fileno()

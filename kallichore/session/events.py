@@ -123,10 +123,6 @@ class EventLog:
         self._closed = False
         self._attached = trio.Event()
 
-    @property
-    def next_seq(self) -> int:
-        return self._next_seq
-
     def __len__(self) -> int:
         return len(self._events)
 
