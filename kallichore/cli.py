@@ -30,6 +30,7 @@ LOG_LEVELS = dict(
     )
 )
 MAX_TOKEN_LENGTH = 64
+MAX_SESSION_BUFFER_MB = 2**20
 
 
 class UsageError(Exception):
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds a kernel gets to exit after shutdown_request before it is killed",
+    )
+    behave.add_argument(
+        "--session-buffer-mb",
+        type=int,
+        default=64,
+        help="MiB of events each session keeps for its clients: the backlog of a client that "
+        "does not read and the replay window after a drop; the oldest are dropped beyond it",
     )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
@@ -194,6 +202,8 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         raise UsageError("--resource-sample-interval must not be negative")
     if args.shutdown_grace < 0:
         raise UsageError("--shutdown-grace must not be negative")
+    if not 1 <= args.session_buffer_mb <= MAX_SESSION_BUFFER_MB:
+        raise UsageError(f"--session-buffer-mb must be between 1 and {MAX_SESSION_BUFFER_MB}")
     log_level = configure_logging(args.log_level, args.log_file)
     return DaemonOptions(
         transport=transport,
@@ -207,6 +217,7 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         idle_shutdown_seconds=args.idle_shutdown_seconds,
         resource_sample_interval_ms=args.resource_sample_interval,
         shutdown_grace=args.shutdown_grace,
+        session_buffer_bytes=args.session_buffer_mb * 2**20,
         log_level=log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
     )

@@ -57,6 +57,7 @@ class DaemonOptions:
     idle_shutdown_seconds: float | None = None
     resource_sample_interval_ms: int = 1000
     shutdown_grace: float = 10.0
+    session_buffer_bytes: int = SessionConfig().event_buffer_bytes
     log_level: str = "info"
     log_file: Path | None = None
 
@@ -137,7 +138,9 @@ async def run_daemon(options: DaemonOptions) -> int:
     """Serve until shut down; returns the exit status."""
     grace = options.shutdown_grace
     config = SupervisorConfig(
-        session=SessionConfig(shutdown_grace=grace),
+        session=SessionConfig(
+            shutdown_grace=grace, event_buffer_bytes=options.session_buffer_bytes
+        ),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
     )
     state = ServerState(token=options.token, log_level=options.log_level)

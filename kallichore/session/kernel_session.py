@@ -47,7 +47,7 @@ class KernelSession:
         self._key = new_key()
         self._created = time.time()
         self._state = SessionState(spec)
-        self._events = EventLog(config.event_buffer_size)
+        self._events = EventLog(config.event_buffer_bytes)
         self._env_actions: tuple[VarAction, ...] = spec.env
         self._external_connection: ConnectionInfo | None = None
         self._run_context = RunContext(
