@@ -116,7 +116,9 @@ def test_the_bound_must_be_positive() -> None:
 
 
 def stream(text: str, buffers: tuple[bytes, ...] = ()) -> JupyterEvent:
-    message = Message.build("stream", {"name": "stdout", "text": text}, session="s", buffers=buffers)
+    message = Message.build(
+        "stream", {"name": "stdout", "text": text}, session="s", buffers=buffers
+    )
     return JupyterEvent(Channel.IOPUB, message)
 
 
@@ -137,7 +139,7 @@ async def test_the_bound_is_in_bytes_whatever_the_count() -> None:
             log.publish(event)
             assert log.nbytes <= bound
         assert len(log) == bound // event_size(big[0])
-        small = [queued(i) for i in range(10_000)]
+        small: list[Event] = [queued(i) for i in range(10_000)]
         log.publish_many(small)
         assert log.nbytes <= bound
         assert len(log) == bound // EVENT_OVERHEAD_BYTES
@@ -162,7 +164,7 @@ async def test_an_unclean_drop_leaves_what_was_not_acknowledged_for_the_next_sub
     first = log.subscribe()
     assert await first.receive() == [queued(i) for i in range(5)]
     first.acknowledge(2)  # e.g. a pong after the second frame
-    first.close(clean=False)
+    first.close(acknowledged=0)  # its socket died
     assert log.acknowledged == 2
     assert len(log) == 3, "what was acknowledged is let go"
     with log.subscribe() as second:
@@ -187,7 +189,7 @@ async def test_acknowledging_never_goes_past_what_was_taken_or_backwards() -> No
         await observer.receive()
         observer.acknowledge(5)
         assert log.acknowledged == 2, "an observer acknowledges nothing"
-    sub.close(clean=False)
+    sub.close(acknowledged=0)
 
 
 async def test_resume_continues_after_the_given_seq() -> None:
@@ -195,7 +197,7 @@ async def test_resume_continues_after_the_given_seq() -> None:
     log.publish_many([queued(i) for i in range(6)])
     first = log.subscribe()
     await first.receive()
-    first.close(clean=False)
+    first.close(acknowledged=0)
     # The client had seqs 1..4 (events 0..3) when its socket died.
     with log.subscribe(resume=4) as resumed:
         assert await resumed.receive() == [queued(4), queued(5)]

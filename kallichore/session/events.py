@@ -313,18 +313,17 @@ class Subscription:
 
     def acknowledge(self, seq: int) -> None:
         """The client has received every event up to `seq` (at most what it was given)."""
-        if self.delivers:
+        if self.delivers and not self._closed:
             self._log._acknowledge(min(seq, self.cursor))
 
-    def close(self, *, clean: bool = True) -> None:
-        """Stop following the log. `clean`: the client received everything it took (it closed
-        cleanly), so the next subscriber starts after it; otherwise the next one starts at the
-        last point this one acknowledged, and gets the rest again."""
+    def close(self, acknowledged: int | None = None) -> None:
+        """Stop following the log, the client having received every event up to `acknowledged`
+        (by default all it took, as after a clean close). What it took after that stays for
+        the next subscriber, which gets it again: the replay after an unclean drop."""
         if self._closed:
             return
+        self.acknowledge(self.cursor if acknowledged is None else acknowledged)
         self._closed = True
-        if clean:
-            self.acknowledge(self.cursor)
         self._log._unsubscribe(self)
 
     def __enter__(self) -> Subscription:
