@@ -144,6 +144,8 @@ class EventLog:
             raise ValueError("max_bytes must be at least 1")
         self._max_bytes = max_bytes
         self._events: deque[Event] = deque()
+        # Each event's `event_size`, computed once.
+        self._sizes: deque[int] = deque()
         self._bytes = 0
         self._first_seq = 0
         self._next_seq = 0
@@ -188,7 +190,13 @@ class EventLog:
             return
         first = self._next_seq
         self._events.extend(events)
-        self._bytes += sum(map(event_size, events))
+        sizes = self._sizes
+        total = self._bytes
+        for event in events:
+            size = event_size(event)
+            sizes.append(size)
+            total += size
+        self._bytes = total
         self._next_seq += len(events)
         behind = False
         for subscription in self._subscribers:
@@ -258,12 +266,18 @@ class EventLog:
         over the bound (the newest stays, so that one event larger than the bound gets out)."""
         keep_from = min((s.cursor for s in self._subscribers), default=self._acked)
         keep_from = min(keep_from, self._acked)
-        events = self._events
-        while events and self._first_seq < keep_from:
-            self._bytes -= event_size(events.popleft())
-            self._first_seq += 1
+        events, sizes = self._events, self._sizes
+        count = min(keep_from - self._first_seq, len(events))
+        if count > 0:
+            freed = 0
+            for _ in range(count):
+                events.popleft()
+                freed += sizes.popleft()
+            self._bytes -= freed
+            self._first_seq += count
         while self._bytes > self._max_bytes and len(events) > 1:
-            self._bytes -= event_size(events.popleft())
+            events.popleft()
+            self._bytes -= sizes.popleft()
             self._first_seq += 1
 
 
