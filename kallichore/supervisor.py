@@ -98,6 +98,9 @@ class Supervisor:
         self._sessions[spec.session_id] = session
         self.note_activity()
         await self._nursery.start(session.run)
+        logger.info(
+            "session %s: created (%s, %s)", spec.session_id, spec.display_name, spec.language
+        )
         return session
 
     def get(self, session_id: str) -> KernelSession:
@@ -122,6 +125,7 @@ class Supervisor:
             )
         del self._sessions[session_id]
         await session.aclose()
+        logger.info("session %s: deleted", session_id)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Shut every kernel down at once; each gets `grace` seconds before it is killed."""

@@ -25,6 +25,7 @@ import h11
 import trio
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
+from kallichore.api.app import log_response
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.websocket import (
     PING_INTERVAL_SECONDS,
@@ -236,6 +237,8 @@ async def _accept_websocket(stream: trio.SocketStream, session_id: str) -> WebSo
             try:
                 handshake = handshake_for(request)
             except WebSocketHandshakeError as error:
+                path = request.target.partition(b"?")[0].decode("latin-1")
+                log_response("GET", path, 400)
                 await respond(stream, client, 400, str(error).encode(), b"text/plain")
                 return None
             return await accept(stream, handshake, client.trailing_data[0])

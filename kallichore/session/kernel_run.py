@@ -168,6 +168,7 @@ class KernelRun:
                         nursery.start_soon(self._pump, channels, Channel.STDIN)
                         self._startup_output.clear()
                         self._ready = True
+                        logger.info("session %s: kernel ready", ctx.spec.session_id)
                         out = Outbox()
                         ctx.state.kernel_ready(out)
                         self.publish(out)
@@ -218,6 +219,7 @@ class KernelRun:
             )
             write_json_file(path, contents)
             self.process = await kernel_process.launch(command, env, cwd)
+            logger.info("session %s: kernel started (pid %d)", spec.session_id, self.process.pid)
         except BaseException as exc:
             self._release()
             self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
@@ -373,7 +375,9 @@ class KernelRun:
         session_id = self._ctx.spec.session_id
         while True:
             out = Outbox()
-            for frames in await sock.recv_batch():
+            batch = await sock.recv_batch()
+            detail = logger.isEnabledFor(logging.DEBUG)
+            for frames in batch:
                 try:
                     message = channels.parse(frames)
                 except WireError as exc:
@@ -381,6 +385,10 @@ class KernelRun:
                         "session %s: dropped a message on %s: %s", session_id, channel, exc
                     )
                     continue
+                if detail:
+                    logger.debug(
+                        "session %s: %s %s from the kernel", session_id, channel, message.msg_type
+                    )
                 state.from_kernel(channel, message, out)
                 if (
                     self._adopted
@@ -451,9 +459,16 @@ class KernelRun:
             if self.exit_code is None:
                 self.exit_code = exit_code
             reason = "child process exited"
+            logger.info(
+                "session %s: kernel (pid %d) %s",
+                self._ctx.spec.session_id,
+                process.pid,
+                kernel_process.describe_exit(self.exit_code),
+            )
         else:
             self.exit_code = 0
             reason = "all sockets disconnected from an adopted kernel"
+            logger.info("session %s: the adopted kernel is gone", self._ctx.spec.session_id)
         self._release()
         out = Outbox()
         self._ctx.state.exited(self.exit_code, reason, out)

@@ -54,6 +54,17 @@ def kill_group(pid: int) -> bool:
     return signal_group(pid, signal.SIGKILL)
 
 
+def describe_exit(returncode: int) -> str:
+    """How a process ended, as a person reads it: `exited with code 3`, `was killed by SIGKILL`."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
+
+
 def current_directory(pid: int) -> str | None:
     """The working directory of process `pid`; None if it cannot be read.
 
