@@ -95,6 +95,7 @@ async def serve_api(
     private_dir = None
     if unix_socket is None:
         private_dir = Path(tempfile.mkdtemp(prefix="kallichore-api-"))
+        supervisor.footprint.add_path(private_dir)
         backend = private_dir / "api.sock"
     else:
         backend = unix_socket
@@ -133,6 +134,7 @@ async def serve_api(
     finally:
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
+            supervisor.footprint.discard_path(private_dir)
         if running is not None:
             running.finished.set()
 

@@ -20,6 +20,7 @@ import trio
 import zmq
 
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, new_key
 from kallichore.jupyter.wire import Channel, JSONObject, Message
 from kallichore.session.events import EventLog
@@ -44,6 +45,7 @@ class KernelSession:
         runtime_dir: Path,
         config: SessionConfig,
         sample_interval: SampleInterval,
+        footprint: Footprint | None = None,
         on_rest: Callable[[], None] = lambda: None,
     ) -> None:
         self._spec = spec
@@ -63,6 +65,7 @@ class KernelSession:
             runtime_dir=runtime_dir,
             config=config,
             sample_interval=sample_interval,
+            footprint=footprint or Footprint(None),
             on_rest=on_rest,
             message=self.message,
         )
