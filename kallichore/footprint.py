@@ -88,7 +88,7 @@ class Footprint:
 
     def __init__(self, path: Path | None) -> None:
         self._path = path
-        started = kernel_process.start_time(os.getpid())
+        started = kernel_process.start_time(os.getpid()) if path is not None else None
         self._record = Record(os.getpid(), started or 0.0)
         self._write()
 
@@ -157,19 +157,19 @@ def sweep(directory: Path) -> None:
             continue
         if kernel_process.is_process(record.pid, record.started):
             continue  # alive (or this very daemon)
-        kept = _sweep_record(record)
-        if kept:
-            write_json_file(path, attrs.evolve(record, paths=[], kernels=kept).to_dict())
+        left = _sweep_record(record)
+        if left.kernels:
+            write_json_file(path, left.to_dict())
         else:
             path.unlink(missing_ok=True)
 
 
-def _sweep_record(record: Record) -> list[KernelEntry]:
-    """Kill the record's orphaned kernels and delete its paths; returns the detached kernels
-    still running, whose files stay."""
+def _sweep_record(record: Record) -> Record:
+    """Kill the record's orphaned kernels and delete its paths; returns what is left: the
+    detached kernels still running, and the paths holding their files."""
     killed = []
     removed = []
-    kept = []
+    kept: list[KernelEntry] = []
     for kernel in record.kernels:
         alive = kernel_process.is_process(kernel.pid, kernel.started)
         if kernel.detached and alive:
@@ -182,7 +182,9 @@ def _sweep_record(record: Record) -> list[KernelEntry]:
                 os.kill(kernel.pid, signal.SIGKILL)
             killed.append(kernel.pid)
         removed += [p for p in kernel.paths if _remove(p)]
-    removed += [p for p in record.paths if _remove(p)]
+    kept_files = [Path(p) for kernel in kept for p in kernel.paths]
+    holding = [p for p in record.paths if any(f.is_relative_to(p) for f in kept_files)]
+    removed += [p for p in record.paths if p not in holding and _remove(p)]
     if killed or removed:
         logger.info(
             "swept what dead daemon %d left: killed %s, removed %s",
@@ -190,7 +192,7 @@ def _sweep_record(record: Record) -> list[KernelEntry]:
             ", ".join(f"kernel {pid}" for pid in killed) or "no kernel",
             ", ".join(removed) or "no file",
         )
-    return kept
+    return attrs.evolve(record, paths=holding, kernels=kept)
 
 
 def _remove(path: str) -> bool:

@@ -61,7 +61,7 @@ class Supervisor:
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
         self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
-        self.footprint = config.footprint or Footprint(None)
+        self._footprint = config.footprint or Footprint(None)
         # When a session was last created, became idle or exited, or a client last showed up
         # (trio clock).
         self.last_activity = trio.current_time()
@@ -81,6 +81,11 @@ class Supervisor:
         self._sample_interval.milliseconds = interval
 
     @property
+    def footprint(self) -> Footprint:
+        """Where what the supervisor creates is recorded (nowhere unless the config says)."""
+        return self._footprint
+
+    @property
     def runtime_dir(self) -> Path:
         return self._runtime_dir
 
@@ -97,7 +102,7 @@ class Supervisor:
             runtime_dir=self._runtime_dir,
             config=self._config.session,
             sample_interval=self._sample_interval,
-            footprint=self.footprint,
+            footprint=self._footprint,
             on_rest=self.note_activity,
         )
         self._sessions[spec.session_id] = session

@@ -151,11 +151,15 @@ def test_the_sweep_spares_live_daemons_recycled_pids_and_detached_kernels(
     tmp_path: Path, sleepers: list[subprocess.Popen[bytes]]
 ) -> None:
     live, recycled, detached, orphan = sleepers
-    files = {name: tmp_path / name for name in ("live", "detached", "orphan", "connection")}
+    files = {name: tmp_path / name for name in ("live", "orphan", "connection")}
     for path in files.values():
         path.write_text("{}")
     runtime_dir = tmp_path / "runtime"
     (runtime_dir / "inner").mkdir(parents=True)
+    detached_dir = tmp_path / "detached-runtime"
+    detached_dir.mkdir()
+    files["detached"] = detached_dir / "kernel.json"
+    files["detached"].write_text("{}")
     records = tmp_path / "records"
     records.mkdir(mode=0o700)
     me = kernel_process.start_time(os.getpid())
@@ -166,7 +170,7 @@ def test_the_sweep_spares_live_daemons_recycled_pids_and_detached_kernels(
     dead_record = Record(
         dead_daemon,
         me,
-        [str(files["connection"]), str(runtime_dir)],
+        [str(files["connection"]), str(runtime_dir), str(detached_dir)],
         [
             # The same pid, another start: somebody else's process now.
             attrs.evolve(entry(recycled), started=me - 10),
@@ -186,7 +190,8 @@ def test_the_sweep_spares_live_daemons_recycled_pids_and_detached_kernels(
     assert detached.poll() is None
     assert files["detached"].exists()
     kept = Record.from_dict(json.loads((records / "daemon-2.json").read_bytes()))
-    assert (kept.paths, [k.pid for k in kept.kernels]) == ([], [detached.pid])
+    # The directory holding the detached kernel's file stays while the kernel runs.
+    assert (kept.paths, [k.pid for k in kept.kernels]) == ([str(detached_dir)], [detached.pid])
     # The live daemon's record, kernel and files are untouched.
     assert Record.from_dict(json.loads((records / "daemon-1.json").read_bytes())) == alive_record
     assert live.poll() is None
@@ -196,7 +201,7 @@ def test_the_sweep_spares_live_daemons_recycled_pids_and_detached_kernels(
     detached.kill()
     detached.wait()
     sweep(records)
-    assert not files["detached"].exists()
+    assert not detached_dir.exists()
     assert not (records / "daemon-2.json").exists()
     assert (records / "daemon-1.json").exists()
 

@@ -30,7 +30,13 @@ LineHandler = Callable[[Literal["stdout", "stderr"], str], None]
 
 
 async def launch(argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> trio.Process:
-    """Start the kernel with piped stdout/stderr, no stdin, in its own process group."""
+    """Start the kernel with piped stdout/stderr, no stdin, in its own process group.
+
+    No PR_SET_PDEATHSIG for a second tie to our life: it fires when the *thread* that forked
+    the child exits, and trio forks in a cached worker thread that exits after 10 idle seconds
+    (tried: the kernel was killed 10.1 s after its start). `watch_parent` and the next
+    daemon's sweep (`kallichore.footprint`) cover a kernel that outlives us.
+    """
     return await trio.lowlevel.open_process(
         list(argv),
         env=dict(env),
