@@ -36,9 +36,14 @@ class UsageError(Exception):
     """A bad flag or combination of flags."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def program_name(argv0: str) -> str:
+    """`kcserver` when started under kcserver's name (Positron's launch), else `kallichore`."""
+    return "kcserver" if Path(argv0).name == "kcserver" else "kallichore"
+
+
+def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kallichore",
+        prog=prog,
         description=(
             "A headless Jupyter kernel supervisor: starts kernels and serves them over HTTP and "
             "WebSocket, wire-compatible with Posit's Kallichore (kcserver)."
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--unix-socket, --connection-file or --handshake-socket is given."
         ),
     )
-    parser.add_argument("-V", "--version", action="version", version=f"kcserver {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"{prog} {__version__}")
     where = parser.add_argument_group("where to listen")
     where.add_argument(
         "-p", "--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)"
@@ -213,7 +218,7 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(program_name(sys.argv[0])).parse_args(argv)
     try:
         options = options_from(args)
         return trio.run(run_daemon, options)

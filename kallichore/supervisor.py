@@ -19,6 +19,7 @@ import trio
 import zmq
 
 from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import PortAllocator
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import SessionConfig, SessionSpec
@@ -39,6 +40,8 @@ class SupervisorConfig:
     session: SessionConfig = attrs.Factory(SessionConfig)
     # How often to sample the CPU and memory of kernels with a client attached; 0 = never.
     resource_sample_interval_ms: int = 1000
+    # Where the daemon records its kernels and directories, for a sweep should it be killed.
+    footprint: Footprint | None = None
 
 
 class Supervisor:
@@ -58,6 +61,7 @@ class Supervisor:
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
         self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
+        self._footprint = config.footprint or Footprint(None)
         # When a session was last created, became idle or exited, or a client last showed up
         # (trio clock).
         self.last_activity = trio.current_time()
@@ -77,6 +81,11 @@ class Supervisor:
         self._sample_interval.milliseconds = interval
 
     @property
+    def footprint(self) -> Footprint:
+        """Where what the supervisor creates is recorded (nowhere unless the config says)."""
+        return self._footprint
+
+    @property
     def runtime_dir(self) -> Path:
         return self._runtime_dir
 
@@ -93,11 +102,15 @@ class Supervisor:
             runtime_dir=self._runtime_dir,
             config=self._config.session,
             sample_interval=self._sample_interval,
+            footprint=self._footprint,
             on_rest=self.note_activity,
         )
         self._sessions[spec.session_id] = session
         self.note_activity()
         await self._nursery.start(session.run)
+        logger.info(
+            "session %s: created (%s, %s)", spec.session_id, spec.display_name, spec.language
+        )
         return session
 
     def get(self, session_id: str) -> KernelSession:
@@ -122,6 +135,7 @@ class Supervisor:
             )
         del self._sessions[session_id]
         await session.aclose()
+        logger.info("session %s: deleted", session_id)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Shut every kernel down at once; each gets `grace` seconds before it is killed."""
@@ -155,6 +169,8 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
     try:
         async with _single_error(), trio.open_nursery() as nursery:
             supervisor = Supervisor(nursery, context, runtime_dir, config)
+            if own_runtime_dir:
+                supervisor.footprint.add_path(runtime_dir)
             try:
                 yield supervisor
             finally:
@@ -165,6 +181,8 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
         context.destroy(linger=0)
         if own_runtime_dir:
             shutil.rmtree(runtime_dir, ignore_errors=True)
+            if config.footprint is not None:
+                config.footprint.discard_path(runtime_dir)
 
 
 @asynccontextmanager

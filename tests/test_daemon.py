@@ -97,7 +97,7 @@ def test_help_and_version() -> None:
     version = subprocess.run(
         daemon_command("--version"), capture_output=True, text=True, check=True
     )
-    assert version.stdout.startswith("kcserver ")
+    assert version.stdout.startswith("kallichore ")
     alias = Path(sys.executable).parent / "kcserver"
     assert alias.exists()
 

@@ -119,6 +119,18 @@ class KallichoreApi:
             self.sockets.close(session.session_id)
 
 
+def log_response(method: str, path: str, status: int) -> None:
+    """Log a refused (4xx) or failed (5xx) request by method, path and status.
+
+    Never the query string (a client may put its token there) nor headers; the path is escaped
+    so that it cannot forge log lines. Answers that went well are not news.
+    """
+    if status < 400:
+        return
+    level = logging.WARNING if status >= 500 else logging.INFO
+    logger.log(level, "%s %s -> %d", method, repr(path)[1:-1], status)
+
+
 def check_token(state: ServerState, authorization: str | None) -> bool:
     return bearer_token_matches(state.token, authorization)
 
@@ -597,6 +609,11 @@ def create_app(
         hangs. A body read first never reaches that path (a 413 still closes, and says so).
         """
         await request.get_data()
+
+    @app.after_request
+    async def log_refusal(response: Response) -> Response:
+        log_response(request.method, request.path, response.status_code)
+        return response
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:

@@ -127,6 +127,7 @@ class ChannelClient:
             await self._transport.send_batch([encode_event(event) for event in batch])
         if self._displaced:
             reason = "another client connected to this session"
+            logger.info("session %s: a channels client was displaced", self.session.session_id)
             await self._transport.send(kernel_event("clientDisconnected", reason))
             await self._transport.close(POLICY_VIOLATION, reason)
         else:
@@ -139,6 +140,7 @@ class ChannelClient:
             if not text:
                 break
             await self._forward(text)
+        logger.info("session %s: a channels client disconnected", self.session.session_id)
         done.cancel()
 
     async def _forward(self, text: str) -> None:
@@ -201,6 +203,7 @@ class ChannelBroker:
         if not self._clients:
             self._detached = trio.Event()
         self._clients[session_id] = client
+        logger.info("session %s: a channels client connected", session_id)
         if previous is not None:
             await previous.displace()
         try:

@@ -27,6 +27,7 @@ import trio
 from kallichore import __version__
 from kallichore.api.app import ServerState
 from kallichore.channels.broker import ChannelBroker
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import write_json_file
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.server.idle_shutdown import IdleShutdown
@@ -136,9 +137,11 @@ async def send_handshake(path: Path, document: dict[str, Any]) -> None:
 async def run_daemon(options: DaemonOptions) -> int:
     """Serve until shut down; returns the exit status."""
     grace = options.shutdown_grace
+    footprint = Footprint.open()
     config = SupervisorConfig(
         session=SessionConfig(shutdown_grace=grace),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
+        footprint=footprint,
     )
     state = ServerState(token=options.token, log_level=options.log_level)
     lifetime = ServerLifetime(
@@ -154,7 +157,8 @@ async def run_daemon(options: DaemonOptions) -> int:
                 socket_path, ours = main_socket_path(options)
                 if ours:
                     created.append(socket_path)
-                sockets = SessionSockets(broker, socket_dir(options), os.getpid())
+                    footprint.add_path(socket_path)
+                sockets = SessionSockets(broker, socket_dir(options), os.getpid(), footprint)
                 await nursery.start(sockets.run)
             with private_files():
                 server: RunningServer = await nursery.start(
@@ -174,6 +178,7 @@ async def run_daemon(options: DaemonOptions) -> int:
                 socket_path.chmod(0o600)
             document = connection_document(options, server, socket_path)
             if options.connection_file is not None:
+                footprint.add_path(options.connection_file)
                 write_json_file(options.connection_file, document)
                 created.append(options.connection_file)
             if options.handshake_socket is not None:
@@ -189,6 +194,7 @@ async def run_daemon(options: DaemonOptions) -> int:
         for path in created:
             with suppress(OSError):
                 path.unlink()
+        footprint.close()
     logger.info("kallichore exited")
     return 0
 

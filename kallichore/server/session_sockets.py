@@ -25,6 +25,7 @@ import h11
 import trio
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
+from kallichore.api.app import log_response
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.websocket import (
     PING_INTERVAL_SECONDS,
@@ -33,6 +34,7 @@ from kallichore.channels.websocket import (
     handshake_for,
     serve_channels,
 )
+from kallichore.footprint import Footprint
 from kallichore.server.h11_stream import next_event, respond, server_connection
 from kallichore.session.kernel_session import KernelSession
 
@@ -91,10 +93,12 @@ class SessionSockets:
         broker: ChannelBroker,
         socket_dir: Path,
         server_pid: int,
+        footprint: Footprint | None = None,
         *,
         ping_interval: float = PING_INTERVAL_SECONDS,
     ) -> None:
         self._broker = broker
+        self._footprint = footprint or Footprint(None)
         self._socket_dir = socket_dir
         self._server_pid = server_pid
         self._ping_interval = ping_interval
@@ -128,6 +132,7 @@ class SessionSockets:
                 listener.socket.close()
                 path.unlink()
                 raise RuntimeError("SessionSockets.open() needs SessionSockets.run() to be running")
+            self._footprint.add_path(path)
             previous = self._listeners.get(session_id)
             if previous is not None:
                 previous.scope.cancel()
@@ -147,6 +152,7 @@ class SessionSockets:
         if listener is not None:
             listener.scope.cancel()
             listener.path.unlink(missing_ok=True)
+            self._footprint.discard_path(listener.path)
 
     def close_all(self) -> None:
         for session_id in list(self._listeners):
@@ -236,6 +242,8 @@ async def _accept_websocket(stream: trio.SocketStream, session_id: str) -> WebSo
             try:
                 handshake = handshake_for(request)
             except WebSocketHandshakeError as error:
+                path = request.target.partition(b"?")[0].decode("latin-1")
+                log_response("GET", path, 400)
                 await respond(stream, client, 400, str(error).encode(), b"text/plain")
                 return None
             return await accept(stream, handshake, client.trailing_data[0])

@@ -22,6 +22,7 @@ import trio
 import zmq
 
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, write_json_file
 from kallichore.jupyter.wire import Channel, Message, WireError
 from kallichore.session import process as kernel_process
@@ -69,6 +70,8 @@ class RunContext:
     runtime_dir: Path
     config: SessionConfig
     sample_interval: SampleInterval
+    # Where kernels are recorded, for the next daemon to sweep should this one be killed.
+    footprint: Footprint
     # Called when the session comes to rest (idle shutdown counts from then).
     on_rest: Callable[[], None]
     # Builds a message with the session's header.
@@ -168,6 +171,7 @@ class KernelRun:
                         nursery.start_soon(self._pump, channels, Channel.STDIN)
                         self._startup_output.clear()
                         self._ready = True
+                        logger.info("session %s: kernel ready", ctx.spec.session_id)
                         out = Outbox()
                         ctx.state.kernel_ready(out)
                         self.publish(out)
@@ -193,6 +197,7 @@ class KernelRun:
             self._launch_failed("empty argv")
             raise StartupError(ErrorCode.PROCESS_START_FAILED, "the session has no argv to start")
         env = resolve_environment(os.environ, self._env)
+        kernel_process.watch_parent(env, outlive=ctx.config.kernels_outlive_daemon)
         self.initial_env = env
         cwd = ctx.state.working_directory or None
         if cwd is not None and not os.path.isdir(cwd):
@@ -218,6 +223,10 @@ class KernelRun:
             )
             write_json_file(path, contents)
             self.process = await kernel_process.launch(command, env, cwd)
+            ctx.footprint.kernel_started(
+                self.process.pid, detached=ctx.config.kernels_outlive_daemon, paths=[path]
+            )
+            logger.info("session %s: kernel started (pid %d)", spec.session_id, self.process.pid)
         except BaseException as exc:
             self._release()
             self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
@@ -373,7 +382,9 @@ class KernelRun:
         session_id = self._ctx.spec.session_id
         while True:
             out = Outbox()
-            for frames in await sock.recv_batch():
+            batch = await sock.recv_batch()
+            detail = logger.isEnabledFor(logging.DEBUG)
+            for frames in batch:
                 try:
                     message = channels.parse(frames)
                 except WireError as exc:
@@ -381,6 +392,10 @@ class KernelRun:
                         "session %s: dropped a message on %s: %s", session_id, channel, exc
                     )
                     continue
+                if detail:
+                    logger.debug(
+                        "session %s: %s %s from the kernel", session_id, channel, message.msg_type
+                    )
                 state.from_kernel(channel, message, out)
                 if (
                     self._adopted
@@ -451,10 +466,19 @@ class KernelRun:
             if self.exit_code is None:
                 self.exit_code = exit_code
             reason = "child process exited"
+            logger.info(
+                "session %s: kernel (pid %d) %s",
+                self._ctx.spec.session_id,
+                process.pid,
+                kernel_process.describe_exit(self.exit_code),
+            )
         else:
             self.exit_code = 0
             reason = "all sockets disconnected from an adopted kernel"
+            logger.info("session %s: the adopted kernel is gone", self._ctx.spec.session_id)
         self._release()
+        if process is not None:
+            self._ctx.footprint.kernel_exited(process.pid)
         out = Outbox()
         self._ctx.state.exited(self.exit_code, reason, out)
         self.publish(out)

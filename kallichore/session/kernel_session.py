@@ -9,6 +9,7 @@ goes through the methods, which serialize starts, restarts and adoptions.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +19,8 @@ from typing import Any
 import trio
 import zmq
 
-from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, new_key
 from kallichore.jupyter.wire import Channel, JSONObject, Message
 from kallichore.session.events import EventLog
@@ -27,6 +29,8 @@ from kallichore.session.kernel_run import KernelRun, RunContext
 from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec, Status, VarAction
 from kallichore.session.resources import ResourceUsage, SampleInterval
 from kallichore.session.state import Outbox, SessionState
+
+logger = logging.getLogger(__name__)
 
 
 class KernelSession:
@@ -41,6 +45,7 @@ class KernelSession:
         runtime_dir: Path,
         config: SessionConfig,
         sample_interval: SampleInterval,
+        footprint: Footprint | None = None,
         on_rest: Callable[[], None] = lambda: None,
     ) -> None:
         self._spec = spec
@@ -60,6 +65,7 @@ class KernelSession:
             runtime_dir=runtime_dir,
             config=config,
             sample_interval=sample_interval,
+            footprint=footprint or Footprint(None),
             on_rest=on_rest,
             message=self.message,
         )
@@ -193,6 +199,7 @@ class KernelSession:
                 ErrorCode.RESTART_FAILED, "a restart or start is already in progress"
             )
         async with self._lifecycle:
+            logger.info("session %s: restarting the kernel", self.session_id)
             if working_directory:
                 path = Path(working_directory).expanduser()
                 if not path.is_dir():
@@ -212,6 +219,8 @@ class KernelSession:
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Ask the kernel to exit (`shutdown_request`); kill its process group after `grace` s."""
+        if self._running_run() is not None:
+            logger.info("session %s: shutting the kernel down", self.session_id)
         await self._stop_kernel(
             restart=False, grace=self._config.shutdown_grace if grace is None else grace
         )
@@ -227,6 +236,7 @@ class KernelSession:
             raise KallichoreError(
                 ErrorCode.NO_PROCESS, f"session {self.session_id} has no kernel process to kill"
             )
+        logger.info("session %s: killing the kernel (pid %d)", self.session_id, run.process.pid)
         self._state.drop_queue()
         if not run.kill():
             raise KallichoreError(
@@ -250,6 +260,11 @@ class KernelSession:
                 ErrorCode.SESSION_INTERRUPT_FAILED,
                 f"session {self.session_id} has no running kernel",
             )
+        logger.info(
+            "session %s: interrupting the kernel (by %s)",
+            self.session_id,
+            self._spec.interrupt_mode,
+        )
         if self._spec.interrupt_mode is InterruptMode.SIGNAL:
             if not run.signal(signal.SIGINT):
                 raise KallichoreError(
@@ -272,6 +287,7 @@ class KernelSession:
                     ErrorCode.SESSION_CONNECTION_FAILED,
                     f"session {self.session_id} already has a running kernel",
                 )
+            logger.info("session %s: adopting a kernel started elsewhere", self.session_id)
             self._state.adopting(connection)
             return await self._start_run(adopt=connection)
 
@@ -331,6 +347,7 @@ class KernelSession:
         run = self._running_run()
         if run is not None and run.channels is None:
             raise KallichoreError(ErrorCode.SESSION_NOT_RUNNING, "the kernel is still starting")
+        logger.debug("session %s: %s %s to the kernel", self.session_id, channel, message.msg_type)
         out = Outbox()
         self._state.from_client(channel, message, out)
         assert run is not None, "the state says a kernel runs"
@@ -366,7 +383,17 @@ class KernelSession:
         if self._nursery is None:
             raise RuntimeError("the session is not running in a supervisor")
         self._run = KernelRun(self._run_context, env=self._env_actions, adopt=adopt)
-        await self._nursery.start(self._run.run)
+        try:
+            await self._nursery.start(self._run.run)
+        except KallichoreError as error:
+            exit_code = error.exit_code if isinstance(error, StartupError) else None
+            logger.warning(
+                "session %s: the kernel failed to start: %s%s",
+                self.session_id,
+                error.message,
+                "" if exit_code is None else f" (exit code {exit_code})",
+            )
+            raise
         return self.kernel_info
 
     def _running_run(self) -> KernelRun | None:

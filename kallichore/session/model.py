@@ -26,6 +26,9 @@ class SessionConfig:
     unattended_heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 5.0
     shutdown_grace: float = 10.0
+    # False: kernels die with the daemon (see `process.watch_parent`), and a daemon that died
+    # leaves them to be killed by the next one. True (a state directory): they outlive it.
+    kernels_outlive_daemon: bool = False
 
 
 class Status(StrEnum):
