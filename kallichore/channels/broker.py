@@ -136,7 +136,7 @@ class ChannelClient:
     async def _forward_client_messages(self, done: trio.CancelScope) -> None:
         while True:
             text = await self._transport.receive()
-            if not text:
+            if text is None:  # an empty frame is a bad frame, not a goodbye
                 break
             await self._forward(text)
         done.cancel()
