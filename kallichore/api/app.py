@@ -450,7 +450,8 @@ The session's message stream. On the TCP transport, request it as a WebSocket up
 token is checked on the upgrade too. On the socket transport, a plain GET opens a Unix socket
 for this session alone and answers with its path (a string); the client then connects to that
 socket and makes the WebSocket upgrade there (any request path, no token: the socket's 0600
-mode protects it). On the TCP transport a plain GET is refused with 400.
+mode, in a 0700 directory of the server's own, protects it). On the TCP transport a plain GET
+is refused with 400.
 
 Frames are JSON text. The client sends `JupyterChannelMessage`s (`shell`, `control` or `stdin`);
 binary frames are ignored, and a text frame that is not a channel message (an empty one too)
