@@ -572,6 +572,15 @@ async def test_token_is_required_where_kallichore_requires_it(
         assert raised.value.status == 401
 
 
+def session_json(**fields: Any) -> bytes:
+    """A NewSession body as JSON text (escaped: NULs and lone surrogates survive)."""
+    return json.dumps({"session_id": "x", **fields}).encode()
+
+
+def replace(name: str, value: str) -> dict[str, str]:
+    return {"action": "replace", "name": name, "value": value}
+
+
 BAD_BODIES: list[tuple[str, str, bytes]] = [
     ("PUT", "/sessions", b""),
     ("PUT", "/sessions", b"{not json"),
@@ -615,25 +624,13 @@ BAD_BODIES: list[tuple[str, str, bytes]] = [
     ("PUT", "/sessions", b'{"session_id": "x", "connection_timeout": ' + b"9" * 4301 + b"}"),
     ("PUT", "/sessions/python-1/adopt", b'{"shell_port": ' + b"9" * 5000 + b"}"),
     # Strings that cannot reach the OS: a NUL, or a lone surrogate (no UTF-8 form).
-    ("PUT", "/sessions", b'{"session_id": "x", "argv": ["python\\u0000"]}'),
-    ("PUT", "/sessions", b'{"session_id": "x", "argv": ["\\udc80"]}'),
-    ("PUT", "/sessions", b'{"session_id": "x\\ud800"}'),
-    ("PUT", "/sessions", b'{"session_id": "x", "working_directory": "/tmp\\u0000"}'),
-    (
-        "PUT",
-        "/sessions",
-        b'{"session_id": "x", "env": [{"action": "replace", "name": "A\\u0000", "value": ""}]}',
-    ),
-    (
-        "PUT",
-        "/sessions",
-        b'{"session_id": "x", "env": [{"action": "replace", "name": "A", "value": "\\udfff"}]}',
-    ),
-    (
-        "PUT",
-        "/sessions",
-        b'{"session_id": "x", "env": [{"action": "replace", "name": "A=B", "value": ""}]}',
-    ),
+    ("PUT", "/sessions", session_json(argv=["python\0"])),
+    ("PUT", "/sessions", session_json(argv=["\udc80"])),
+    ("PUT", "/sessions", session_json(session_id="x\ud800")),
+    ("PUT", "/sessions", session_json(working_directory="/tmp\0")),
+    ("PUT", "/sessions", session_json(env=[replace("A\0", "")])),
+    ("PUT", "/sessions", session_json(env=[replace("A", "\udfff")])),
+    ("PUT", "/sessions", session_json(env=[replace("A=B", "")])),
     (
         "POST",
         "/sessions/python-1/restart",
