@@ -572,9 +572,9 @@ async def test_token_is_required_where_kallichore_requires_it(
         assert raised.value.status == 401
 
 
-def session_json(**fields: Any) -> bytes:
+def session_json(session_id: str, **fields: Any) -> bytes:
     """A NewSession body as JSON text (escaped: NULs and lone surrogates survive)."""
-    return json.dumps({"session_id": "x", **fields}).encode()
+    return json.dumps({"session_id": session_id, **fields}).encode()
 
 
 def replace(name: str, value: str) -> dict[str, str]:
@@ -624,13 +624,14 @@ BAD_BODIES: list[tuple[str, str, bytes]] = [
     ("PUT", "/sessions", b'{"session_id": "x", "connection_timeout": ' + b"9" * 4301 + b"}"),
     ("PUT", "/sessions/python-1/adopt", b'{"shell_port": ' + b"9" * 5000 + b"}"),
     # Strings that cannot reach the OS: a NUL, or a lone surrogate (no UTF-8 form).
-    ("PUT", "/sessions", session_json(argv=["python\0"])),
-    ("PUT", "/sessions", session_json(argv=["\udc80"])),
-    ("PUT", "/sessions", session_json(session_id="x\ud800")),
-    ("PUT", "/sessions", session_json(working_directory="/tmp\0")),
-    ("PUT", "/sessions", session_json(env=[replace("A\0", "")])),
-    ("PUT", "/sessions", session_json(env=[replace("A", "\udfff")])),
-    ("PUT", "/sessions", session_json(env=[replace("A=B", "")])),
+    ("PUT", "/sessions", session_json("nul-argv", argv=[sys.executable, "-c", "1\0"])),
+    ("PUT", "/sessions", session_json("surrogate-argv", argv=[sys.executable, "\udc80"])),
+    ("PUT", "/sessions", session_json("x\ud800")),
+    ("PUT", "/sessions", session_json("nul-cwd", working_directory="/tmp\0")),
+    ("PUT", "/sessions", session_json("nul-name", env=[replace("A\0", "")])),
+    ("PUT", "/sessions", session_json("surrogate-value", env=[replace("A", "\udfff")])),
+    ("PUT", "/sessions", session_json("equals-name", env=[replace("A=B", "")])),
+    ("PUT", "/sessions", session_json("nul-arg", startup_environment_arg="/x\0")),
     (
         "POST",
         "/sessions/python-1/restart",
