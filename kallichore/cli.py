@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -165,10 +166,12 @@ def read_token(option: str | None) -> str | None:
 
 def open_private_log(path: Path) -> TextIO:
     """`path` truncated and readable by its owner alone (0600), an existing file included: a
-    log names sessions, paths and what kernels print, which is nobody else's business."""
+    log names sessions, paths and what kernels print, which is nobody else's business. (A
+    device such as /dev/null is written as it is.)"""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
     except OSError:
         os.close(fd)
         raise
