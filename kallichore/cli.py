@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
 from kallichore import __version__
 from kallichore.api import models
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
+from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
 
 logger = logging.getLogger("kallichore")
 
@@ -63,7 +67,7 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
     where.add_argument(
         "--socket-dir",
         type=Path,
-        help="directory for the sockets we name ourselves "
+        help="where to make the private (0700) directory of the sockets we name ourselves "
         "(default: $XDG_RUNTIME_DIR or the temp dir)",
     )
     tell = parser.add_argument_group("telling the client")
@@ -165,6 +169,20 @@ def read_token(option: str | None) -> str | None:
     return token
 
 
+def open_private_log(path: Path) -> TextIO:
+    """`path` truncated and readable by its owner alone (0600), an existing file included: a
+    log names sessions, paths and what kernels print, which is nobody else's business. (A
+    device such as /dev/null is written as it is.)"""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return open(fd, "w", encoding="utf-8", errors="backslashreplace")
+
+
 def configure_logging(level_name: str | None, log_file: Path | None) -> str:
     """Log to stderr (and the file) at the named level; returns the effective level name."""
     name = (level_name or os.environ.get("RUST_LOG") or "info").lower()
@@ -175,7 +193,7 @@ def configure_logging(level_name: str | None, log_file: Path | None) -> str:
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
         try:
-            handlers.append(logging.FileHandler(log_file, mode="w"))
+            handlers.append(logging.StreamHandler(open_private_log(log_file)))
         except OSError as exc:
             raise UsageError(
                 f"cannot open the log file {log_file}: {exc.strerror or exc}"
@@ -191,13 +209,18 @@ def configure_logging(level_name: str | None, log_file: Path | None) -> str:
 
 def options_from(args: argparse.Namespace) -> DaemonOptions:
     transport = choose_transport(args)
-    if args.idle_shutdown_hours is not None and not 0 <= args.idle_shutdown_hours <= 65535:
-        raise UsageError("--idle-shutdown-hours must be between 0 and 65535")
-    if args.idle_shutdown_seconds is not None and args.idle_shutdown_seconds <= 0:
+    hours = args.idle_shutdown_hours
+    if hours is not None and not 0 <= hours <= models.MAX_IDLE_SHUTDOWN_HOURS:
+        raise UsageError(
+            f"--idle-shutdown-hours must be between 0 and {models.MAX_IDLE_SHUTDOWN_HOURS}"
+        )
+    if args.idle_shutdown_seconds is not None and not 0 < args.idle_shutdown_seconds < math.inf:
         raise UsageError("--idle-shutdown-seconds must be positive")
-    if args.resource_sample_interval < 0:
-        raise UsageError("--resource-sample-interval must not be negative")
-    if args.shutdown_grace < 0:
+    if not 0 <= args.resource_sample_interval <= MAX_SAMPLE_INTERVAL_MS:
+        raise UsageError(
+            f"--resource-sample-interval must be between 0 and {MAX_SAMPLE_INTERVAL_MS}"
+        )
+    if not 0 <= args.shutdown_grace < math.inf:
         raise UsageError("--shutdown-grace must not be negative")
     log_level = configure_logging(args.log_level, args.log_file)
     return DaemonOptions(

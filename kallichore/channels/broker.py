@@ -137,7 +137,7 @@ class ChannelClient:
     async def _forward_client_messages(self, done: trio.CancelScope) -> None:
         while True:
             text = await self._transport.receive()
-            if not text:
+            if text is None:  # an empty frame is a bad frame, not a goodbye
                 break
             await self._forward(text)
         logger.info("session %s: a channels client disconnected", self.session.session_id)

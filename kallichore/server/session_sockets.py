@@ -3,7 +3,8 @@
 With `--transport socket`, `GET /sessions/{id}/channels` answers with the path of a socket that
 belongs to that session alone. A client connects to it and starts an ordinary HTTP WebSocket
 handshake (Positron asks for `/api/channels/<id>`; the path is ignored and no token is checked:
-the socket's 0600 mode is the protection). From then on the connection is served by the same
+the socket's 0600 mode is the protection, and the directory it is given, private to the server,
+keeps others from squatting its name). From then on the connection is served by the same
 `ChannelBroker` as the TCP WebSocket, so displacement and delivery work the same on both.
 
 Deliberate deviations from Kallichore: the full session id (or a hash of it) names the socket, so
