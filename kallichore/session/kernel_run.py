@@ -7,12 +7,17 @@ goes the same way: frames from ZeroMQ, verified and parsed (header only), fed to
 kernel. The run ends when the process exits (on its own, killed or shut down); cleaning up
 (process group, sockets, connection file, ports) happens in one place, shielded, so that
 nothing is left behind however the run ends.
+
+A kernel that a restarted daemon re-adopts (see `kallichore.state_dir`) is a process but not
+our child: its exit is seen by watching its pid (and start time), and signals go to it only
+while it is still the process we started.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -36,6 +41,7 @@ from kallichore.session.model import (
     VarAction,
     resolve_environment,
 )
+from kallichore.session.record import ProcessIdentity
 from kallichore.session.resources import ResourceSampler, ResourceUsage, SampleInterval
 from kallichore.session.startup import (
     build_command,
@@ -43,7 +49,7 @@ from kallichore.session.startup import (
     is_marker_line,
     startup_failure_details,
 )
-from kallichore.session.state import Outbox, SessionState
+from kallichore.session.state import READOPTED, Outbox, SessionState
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,9 @@ class RunContext:
     sample_interval: SampleInterval
     # Called when the session comes to rest (idle shutdown counts from then).
     on_rest: Callable[[], None]
+    # Called when what a session record holds changed: a kernel was launched, became ready or
+    # exited.
+    on_record: Callable[[], None]
     # Builds a message with the session's header.
     message: Callable[..., Message]
 
@@ -84,12 +93,19 @@ class KernelRun:
         *,
         env: Sequence[VarAction] = (),
         adopt: ConnectionInfo | None = None,
+        adopted_process: ProcessIdentity | None = None,
     ) -> None:
+        """`adopt`: take over the kernel listening there instead of launching one; with
+        `adopted_process`, its process (a kernel a previous daemon launched)."""
         self._ctx = ctx
         self._env = env
         self._adopted = adopt is not None
+        # Adopted with no process known: only the kernel's own messages tell that it ended.
+        self._processless = adopt is not None and adopted_process is None
         self._connection = adopt
         self.process: trio.Process | None = None
+        # The kernel's process as a record keeps it: ours, or the re-adopted one.
+        self._identity = adopted_process
         self.channels: KernelChannels | None = None
         self.initial_env: dict[str, str] = {}
         self.resource_usage: ResourceUsage | None = None
@@ -109,9 +125,16 @@ class KernelRun:
     @property
     def process_id(self) -> int | None:
         """The kernel's pid while it runs."""
-        if self.process is None or self.exited.is_set():
+        if self.exited.is_set():
             return None
-        return self.process.pid
+        if self.process is not None:
+            return self.process.pid
+        return None if self._identity is None else self._identity.pid
+
+    @property
+    def process_identity(self) -> ProcessIdentity | None:
+        """The kernel's pid and start time while it runs (for the session's record)."""
+        return None if self.exited.is_set() else self._identity
 
     # -- the state machine's outbox, carried out -------------------------------------------
 
@@ -160,6 +183,8 @@ class KernelRun:
                 async with trio.open_nursery() as nursery:
                     if self.process is not None:
                         nursery.start_soon(self._watch_process, self.process)
+                    elif self._identity is not None:
+                        nursery.start_soon(self._watch_readopted, self._identity)
                     failure = await self._connect(nursery)
                     if failure is not None:
                         self.cancel_scope.cancel()
@@ -169,11 +194,13 @@ class KernelRun:
                         self._startup_output.clear()
                         self._ready = True
                         out = Outbox()
-                        ctx.state.kernel_ready(out)
+                        readopted = self._adopted and not self._processless
+                        ctx.state.kernel_ready(out, READOPTED if readopted else None)
                         self.publish(out)
+                        ctx.on_record()
                         nursery.start_soon(self._monitor_heartbeat, channels)
-                        if self.process is not None:
-                            nursery.start_soon(self._sample_resources, self.process.pid)
+                        if (pid := self.process_id) is not None:
+                            nursery.start_soon(self._sample_resources, pid)
                         task_status.started()
         except Exception:
             if not self._ready:
@@ -217,7 +244,11 @@ class KernelRun:
                 argv, mode, spec.startup_environment_arg, working_directory=cwd, shell=self._shell
             )
             write_json_file(path, contents)
-            self.process = await kernel_process.launch(command, env, cwd)
+            self.process = await kernel_process.launch(
+                command, env, cwd, tied_to_daemon=ctx.config.tied_to_daemon
+            )
+            self._identity = kernel_process.identify(self.process.pid)
+            ctx.on_record()
         except BaseException as exc:
             self._release()
             self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
@@ -354,6 +385,11 @@ class KernelRun:
             readers.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_SECONDS
         self.cancel_scope.cancel()
 
+    async def _watch_readopted(self, identity: ProcessIdentity) -> None:
+        """End the run when a re-adopted kernel's process is gone."""
+        await kernel_process.wait_gone(identity)
+        self.cancel_scope.cancel()
+
     def _line(self, stream: Literal["stdout", "stderr"], text: str) -> None:
         if is_marker_line(text):
             # The shell wrapper's progress markers explain a failed start; clients never see them.
@@ -383,7 +419,7 @@ class KernelRun:
                     continue
                 state.from_kernel(channel, message, out)
                 if (
-                    self._adopted
+                    self._processless
                     and channel is not Channel.IOPUB
                     and message.msg_type == "shutdown_reply"
                 ):
@@ -395,8 +431,8 @@ class KernelRun:
     async def _monitor_heartbeat(self, channels: KernelChannels) -> None:
         """Mark the session offline when the kernel misses a heartbeat, and back when it answers.
 
-        Each beat also lets the state give up on idles that never came. An adopted kernel has
-        no process to watch: missing several beats in a row ends it.
+        Each beat also lets the state give up on idles that never came. An adopted kernel with
+        no process to watch ends when it misses several beats in a row.
         """
         ctx = self._ctx
         config = ctx.config
@@ -410,7 +446,7 @@ class KernelRun:
             out = Outbox()
             if misses:
                 ctx.state.heartbeat_missed(out)
-                if self._adopted and misses >= ADOPTED_HEARTBEAT_MISSES:
+                if self._processless and misses >= ADOPTED_HEARTBEAT_MISSES:
                     self.cancel_scope.cancel()
             else:
                 ctx.state.heartbeat_answered(out)
@@ -451,6 +487,13 @@ class KernelRun:
             if self.exit_code is None:
                 self.exit_code = exit_code
             reason = "child process exited"
+        elif self._identity is not None:
+            # Not our child: no exit code to be had (reported as 0, as for adopted kernels).
+            if kernel_process.is_running(self._identity):
+                kernel_process.kill_group(self._identity.pid)
+                await kernel_process.wait_gone(self._identity)
+            self.exit_code = 0
+            reason = "the re-adopted kernel's process exited"
         else:
             self.exit_code = 0
             reason = "all sockets disconnected from an adopted kernel"
@@ -459,6 +502,7 @@ class KernelRun:
         self._ctx.state.exited(self.exit_code, reason, out)
         self.publish(out)
         self.exited.set()
+        self._ctx.on_record()
 
     def _release(self) -> None:
         if self.channels is not None:
@@ -474,10 +518,19 @@ class KernelRun:
     def kill(self) -> bool:
         """SIGKILL the kernel's process group (an adopted kernel: end the run); False if the
         process was not found."""
-        if self.process is None:
+        if self.process is None and self._identity is None:
             self.cancel_scope.cancel()
             return True
-        return kernel_process.kill_group(self.process.pid)
+        return self.signal(signal.SIGKILL)
 
     def signal(self, signum: int) -> bool:
-        return self.process is not None and kernel_process.signal_group(self.process.pid, signum)
+        """Signal the kernel's process group; False if there is no process of ours to signal
+        (a re-adopted kernel's pid is only trusted while its start time is the recorded one)."""
+        if self.process is not None:
+            return kernel_process.signal_group(self.process.pid, signum)
+        identity = self._identity
+        return (
+            identity is not None
+            and kernel_process.is_running(identity)
+            and kernel_process.signal_group(identity.pid, signum)
+        )

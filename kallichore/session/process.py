@@ -17,19 +17,35 @@ from typing import Literal
 import psutil
 import trio
 
+from kallichore.session.record import ProcessIdentity
+
 logger = logging.getLogger(__name__)
 
 # A line longer than this is passed on in pieces rather than buffered without bound.
 MAX_LINE_BYTES = 64 * 1024
 
+# How often `wait_gone` checks a process where there is no pidfd to wait on.
+POLL_SECONDS = 0.5
+
 LineHandler = Callable[[Literal["stdout", "stderr"], str], None]
 
 
-async def launch(argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -> trio.Process:
-    """Start the kernel with piped stdout/stderr, no stdin, in its own process group."""
+async def launch(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | None, *, tied_to_daemon: bool
+) -> trio.Process:
+    """Start the kernel with piped stdout/stderr, no stdin, in its own process group.
+
+    A kernel `tied_to_daemon` is meant to end with the daemon. One that is not (the daemon keeps
+    a state directory, and a restarted daemon re-adopts it) must not inherit a
+    `JPY_PARENT_PID` from the daemon's own environment: ipykernel would exit when the daemon
+    does.
+    """
+    env = dict(env)
+    if not tied_to_daemon:
+        env.pop("JPY_PARENT_PID", None)
     return await trio.lowlevel.open_process(
         list(argv),
-        env=dict(env),
+        env=env,
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -52,6 +68,46 @@ def signal_group(pid: int, signum: int) -> bool:
 
 def kill_group(pid: int) -> bool:
     return signal_group(pid, signal.SIGKILL)
+
+
+def identify(pid: int) -> ProcessIdentity | None:
+    """The identity of running process `pid` (None if it is gone)."""
+    try:
+        return ProcessIdentity(pid, psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def is_running(identity: ProcessIdentity) -> bool:
+    """The process is still the one we started: same pid, same start time, not a zombie."""
+    try:
+        process = psutil.Process(identity.pid)
+        started: float = process.create_time()
+        status: str = process.status()
+        return started == identity.started and status != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+async def wait_gone(identity: ProcessIdentity) -> None:
+    """Return once a process that is not our child has ended (it cannot be waited for).
+
+    A pidfd (Linux) becomes readable when the process exits; elsewhere, poll.
+    """
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while is_running(identity):  # noqa: ASYNC110 (nothing to wait on but time)
+            await trio.sleep(POLL_SECONDS)
+        return
+    try:
+        # Checked after opening: the pid may have been recycled before the pidfd pinned it.
+        if is_running(identity):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def current_directory(pid: int) -> str | None:
