@@ -92,6 +92,10 @@ class Supervisor:
     def runtime_dir(self) -> Path:
         return self._runtime_dir
 
+    @property
+    def state_dir(self) -> StateDir | None:
+        return self._state_dir
+
     async def create_session(self, spec: SessionSpec) -> KernelSession:
         """Register a new session (nothing is launched until `KernelSession.start()`)."""
         if spec.session_id in self._sessions:

@@ -59,6 +59,7 @@ class DaemonOptions:
     shutdown_grace: float = 10.0
     log_level: str = "info"
     log_file: Path | None = None
+    state_dir: Path | None = None
 
 
 class DaemonError(Exception):
@@ -139,6 +140,7 @@ async def run_daemon(options: DaemonOptions) -> int:
     config = SupervisorConfig(
         session=SessionConfig(shutdown_grace=grace),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
+        state_dir=options.state_dir,
     )
     state = ServerState(token=options.token, log_level=options.log_level)
     lifetime = ServerLifetime(
@@ -147,6 +149,8 @@ async def run_daemon(options: DaemonOptions) -> int:
     created: list[Path] = []
     try:
         async with open_supervisor(config) as supervisor, trio.open_nursery() as nursery:
+            if supervisor.state_dir is not None:
+                supervisor.state_dir.save_token(options.token)
             broker = ChannelBroker()
             sockets = None
             socket_path = None
