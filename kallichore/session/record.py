@@ -71,6 +71,13 @@ def _connection(data: Any) -> ConnectionInfo:
 _CONVERTER = _converter()
 
 
+def _describe(exc: BaseException, _type: object) -> str:
+    """What is wrong with one field: the validator's own message rather than cattrs's."""
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    return str(exc) or type(exc).__name__
+
+
 def encode(record: SessionRecord) -> dict[str, Any]:
     """The record as a JSON object (written with the format number)."""
     document: dict[str, Any] = {"format": FORMAT}
@@ -92,7 +99,7 @@ def decode(data: bytes) -> SessionRecord:
     try:
         return _CONVERTER.structure(document, SessionRecord)
     except cattrs.BaseValidationError as exc:
-        problems = "; ".join(cattrs.transform_error(exc, path="record"))
+        problems = "; ".join(cattrs.transform_error(exc, path="record", format_exception=_describe))
         raise RecordError(problems) from None
     except (KallichoreError, ValueError, TypeError) as exc:
         raise RecordError(str(exc)) from None
