@@ -102,6 +102,8 @@ class KernelRun:
         self._adopted = adopt is not None
         # Adopted with no process known: only the kernel's own messages tell that it ended.
         self._processless = adopt is not None and adopted_process is None
+        # A kernel a previous daemon launched: it may be busy with work of before the restart.
+        self._readopted = adopted_process is not None
         self._connection = adopt
         self.process: trio.Process | None = None
         # The kernel's process as a record keeps it: ours, or the re-adopted one.
@@ -194,8 +196,7 @@ class KernelRun:
                         self._startup_output.clear()
                         self._ready = True
                         out = Outbox()
-                        readopted = self._adopted and not self._processless
-                        ctx.state.kernel_ready(out, READOPTED if readopted else None)
+                        ctx.state.kernel_ready(out, READOPTED if self._readopted else None)
                         self.publish(out)
                         ctx.on_record()
                         nursery.start_soon(self._monitor_heartbeat, channels)
@@ -370,9 +371,11 @@ class KernelRun:
         return details or default
 
     async def _request_kernel_info(self, channels: KernelChannels) -> None:
+        """Ask on shell; a re-adopted kernel on control, which answers even while shell is
+        busy with an execution that began before the restart."""
         request = self._ctx.message("kernel_info_request")
         self._ctx.state.startup_request(request.msg_id)
-        await channels.send(Channel.SHELL, request)
+        await channels.send(Channel.CONTROL if self._readopted else Channel.SHELL, request)
 
     async def _watch_process(self, process: trio.Process) -> None:
         """Read the kernel's output until it exits, then end the run."""
