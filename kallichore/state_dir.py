@@ -4,6 +4,8 @@
       lock          held (flock) by the one daemon using DIR
       token         the bearer token, so that a restarted daemon keeps it (0600)
       sessions/     one record per session, `<session id>.json` (0600; they hold keys)
+      runtime/      the kernels' connection files (kept out of the temp directory, where a
+                    sweep of what dead daemons left would take them for orphans)
 
 Records are written atomically (temp file, fsync, rename): after a crash at any point a record
 is the old one or the new one, never a mix. A record that cannot be read is logged and skipped,
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 TOKEN_FILE = "token"
 LOCK_FILE = "lock"
 SESSIONS_DIR = "sessions"
+RUNTIME_DIR = "runtime"
 
 
 class StateDirError(Exception):
@@ -38,6 +41,7 @@ class StateDir:
     def __init__(self, path: Path, lock_fd: int) -> None:
         self.path = path
         self._sessions = path / SESSIONS_DIR
+        self.runtime_dir = path / RUNTIME_DIR
         self._lock_fd = lock_fd
 
     @classmethod
@@ -47,7 +51,8 @@ class StateDir:
         if path.stat().st_uid != os.getuid():
             raise StateDirError(f"the state directory {path} belongs to another user")
         path.chmod(0o700)
-        (path / SESSIONS_DIR).mkdir(mode=0o700, exist_ok=True)
+        for directory in (SESSIONS_DIR, RUNTIME_DIR):
+            (path / directory).mkdir(mode=0o700, exist_ok=True)
         lock_fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -39,7 +39,9 @@ class SupervisorConfig:
     """How the supervisor runs its kernels.
 
     `runtime_dir` holds the kernels' connection files; by default a private temporary
-    directory, removed when the supervisor closes. `state_dir`: see the module docstring.
+    directory, removed when the supervisor closes (with a state directory, its `runtime`
+    directory: a sweep of what dead daemons left in temporary directories must not find the
+    kernels that outlive their daemon on purpose). `state_dir`: see the module docstring.
     """
 
     runtime_dir: Path | None = None
@@ -215,7 +217,11 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
     state_dir = None
     if config.state_dir is not None:
         state_dir = StateDir.open(config.state_dir)
-        config = attrs.evolve(config, session=attrs.evolve(config.session, tied_to_daemon=False))
+        config = attrs.evolve(
+            config,
+            runtime_dir=config.runtime_dir or state_dir.runtime_dir,
+            session=attrs.evolve(config.session, tied_to_daemon=False),
+        )
     own_runtime_dir = config.runtime_dir is None
     runtime_dir = (
         Path(tempfile.mkdtemp(prefix="kallichore-"))
