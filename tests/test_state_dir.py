@@ -14,7 +14,13 @@ import pytest
 import trio
 import trio_websocket
 
-from kallichore.client import Channels, StatusChanged
+from kallichore.client import (
+    ChannelEvent,
+    Channels,
+    KernelMessage,
+    StatusChanged,
+    execute_request,
+)
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.session.model import Status
 from kallichore.session.record import ProcessIdentity, SessionRecord
@@ -32,6 +38,15 @@ async def kill_daemon(d: Daemon) -> None:
 async def read_to_the_end(channels: Channels) -> None:
     while True:
         await channels.receive()
+
+
+def is_status(event: ChannelEvent, msg_id: str, state: str) -> bool:
+    return (
+        isinstance(event, KernelMessage)
+        and event.msg_type == "status"
+        and event.parent_msg_id == msg_id
+        and event.content["execution_state"] == state
+    )
 
 
 async def wait_until_gone(pid: int) -> None:
@@ -61,7 +76,7 @@ async def kill_and_come_back(tmp_path: Path, args: tuple[str, ...], pids: dict[s
     state = tmp_path / "state"
     async with daemon(tmp_path, *args) as first:
         client = first.client()
-        await started_session(client, "python-1")
+        await started_session(client, "python-1", interrupt_mode="signal")
         await started_session(client, "python-2")
         sessions = {s["session_id"]: s for s in await client.list_sessions()}
         pids.update({name: s["process_id"] for name, s in sessions.items()})
@@ -93,6 +108,19 @@ async def kill_and_come_back(tmp_path: Path, args: tuple[str, ...], pids: dict[s
             assert marker[-1] == StatusChanged("idle", READOPTED)
             result = await channels.execute("print(x + 1)")
             assert result.stdout == "42\n"
+            # Interrupts by signal reach the re-adopted kernel's process group.
+            msg_id = await channels.send(execute_request("import time; time.sleep(600)"))
+            await channels.receive_until(lambda e: is_status(e, msg_id, "busy"))
+            await client.interrupt("python-1")
+            [*_, reply] = await channels.receive_until(
+                lambda e: (
+                    isinstance(e, KernelMessage)
+                    and e.msg_type == "execute_reply"
+                    and e.parent_msg_id == msg_id
+                )
+            )
+            assert isinstance(reply, KernelMessage)
+            assert reply.content["ename"] == "KeyboardInterrupt"
         # A re-adopted kernel is killed by its pid, and its exit is seen.
         await client.kill("python-1")
         assert (await client.get_session("python-1"))["status"] == "exited"
