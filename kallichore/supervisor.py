@@ -4,10 +4,11 @@
 (shutdown_request, a grace period, then SIGKILL of the kernel's process group) and removes the
 connection files, so after it returns nothing of ours is left running or lying around.
 
-With a state directory (`SupervisorConfig.state_dir`), every session is recorded there, its
-kernels are not tied to the supervisor's life, and a new supervisor on the same directory takes
-the sessions up again (`Supervisor.restore()`): the kernels still running are re-adopted under
-the same ids and keys, the others are `exited`.
+With a state directory (`SupervisorConfig.state_dir`), every session is recorded there, and
+its kernels outlive a supervisor that dies without closing (a closing one still shuts them
+down). A new supervisor on the same directory takes the sessions up again before the block of
+`open_supervisor()` runs: the kernels still running are re-adopted under the same ids and keys,
+the others are `exited`.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class Supervisor:
         await self._nursery.start(session.run)
         return session
 
-    async def restore(self) -> None:
+    async def _restore(self) -> None:
         """Take up the sessions recorded in the state directory (see the module docstring).
 
         Kernels are re-adopted concurrently; one that does not answer is logged, killed and
@@ -234,7 +235,7 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
         async with _single_error(), trio.open_nursery() as nursery:
             supervisor = Supervisor(nursery, context, runtime_dir, config, state_dir)
             try:
-                await supervisor.restore()
+                await supervisor._restore()
                 yield supervisor
             finally:
                 with trio.CancelScope(shield=True):

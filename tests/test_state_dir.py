@@ -167,10 +167,21 @@ async def test_a_pid_that_started_later_is_not_our_kernel(tmp_path: Path) -> Non
         await stranger.wait()
 
 
-async def test_a_session_never_started_comes_back_uninitialized(tmp_path: Path) -> None:
-    path = recorded_session(tmp_path, None, Status.UNINITIALIZED)
+@pytest.mark.parametrize(
+    ("recorded", "restored"),
+    [
+        (Status.UNINITIALIZED, Status.UNINITIALIZED),
+        (Status.EXITED, Status.EXITED),
+        # Adopted from somebody else: no process to verify, so not re-adopted.
+        (Status.IDLE, Status.EXITED),
+    ],
+)
+async def test_sessions_without_a_kernel_process(
+    tmp_path: Path, recorded: Status, restored: Status
+) -> None:
+    path = recorded_session(tmp_path, None, recorded)
     async with open_supervisor(SupervisorConfig(state_dir=path)) as supervisor:
-        assert supervisor.get("python-1").status == "uninitialized"
+        assert supervisor.get("python-1").status is restored
 
 
 async def test_one_daemon_per_state_dir(tmp_path: Path) -> None:

@@ -288,9 +288,10 @@ class KernelSession:
         """Take the session up where the daemon that wrote `record` left it.
 
         A kernel still running as the process the record names (same pid, same start time) is
-        adopted again: it answers heartbeats and kernel_info, and becomes `idle` with the
-        reason `READOPTED`, the mark of what was lost while no daemon listened. Raises
-        `StartupError` if it does not answer (it is then killed). A kernel that is gone makes
+        adopted again: once it answers kernel_info (asked on control, so that an execution of
+        before the restart does not hold it up) it is `idle` with the reason `READOPTED`, the
+        mark of what was lost while no daemon listened; the heartbeat is watched from then on.
+        Raises `StartupError` if it does not answer (it is then killed). A kernel that is gone makes
         the session `exited`; a session never started stays `uninitialized`.
         """
         async with self._lifecycle:
@@ -302,8 +303,9 @@ class KernelSession:
                     await self._start_run(adopt=connection, adopted_process=process)
                     return
                 reason = "the kernel exited while no daemon was running"
-            elif record.status is Status.EXITED:
-                reason = "the kernel had exited before the daemon restarted"
+            elif record.status is not Status.UNINITIALIZED:
+                # Exited before, or adopted from somebody else with no process to verify.
+                reason = "no kernel to re-adopt when the daemon restarted"
             else:
                 return
             if connection is not None:
