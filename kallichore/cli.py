@@ -22,6 +22,7 @@ from kallichore import __version__
 from kallichore.api import models
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
 from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
+from kallichore.state_dir import StateDirError, saved_token
 
 logger = logging.getLogger("kallichore")
 
@@ -110,6 +111,13 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
         default=10.0,
         help="seconds a kernel gets to exit after shutdown_request before it is killed",
     )
+    behave.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep session records and the token in this directory (0700), and leave kernels "
+        "running if the daemon dies: started again with the same directory, it re-adopts "
+        "them under the same ids and token (default: off; kernels end with the daemon)",
+    )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
         "-l", "--log-level", help="trace, debug, info, warn or error (default: $RUST_LOG or info)"
@@ -146,10 +154,11 @@ def choose_transport(args: argparse.Namespace) -> Transport:
     return transport
 
 
-def read_token(option: str | None) -> str | None:
-    """None for `--token none`; the file's token (the file is then deleted); else a new one."""
+def read_token(option: str | None, state_dir: Path | None = None) -> str | None:
+    """None for `--token none`; the file's token (the file is then deleted); else the token
+    the last daemon with this state directory served; else a new one."""
     if option is None:
-        return secrets.token_hex(8)
+        return (state_dir and saved_token(state_dir)) or secrets.token_hex(8)
     if option == "none":
         logger.warning("authentication is turned off (--token none)")
         return None
@@ -230,13 +239,14 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         socket_dir=args.socket_dir.absolute() if args.socket_dir else None,
         connection_file=args.connection_file.absolute() if args.connection_file else None,
         handshake_socket=args.handshake_socket,
-        token=read_token(args.token),
+        token=read_token(args.token, args.state_dir),
         idle_shutdown_hours=args.idle_shutdown_hours,
         idle_shutdown_seconds=args.idle_shutdown_seconds,
         resource_sample_interval_ms=args.resource_sample_interval,
         shutdown_grace=args.shutdown_grace,
         log_level=log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
+        state_dir=args.state_dir.absolute() if args.state_dir else None,
     )
 
 
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         leaf = error
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
-        if not isinstance(leaf, UsageError | DaemonError | OSError):
+        if not isinstance(leaf, UsageError | DaemonError | StateDirError | OSError):
             raise
         print(f"Error: {leaf}", file=sys.stderr)
         return 1

@@ -92,6 +92,7 @@ def test_help_and_version() -> None:
         "--log-level",
         "--log-file",
         "--handshake-socket",
+        "--state-dir",
         "--version",
     ):
         assert flag in help_text.stdout

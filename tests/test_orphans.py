@@ -96,7 +96,7 @@ async def test_kernels_tied_to_the_daemon_or_detached(tmp_path: Path, outlive: b
     footprint = Footprint.open(tmp_path / "records")
     config = SupervisorConfig(
         runtime_dir=tmp_path / "runtime",
-        session=SessionConfig(kernels_outlive_daemon=outlive),
+        session=SessionConfig(tied_to_daemon=not outlive),
         footprint=footprint,
     )
     async with open_supervisor(config) as supervisor:

@@ -60,6 +60,7 @@ class DaemonOptions:
     shutdown_grace: float = 10.0
     log_level: str = "info"
     log_file: Path | None = None
+    state_dir: Path | None = None
 
 
 class DaemonError(Exception):
@@ -132,6 +133,7 @@ async def run_daemon(options: DaemonOptions) -> int:
         session=SessionConfig(shutdown_grace=grace),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
         footprint=footprint,
+        state_dir=options.state_dir,
     )
     state = ServerState(token=options.token, log_level=options.log_level)
     lifetime = ServerLifetime(
@@ -142,6 +144,8 @@ async def run_daemon(options: DaemonOptions) -> int:
     cleanup = ExitStack()
     try:
         async with open_supervisor(config) as supervisor, trio.open_nursery() as nursery:
+            if supervisor.state_dir is not None:
+                supervisor.state_dir.save_token(options.token)
             broker = ChannelBroker()
             sockets = None
             socket_path = None

@@ -23,10 +23,12 @@ from kallichore.errors import ErrorCode, KallichoreError, StartupError
 from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, new_key
 from kallichore.jupyter.wire import Channel, JSONObject, Message
+from kallichore.session import process as kernel_process
 from kallichore.session.events import EventLog
 from kallichore.session.execution_queue import QueueSnapshot
 from kallichore.session.kernel_run import KernelRun, RunContext
 from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec, Status, VarAction
+from kallichore.session.record import ProcessIdentity, SessionRecord
 from kallichore.session.resources import ResourceUsage, SampleInterval
 from kallichore.session.state import Outbox, SessionState
 
@@ -47,10 +49,15 @@ class KernelSession:
         sample_interval: SampleInterval,
         footprint: Footprint | None = None,
         on_rest: Callable[[], None] = lambda: None,
+        on_record: Callable[[KernelSession], None] = lambda session: None,
+        key: str | None = None,
+        created: float | None = None,
     ) -> None:
+        """`on_record` is called when what `record()` says has changed; `key` and `created`
+        are given when a restarted daemon takes the session up again (see `resume()`)."""
         self._spec = spec
-        self._key = new_key()
-        self._created = time.time()
+        self._key = key or new_key()
+        self._created = time.time() if created is None else created
         self._state = SessionState(spec)
         self._events = EventLog(config.event_buffer_size)
         self._env_actions: tuple[VarAction, ...] = spec.env
@@ -67,6 +74,7 @@ class KernelSession:
             sample_interval=sample_interval,
             footprint=footprint or Footprint(None),
             on_rest=on_rest,
+            on_record=lambda: on_record(self),
             message=self.message,
         )
         self._config = config
@@ -232,16 +240,17 @@ class KernelSession:
             raise KallichoreError(
                 ErrorCode.SESSION_NOT_RUNNING, f"session {self.session_id} is not running"
             )
-        if run.process is None:
+        pid = run.process_id
+        if pid is None:
             raise KallichoreError(
                 ErrorCode.NO_PROCESS, f"session {self.session_id} has no kernel process to kill"
             )
-        logger.info("session %s: killing the kernel (pid %d)", self.session_id, run.process.pid)
+        logger.info("session %s: killing the kernel (pid %d)", self.session_id, pid)
         self._state.drop_queue()
         if not run.kill():
             raise KallichoreError(
                 ErrorCode.PROCESS_NOT_FOUND,
-                f"kernel process {run.process.pid} not found",
+                f"kernel process {pid} not found",
                 "could not send the kill signal",
             )
         await run.exited.wait()
@@ -249,7 +258,7 @@ class KernelSession:
     def kill_now(self) -> None:
         """SIGKILL the kernel's process group without waiting (the exit is processed as usual)."""
         run = self._running_run()
-        if run is not None and run.process is not None:
+        if run is not None and run.process_id is not None:
             run.kill()
 
     async def interrupt(self) -> None:
@@ -290,6 +299,49 @@ class KernelSession:
             logger.info("session %s: adopting a kernel started elsewhere", self.session_id)
             self._state.adopting(connection)
             return await self._start_run(adopt=connection)
+
+    async def resume(self, record: SessionRecord) -> None:
+        """Take the session up where the daemon that wrote `record` left it.
+
+        A kernel still running as the process the record names (same pid, same start time) is
+        adopted again: once it answers kernel_info (asked on control, so that an execution of
+        before the restart does not hold it up) it is `idle` with the reason `READOPTED`, the
+        mark of what was lost while no daemon listened; the heartbeat is watched from then on.
+        Raises `StartupError` if it does not answer (it is then killed). A kernel that is gone makes
+        the session `exited`; a session never started stays `uninitialized`.
+        """
+        async with self._lifecycle:
+            self._state.set_working_directory(record.working_directory)
+            connection, process = record.connection, record.process
+            if connection is not None and process is not None:
+                if kernel_process.is_running(process):
+                    self._state.adopting(connection)
+                    await self._start_run(adopt=connection, adopted_process=process)
+                    return
+                reason = "the kernel exited while no daemon was running"
+            elif record.status is not Status.UNINITIALIZED:
+                # Exited before, or adopted from somebody else with no process to verify.
+                reason = "no kernel to re-adopt when the daemon restarted"
+            else:
+                return
+            if connection is not None:
+                self._state.connected_at(connection)
+            out = Outbox()
+            self._state.exited(0, reason, out)
+            self._events.publish_many(out.events)
+
+    def record(self) -> SessionRecord:
+        """What a restarted daemon needs to take this session up again."""
+        run = self._running_run()
+        return SessionRecord(
+            spec=self._spec,
+            key=self._key,
+            created=self._created,
+            status=self.status,
+            working_directory=self.working_directory,
+            connection=self._state.connection,
+            process=None if run is None else run.process_identity,
+        )
 
     def external_connection_info(self) -> ConnectionInfo:
         """The connection info for a kernel to be started by somebody else and then adopted
@@ -379,10 +431,16 @@ class KernelSession:
 
     # -- runs --------------------------------------------------------------------------------
 
-    async def _start_run(self, adopt: ConnectionInfo | None = None) -> JSONObject:
+    async def _start_run(
+        self,
+        adopt: ConnectionInfo | None = None,
+        adopted_process: ProcessIdentity | None = None,
+    ) -> JSONObject:
         if self._nursery is None:
             raise RuntimeError("the session is not running in a supervisor")
-        self._run = KernelRun(self._run_context, env=self._env_actions, adopt=adopt)
+        self._run = KernelRun(
+            self._run_context, env=self._env_actions, adopt=adopt, adopted_process=adopted_process
+        )
         try:
             await self._nursery.start(self._run.run)
         except KallichoreError as error:

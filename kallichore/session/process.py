@@ -18,6 +18,8 @@ from typing import Literal
 import psutil
 import trio
 
+from kallichore.session.record import ProcessIdentity
+
 logger = logging.getLogger(__name__)
 
 # A line longer than this is passed on in pieces rather than buffered without bound.
@@ -25,6 +27,9 @@ MAX_LINE_BYTES = 64 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Readings of one process's start time agree to well within this (they are rounded floats).
 START_TIME_SLACK = 0.001
+
+# How often `wait_gone` checks a process where there is no pidfd to wait on.
+POLL_SECONDS = 0.5
 
 LineHandler = Callable[[Literal["stdout", "stderr"], str], None]
 
@@ -125,6 +130,38 @@ def describe_exit(returncode: int) -> str:
     except ValueError:
         name = f"signal {-returncode}"
     return f"was killed by {name}"
+
+
+def identify(pid: int) -> ProcessIdentity | None:
+    """The identity of running process `pid` (None if it is gone)."""
+    started = start_time(pid)
+    return None if started is None else ProcessIdentity(pid, started)
+
+
+def is_running(identity: ProcessIdentity) -> bool:
+    """The process is still the one we started: same pid, same start time, not a zombie."""
+    return is_process(identity.pid, identity.started)
+
+
+async def wait_gone(identity: ProcessIdentity) -> None:
+    """Return once a process that is not our child has ended (it cannot be waited for).
+
+    A pidfd (Linux) becomes readable when the process exits; elsewhere, poll.
+    """
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while is_running(identity):  # noqa: ASYNC110 (nothing to wait on but time)
+            await trio.sleep(POLL_SECONDS)
+        return
+    try:
+        # Checked after opening: the pid may have been recycled before the pidfd pinned it.
+        if is_running(identity):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def current_directory(pid: int) -> str | None:
