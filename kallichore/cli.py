@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
 from kallichore import __version__
 from kallichore.api import models
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
+from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
+from kallichore.state_dir import StateDirError, saved_token
 
 logger = logging.getLogger("kallichore")
 
@@ -37,9 +42,14 @@ class UsageError(Exception):
     """A bad flag or combination of flags."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def program_name(argv0: str) -> str:
+    """`kcserver` when started under kcserver's name (Positron's launch), else `kallichore`."""
+    return "kcserver" if Path(argv0).name == "kcserver" else "kallichore"
+
+
+def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kallichore",
+        prog=prog,
         description=(
             "A headless Jupyter kernel supervisor: starts kernels and serves them over HTTP and "
             "WebSocket, wire-compatible with Posit's Kallichore (kcserver)."
@@ -49,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--unix-socket, --connection-file or --handshake-socket is given."
         ),
     )
-    parser.add_argument("-V", "--version", action="version", version=f"kcserver {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"{prog} {__version__}")
     where = parser.add_argument_group("where to listen")
     where.add_argument(
         "-p", "--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)"
@@ -59,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--socket-dir",
         type=Path,
-        help="directory for the sockets we name ourselves "
+        help="where to make the private (0700) directory of the sockets we name ourselves "
         "(default: $XDG_RUNTIME_DIR or the temp dir)",
     )
     tell = parser.add_argument_group("telling the client")
@@ -103,11 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a kernel gets to exit after shutdown_request before it is killed",
     )
     behave.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep session records and the token in this directory (0700), and leave kernels "
+        "running if the daemon dies: started again with the same directory, it re-adopts "
+        "them under the same ids and token (default: off; kernels end with the daemon)",
+    )
+    behave.add_argument(
         "--session-buffer-mb",
         type=int,
         default=64,
         help="MiB of events each session keeps for its clients: the backlog of a client that "
-        "does not read and the replay window after a drop; the oldest are dropped beyond it",
+        "does not read and the replay window after a drop; the oldest are dropped beyond it "
+        "(default: %(default)s)",
     )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
@@ -145,10 +163,11 @@ def choose_transport(args: argparse.Namespace) -> Transport:
     return transport
 
 
-def read_token(option: str | None) -> str | None:
-    """None for `--token none`; the file's token (the file is then deleted); else a new one."""
+def read_token(option: str | None, state_dir: Path | None = None) -> str | None:
+    """None for `--token none`; the file's token (the file is then deleted); else the token
+    the last daemon with this state directory served; else a new one."""
     if option is None:
-        return secrets.token_hex(8)
+        return (state_dir and saved_token(state_dir)) or secrets.token_hex(8)
     if option == "none":
         logger.warning("authentication is turned off (--token none)")
         return None
@@ -168,6 +187,20 @@ def read_token(option: str | None) -> str | None:
     return token
 
 
+def open_private_log(path: Path) -> TextIO:
+    """`path` truncated and readable by its owner alone (0600), an existing file included: a
+    log names sessions, paths and what kernels print, which is nobody else's business. (A
+    device such as /dev/null is written as it is.)"""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return open(fd, "w", encoding="utf-8", errors="backslashreplace")
+
+
 def configure_logging(level_name: str | None, log_file: Path | None) -> str:
     """Log to stderr (and the file) at the named level; returns the effective level name."""
     name = (level_name or os.environ.get("RUST_LOG") or "info").lower()
@@ -178,7 +211,7 @@ def configure_logging(level_name: str | None, log_file: Path | None) -> str:
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
         try:
-            handlers.append(logging.FileHandler(log_file, mode="w"))
+            handlers.append(logging.StreamHandler(open_private_log(log_file)))
         except OSError as exc:
             raise UsageError(
                 f"cannot open the log file {log_file}: {exc.strerror or exc}"
@@ -194,13 +227,18 @@ def configure_logging(level_name: str | None, log_file: Path | None) -> str:
 
 def options_from(args: argparse.Namespace) -> DaemonOptions:
     transport = choose_transport(args)
-    if args.idle_shutdown_hours is not None and not 0 <= args.idle_shutdown_hours <= 65535:
-        raise UsageError("--idle-shutdown-hours must be between 0 and 65535")
-    if args.idle_shutdown_seconds is not None and args.idle_shutdown_seconds <= 0:
+    hours = args.idle_shutdown_hours
+    if hours is not None and not 0 <= hours <= models.MAX_IDLE_SHUTDOWN_HOURS:
+        raise UsageError(
+            f"--idle-shutdown-hours must be between 0 and {models.MAX_IDLE_SHUTDOWN_HOURS}"
+        )
+    if args.idle_shutdown_seconds is not None and not 0 < args.idle_shutdown_seconds < math.inf:
         raise UsageError("--idle-shutdown-seconds must be positive")
-    if args.resource_sample_interval < 0:
-        raise UsageError("--resource-sample-interval must not be negative")
-    if args.shutdown_grace < 0:
+    if not 0 <= args.resource_sample_interval <= MAX_SAMPLE_INTERVAL_MS:
+        raise UsageError(
+            f"--resource-sample-interval must be between 0 and {MAX_SAMPLE_INTERVAL_MS}"
+        )
+    if not 0 <= args.shutdown_grace < math.inf:
         raise UsageError("--shutdown-grace must not be negative")
     if not 1 <= args.session_buffer_mb <= MAX_SESSION_BUFFER_MB:
         raise UsageError(f"--session-buffer-mb must be between 1 and {MAX_SESSION_BUFFER_MB}")
@@ -212,7 +250,7 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         socket_dir=args.socket_dir.absolute() if args.socket_dir else None,
         connection_file=args.connection_file.absolute() if args.connection_file else None,
         handshake_socket=args.handshake_socket,
-        token=read_token(args.token),
+        token=read_token(args.token, args.state_dir),
         idle_shutdown_hours=args.idle_shutdown_hours,
         idle_shutdown_seconds=args.idle_shutdown_seconds,
         resource_sample_interval_ms=args.resource_sample_interval,
@@ -220,11 +258,12 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         session_buffer_bytes=args.session_buffer_mb * 2**20,
         log_level=log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
+        state_dir=args.state_dir.absolute() if args.state_dir else None,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(program_name(sys.argv[0])).parse_args(argv)
     try:
         options = options_from(args)
         return trio.run(run_daemon, options)
@@ -232,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         leaf = error
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
-        if not isinstance(leaf, UsageError | DaemonError | OSError):
+        if not isinstance(leaf, UsageError | DaemonError | StateDirError | OSError):
             raise
         print(f"Error: {leaf}", file=sys.stderr)
         return 1

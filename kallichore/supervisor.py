@@ -3,6 +3,12 @@
 `open_supervisor()` is the embeddable entry point. Leaving its block shuts every kernel down
 (shutdown_request, a grace period, then SIGKILL of the kernel's process group) and removes the
 connection files, so after it returns nothing of ours is left running or lying around.
+
+With a state directory (`SupervisorConfig.state_dir`), every session is recorded there, and
+its kernels outlive a supervisor that dies without closing (a closing one still shuts them
+down). A new supervisor on the same directory takes the sessions up again before the block of
+`open_supervisor()` runs: the kernels still running are re-adopted under the same ids and keys,
+the others are `exited`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import trio
 import zmq
 
 from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import PortAllocator
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import SessionConfig, SessionSpec
+from kallichore.session.record import SessionRecord
 from kallichore.session.resources import SampleInterval
+from kallichore.state_dir import StateDir
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +41,18 @@ class SupervisorConfig:
     """How the supervisor runs its kernels.
 
     `runtime_dir` holds the kernels' connection files; by default a private temporary
-    directory, removed when the supervisor closes.
+    directory, removed when the supervisor closes (with a state directory, its `runtime`
+    directory: a sweep of what dead daemons left in temporary directories must not find the
+    kernels that outlive their daemon on purpose). `state_dir`: see the module docstring.
     """
 
     runtime_dir: Path | None = None
+    state_dir: Path | None = None
     session: SessionConfig = attrs.Factory(SessionConfig)
     # How often to sample the CPU and memory of kernels with a client attached; 0 = never.
     resource_sample_interval_ms: int = 1000
+    # Where the daemon records its kernels and directories, for a sweep should it be killed.
+    footprint: Footprint | None = None
 
 
 class Supervisor:
@@ -50,14 +64,19 @@ class Supervisor:
         context: zmq.Context[zmq.Socket[bytes]],
         runtime_dir: Path,
         config: SupervisorConfig,
+        state_dir: StateDir | None = None,
     ) -> None:
         self._nursery = nursery
         self._context = context
         self._runtime_dir = runtime_dir
         self._config = config
+        self._state_dir = state_dir
+        # The records last written, so that only changes reach the disk.
+        self._recorded: dict[str, SessionRecord] = {}
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
         self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
+        self._footprint = config.footprint or Footprint(None)
         # When a session was last created, became idle or exited, or a client last showed up
         # (trio clock).
         self.last_activity = trio.current_time()
@@ -77,8 +96,17 @@ class Supervisor:
         self._sample_interval.milliseconds = interval
 
     @property
+    def footprint(self) -> Footprint:
+        """Where what the supervisor creates is recorded (nowhere unless the config says)."""
+        return self._footprint
+
+    @property
     def runtime_dir(self) -> Path:
         return self._runtime_dir
+
+    @property
+    def state_dir(self) -> StateDir | None:
+        return self._state_dir
 
     async def create_session(self, spec: SessionSpec) -> KernelSession:
         """Register a new session (nothing is launched until `KernelSession.start()`)."""
@@ -86,6 +114,14 @@ class Supervisor:
             raise KallichoreError(
                 ErrorCode.SESSION_EXISTS, f"session {spec.session_id} already exists"
             )
+        session = await self._add_session(spec)
+        self._record(session)
+        self.note_activity()
+        return session
+
+    async def _add_session(
+        self, spec: SessionSpec, key: str | None = None, created: float | None = None
+    ) -> KernelSession:
         session = KernelSession(
             spec,
             context=self._context,
@@ -93,12 +129,57 @@ class Supervisor:
             runtime_dir=self._runtime_dir,
             config=self._config.session,
             sample_interval=self._sample_interval,
+            footprint=self._footprint,
             on_rest=self.note_activity,
+            on_record=self._record,
+            key=key,
+            created=created,
         )
         self._sessions[spec.session_id] = session
-        self.note_activity()
         await self._nursery.start(session.run)
+        logger.info(
+            "session %s: created (%s, %s)", spec.session_id, spec.display_name, spec.language
+        )
         return session
+
+    async def _restore(self) -> None:
+        """Take up the sessions recorded in the state directory (see the module docstring).
+
+        Kernels are re-adopted concurrently; one that does not answer is logged, killed and
+        its session left `exited`.
+        """
+        if self._state_dir is None:
+            return
+        async with trio.open_nursery() as nursery:
+            for record in self._state_dir.load():
+                session = await self._add_session(record.spec, record.key, record.created)
+                nursery.start_soon(self._resume, session, record)
+
+    async def _resume(self, session: KernelSession, record: SessionRecord) -> None:
+        try:
+            await session.resume(record)
+        except KallichoreError as exc:
+            logger.warning(
+                "session %s: could not re-adopt its kernel: %s", session.session_id, exc.message
+            )
+        else:
+            logger.info("session %s: taken up again (%s)", session.session_id, session.status)
+        self._record(session)
+
+    def _record(self, session: KernelSession) -> None:
+        """Write the session's record if it changed (a launch, a start, an exit: not per
+        message). A disk error is logged; the session goes on."""
+        if self._state_dir is None or self._sessions.get(session.session_id) is not session:
+            return
+        record = session.record()
+        if self._recorded.get(session.session_id) == record:
+            return
+        try:
+            self._state_dir.save(record)
+        except OSError as exc:
+            logger.error("session %s: could not write its record: %s", session.session_id, exc)
+            return
+        self._recorded[session.session_id] = record
 
     def get(self, session_id: str) -> KernelSession:
         try:
@@ -122,6 +203,10 @@ class Supervisor:
             )
         del self._sessions[session_id]
         await session.aclose()
+        if self._state_dir is not None:
+            self._recorded.pop(session_id, None)
+            self._state_dir.remove(session_id)
+        logger.info("session %s: deleted", session_id)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Shut every kernel down at once; each gets `grace` seconds before it is killed."""
@@ -144,6 +229,14 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
     ...     kernel_info = await session.start()
     """
     config = config or SupervisorConfig()
+    state_dir = None
+    if config.state_dir is not None:
+        state_dir = StateDir.open(config.state_dir)
+        config = attrs.evolve(
+            config,
+            runtime_dir=config.runtime_dir or state_dir.runtime_dir,
+            session=attrs.evolve(config.session, tied_to_daemon=False),
+        )
     own_runtime_dir = config.runtime_dir is None
     runtime_dir = (
         Path(tempfile.mkdtemp(prefix="kallichore-"))
@@ -154,8 +247,11 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         async with _single_error(), trio.open_nursery() as nursery:
-            supervisor = Supervisor(nursery, context, runtime_dir, config)
+            supervisor = Supervisor(nursery, context, runtime_dir, config, state_dir)
+            if own_runtime_dir:
+                supervisor.footprint.add_path(runtime_dir)
             try:
+                await supervisor._restore()
                 yield supervisor
             finally:
                 with trio.CancelScope(shield=True):
@@ -163,8 +259,12 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
                 nursery.cancel_scope.cancel()
     finally:
         context.destroy(linger=0)
+        if state_dir is not None:
+            state_dir.close()
         if own_runtime_dir:
             shutil.rmtree(runtime_dir, ignore_errors=True)
+            if config.footprint is not None:
+                config.footprint.discard_path(runtime_dir)
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from kallichore.client import ApiError, KallichoreClient, StartupFailed, execute
 from kallichore.server.http import RunningServer
 from kallichore.supervisor import Supervisor
 from tests.conftest import (
+    IPYKERNEL_ARGV,
     TIMEOUT,
     TOKEN,
     is_idle,
@@ -238,6 +239,12 @@ async def test_malformed_client_frames_get_an_error_and_the_socket_lives(
             "[1]",
             '{"header": {}}',
             '{"header": {"msg_id": "a", "msg_type": "x"}, "channel": "iopub", "content": {}}',
+            # An empty frame is a bad frame, not a goodbye.
+            "",
+            # Past Python's limit on the digits of an integer it parses.
+            '{"header": {"msg_id": "a", "msg_type": "x"}, "channel": "shell", "content": {"n": '
+            + "9" * 5000
+            + "}}",
         ]:
             await channels.websocket.send_message(frame)
             await until(channels, lambda f: f.get("kind") == "kernel" and "error" in f)
@@ -531,6 +538,7 @@ PROTECTED = [
     ("POST", "/sessions/python-1/kill"),
     ("PUT", "/sessions/python-1/adopt"),
     ("GET", "/sessions/python-1/connection_info"),
+    ("POST", "/server_configuration"),
     ("POST", "/shutdown"),
 ]
 
@@ -564,6 +572,15 @@ async def test_token_is_required_where_kallichore_requires_it(
         assert raised.value.status == 401
 
 
+def session_json(session_id: str, **fields: Any) -> bytes:
+    """A NewSession body as JSON text (escaped: NULs and lone surrogates survive)."""
+    return json.dumps({"session_id": session_id, **fields}).encode()
+
+
+def replace(name: str, value: str) -> dict[str, str]:
+    return {"action": "replace", "name": name, "value": value}
+
+
 BAD_BODIES: list[tuple[str, str, bytes]] = [
     ("PUT", "/sessions", b""),
     ("PUT", "/sessions", b"{not json"),
@@ -595,6 +612,31 @@ BAD_BODIES: list[tuple[str, str, bytes]] = [
     ("POST", "/server_configuration", b'{"idle_shutdown_hours": 70000}'),
     ("POST", "/server_configuration", b'{"resource_sample_interval_ms": -5}'),
     ("POST", "/server_configuration", b'{"resource_sample_interval_ms": "fast"}'),
+    # Numbers too large for their field, for a timer, or for Python's JSON parser.
+    ("POST", "/server_configuration", b'{"resource_sample_interval_ms": 1' + b"0" * 312 + b"}"),
+    ("POST", "/server_configuration", b'{"resource_sample_interval_ms": 86400001}'),
+    ("POST", "/server_configuration", b'{"idle_shutdown_hours": -1' + b"0" * 400 + b"}"),
+    ("POST", "/client_heartbeat", b'{"process_id": 2147483648}'),
+    ("POST", "/client_heartbeat", b'{"process_id": -1}'),
+    ("POST", "/client_heartbeat", b'{"process_id": 1' + b"0" * 400 + b"}"),
+    ("POST", "/client_heartbeat", b'{"process_id": ' + b"9" * 5000 + b"}"),
+    ("PUT", "/sessions", b'{"session_id": "x", "connection_timeout": 1' + b"0" * 400 + b"}"),
+    ("PUT", "/sessions", b'{"session_id": "x", "connection_timeout": ' + b"9" * 4301 + b"}"),
+    ("PUT", "/sessions/python-1/adopt", b'{"shell_port": ' + b"9" * 5000 + b"}"),
+    # Strings that cannot reach the OS: a NUL, or a lone surrogate (no UTF-8 form).
+    ("PUT", "/sessions", session_json("nul-argv", argv=[sys.executable, "-c", "1\0"])),
+    ("PUT", "/sessions", session_json("surrogate-argv", argv=[sys.executable, "\udc80"])),
+    ("PUT", "/sessions", session_json("x\ud800")),
+    ("PUT", "/sessions", session_json("nul-cwd", working_directory="/tmp\0")),
+    ("PUT", "/sessions", session_json("nul-name", env=[replace("A\0", "")])),
+    ("PUT", "/sessions", session_json("surrogate-value", env=[replace("A", "\udfff")])),
+    ("PUT", "/sessions", session_json("equals-name", env=[replace("A=B", "")])),
+    ("PUT", "/sessions", session_json("nul-arg", startup_environment_arg="/x\0")),
+    (
+        "POST",
+        "/sessions/python-1/restart",
+        b'{"env": [{"action": "replace", "name": "", "value": "x"}]}',
+    ),
 ]
 
 
@@ -687,7 +729,7 @@ async def test_status_configuration_and_heartbeat(
 
     config = (await anonymous.http.get("/server_configuration")).json()
     assert config == {"resource_sample_interval_ms": 1000, "log_level": "info"}
-    response = await anonymous.http.post(
+    response = await client.http.post(
         "/server_configuration", json={"idle_shutdown_hours": 2, "resource_sample_interval_ms": 50}
     )
     assert response.status_code == 200
@@ -695,13 +737,91 @@ async def test_status_configuration_and_heartbeat(
     config = (await anonymous.http.get("/server_configuration")).json()
     assert config["idle_shutdown_hours"] == 2
     assert config["resource_sample_interval_ms"] == 100  # clamped
-    await anonymous.http.post("/server_configuration", json={"idle_shutdown_hours": -1})
+    await client.http.post("/server_configuration", json={"idle_shutdown_hours": -1})
     assert "idle_shutdown_hours" not in (await anonymous.http.get("/server_configuration")).json()
 
     response = await anonymous.http.post("/client_heartbeat", json={"process_id": os.getpid()})
     assert response.status_code == 200
     assert response.json() is None
     assert server.lifetime.idle.client_pid == os.getpid()
+
+
+async def test_the_configuration_changes_only_with_the_token_and_only_in_range(
+    client: KallichoreClient, anonymous: KallichoreClient, server: RunningServer
+) -> None:
+    # Without the token, idle_shutdown_hours 0 used to shut the server down 30 s later.
+    refused = await anonymous.http.post("/server_configuration", json={"idle_shutdown_hours": 0})
+    assert refused.status_code == 401
+    assert server.lifetime.idle.period is None
+    before = (await anonymous.http.get("/server_configuration")).json()
+    for body in (
+        {"idle_shutdown_hours": 2, "resource_sample_interval_ms": -5},
+        {"idle_shutdown_hours": 2, "resource_sample_interval_ms": 10**312},
+        {"resource_sample_interval_ms": 2, "idle_shutdown_hours": 65536},
+    ):
+        response = await client.http.post("/server_configuration", json=body)
+        assert response.status_code == 400, body
+        assert response.json()["code"] == "400"
+        # Nothing of a refused change is applied.
+        assert (await anonymous.http.get("/server_configuration")).json() == before
+    ok = await client.http.post(
+        "/server_configuration",
+        json={"idle_shutdown_hours": 65535, "resource_sample_interval_ms": 86_400_000},
+    )
+    assert ok.status_code == 200
+    assert (await anonymous.http.get("/server_configuration")).json() == {
+        "idle_shutdown_hours": 65535,
+        "resource_sample_interval_ms": 86_400_000,
+        "log_level": "info",
+    }
+
+
+async def test_a_heartbeat_with_an_impossible_pid_is_refused(
+    anonymous: KallichoreClient, server: RunningServer
+) -> None:
+    assert (
+        await anonymous.http.post("/client_heartbeat", json={"process_id": 2**31 - 1})
+    ).is_success
+    for pid in (2**31, -1, 10**400):
+        response = await anonymous.http.post("/client_heartbeat", json={"process_id": pid})
+        assert response.status_code == 400, pid
+        assert "process_id" in response.json()["message"]
+    assert server.lifetime.idle.client_pid == 2**31 - 1
+
+
+async def test_without_the_token_sessions_show_no_environment_argv_or_paths(
+    client: KallichoreClient, anonymous: KallichoreClient, tmp_path: Path
+) -> None:
+    secret = "sk-do-not-show-0123456789"
+    await started_session(
+        client,
+        env=[{"action": "replace", "name": "API_KEY", "value": secret}],
+        working_directory=str(tmp_path),
+        notebook_uri=f"file://{tmp_path}/secret.ipynb",
+    )
+    full = await client.get_session("python-1")
+    assert full["initial_env"]["API_KEY"] == secret
+    assert full["argv"] == list(IPYKERNEL_ARGV)
+    assert full["working_directory"] == str(tmp_path)
+    for response in (
+        await anonymous.http.get("/sessions"),
+        await anonymous.http.get("/sessions/python-1"),
+    ):
+        assert response.status_code == 200
+        assert secret not in response.text
+        assert str(tmp_path) not in response.text
+    listed = (await anonymous.http.get("/sessions")).json()["sessions"]
+    for public in (await anonymous.get_session("python-1"), *listed):
+        assert public["argv"] == []
+        assert public["initial_env"] == {}
+        assert public["working_directory"] == ""
+        assert "notebook_uri" not in public
+        # What Positron reads to find and reconnect to a session is all there.
+        for key in ("session_id", "display_name", "language", "status", "kernel_info", "started"):
+            assert public[key] == full[key], key
+    assert (await client.http.get("/sessions")).json()["sessions"][0]["initial_env"] == full[
+        "initial_env"
+    ]
 
 
 async def test_shutdown_stops_every_kernel(client: KallichoreClient, server: RunningServer) -> None:

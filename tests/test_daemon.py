@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import stat
 import subprocess
@@ -91,6 +92,7 @@ def test_help_and_version() -> None:
         "--log-level",
         "--log-file",
         "--handshake-socket",
+        "--state-dir",
         "--version",
         "--session-buffer-mb",
     ):
@@ -98,7 +100,7 @@ def test_help_and_version() -> None:
     version = subprocess.run(
         daemon_command("--version"), capture_output=True, text=True, check=True
     )
-    assert version.stdout.startswith("kcserver ")
+    assert version.stdout.startswith("kallichore ")
     alias = Path(sys.executable).parent / "kcserver"
     assert alias.exists()
 
@@ -149,7 +151,92 @@ async def test_explicit_socket_transport_and_paths(tmp_path: Path, short_dir: Pa
             assert (await client.http.get("/status")).status_code == 200
     assert await d.wait() == 0
     async with daemon(tmp_path, "--transport", "socket", "--socket-dir", str(short_dir)) as d:
-        assert d.connection["socket_path"] == str(short_dir / f"kc-{d.process.pid}.sock")
+        socket_path = Path(d.connection["socket_path"])
+        assert socket_path.name == f"kc-{d.process.pid}.sock"
+        private = socket_path.parent
+        assert private.parent == short_dir
+        assert private.name.startswith(f"kc-{d.process.pid}-")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert await d.wait() == 0
+    assert not private.exists()
+
+
+async def test_a_squatted_socket_name_cannot_block_the_channels(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    """Another user could create our socket's name first in a shared directory such as /tmp;
+    our sockets live in a fresh directory of our own instead."""
+    short_dir.chmod(0o1777)  # as /tmp is
+    async with (
+        daemon(tmp_path, "--transport", "socket", "--socket-dir", str(short_dir)) as d,
+        d.client() as client,
+    ):
+        squatted = short_dir / f"kc-{d.process.pid}-python-1.sock"
+        squatted.write_text("not a socket")
+        await client.create_session(**new_session_body("python-1"))
+        response = await client.http.get("/sessions/python-1/channels")
+        assert response.status_code == 200, response.text
+        channel_path = Path(response.json())
+        assert channel_path.is_socket()
+        assert channel_path.parent.parent == short_dir
+        assert channel_path.parent == Path(d.connection["socket_path"]).parent
+        assert stat.S_IMODE(channel_path.parent.stat().st_mode) == 0o700
+        assert channel_path.parent.stat().st_uid == os.getuid()
+    assert await d.wait() == 0
+    assert not channel_path.parent.exists()
+    assert squatted.read_text() == "not a socket"
+
+
+async def test_the_token_is_never_logged_and_the_log_is_private(tmp_path: Path) -> None:
+    """At debug, with the token on every request (and a wrong one on some), the log file holds
+    no token, and only its owner can read it, even when it existed before."""
+    token = "secret-token-4f1a9c0d7e"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    log_file = tmp_path / "kallichore.log"
+    log_file.write_text("an old log\n")
+    log_file.chmod(0o644)
+    stdout = tmp_path / "stdout"
+    with stdout.open("wb") as output:
+        process = await trio.lowlevel.open_process(
+            daemon_command(
+                "--transport", "tcp", "--token", str(token_file),
+                "--log-level", "debug", "--log-file", str(log_file),
+            ),
+            stdout=output,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        with trio.fail_after(TIMEOUT):
+            while "Listening at " not in stdout.read_text():
+                assert process.returncode is None, stdout.read_text()
+                await trio.sleep(0.05)
+        address = stdout.read_text().split("Listening at ")[1].split()[0]
+        async with (
+            KallichoreClient(f"http://{address}", token=token, timeout=TIMEOUT) as client,
+            KallichoreClient(f"http://{address}", token=token[::-1], timeout=TIMEOUT) as wrong,
+        ):
+            await started_session(client, "python-1")
+            async with client.channels("python-1") as channels:
+                result = await channels.execute("print('logged?')")
+            assert stream_text(result.frames) == "logged?\n"
+            with pytest.raises(ApiError):
+                await wrong.kill("python-1")
+            with pytest.raises(ApiError):
+                async with wrong.channels("python-1"):
+                    pass
+            await client.get_session("python-1")
+            await client.http.post("/server_configuration", json={"resource_sample_interval_ms": 0})
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(TIMEOUT):
+            assert await process.wait() == 0
+    log = log_file.read_text()
+    assert "kallichore exited" in log
+    assert token not in log
+    assert token[::-1] not in log
+    assert "an old log" not in log
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
 
 
 async def test_token_file_is_read_deleted_and_used(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ tests cover the real thing end to end).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -137,3 +138,24 @@ def test_the_lifetime_notes_the_client_and_the_shutdown_request() -> None:
     assert not lifetime.shutdown_requested.is_set()
     lifetime.request_shutdown()
     assert lifetime.shutdown_requested.is_set()
+
+
+@pytest.mark.parametrize("pid", [2**31, 2**63, 10**400])
+async def test_a_client_pid_no_system_can_have_is_a_gone_client(
+    clock: trio.testing.MockClock, pid: int
+) -> None:
+    """The API refuses such pids; the check must not crash on one regardless."""
+    idle = IdleShutdown(seconds=PERIOD, client_pid=pid)
+    assert await shut_down_after(idle, Activity()) == PERIOD
+    assert idle.client_pid is None
+
+
+@pytest.mark.parametrize(
+    "period", [{"hours": 65536}, {"hours": 10**400}, {"seconds": math.inf}, {"seconds": 0.0}]
+)
+def test_a_period_that_could_overflow_a_timer_is_refused(period: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="idle shutdown"):
+        IdleShutdown(**period)  # type: ignore[arg-type]
+    idle = IdleShutdown()
+    with pytest.raises(ValueError, match="idle shutdown"):
+        idle.configure(**period)  # type: ignore[arg-type]

@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 import kallichore
 
 ROOT = Path(__file__).parent.parent
@@ -33,9 +35,10 @@ def imports_of(package: str) -> dict[str, set[str]]:
     return found
 
 
-def test_the_session_state_machine_does_no_io() -> None:
+@pytest.mark.parametrize("module", ["state.py", "record.py"])
+def test_the_session_state_machine_and_records_do_no_io(module: str) -> None:
     [imported] = [
-        names for name, names in imports_of("kallichore.session").items() if name == "state.py"
+        names for name, names in imports_of("kallichore.session").items() if name == module
     ]
     assert not {m for m in imported if m.split(".")[0] in ("trio", "zmq", "psutil", "os")}
     assert not {m for m in imported if m.startswith(("kallichore.api", "kallichore.server"))}

@@ -21,7 +21,13 @@ import psutil
 import pytest
 
 from kallichore.session import resources
-from kallichore.session.resources import TREE_REFRESH_SAMPLES, ResourceSampler, ResourceUsage
+from kallichore.session.resources import (
+    MAX_SAMPLE_INTERVAL_MS,
+    TREE_REFRESH_SAMPLES,
+    ResourceSampler,
+    ResourceUsage,
+    SampleInterval,
+)
 
 MB = 1 << 20
 
@@ -329,3 +335,13 @@ def test_a_reused_root_pid_is_measured_as_a_new_process(spawn: Spawn) -> None:
     usage = sampler.sample(pid, 1000)
     assert usage is not None
     assert usage.cpu_percent == 0
+
+
+@pytest.mark.parametrize("milliseconds", [-1, MAX_SAMPLE_INTERVAL_MS + 1, 10**312])
+def test_an_interval_that_could_overflow_a_timer_is_refused(milliseconds: int) -> None:
+    with pytest.raises(ValueError, match="sampling interval"):
+        SampleInterval(milliseconds)
+    interval = SampleInterval(1000)
+    with pytest.raises(ValueError, match="sampling interval"):
+        interval.milliseconds = milliseconds
+    assert interval.milliseconds == 1000

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import stat
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from kallichore.channels import websocket
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.websocket import MAX_UNANSWERED_PINGS
 from kallichore.client import Channels, execute_request, open_channels
+from kallichore.server.private_dir import private_socket_dir, socket_base
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,
     SessionSockets,
@@ -258,7 +260,7 @@ async def test_a_client_without_a_websocket_handshake_is_closed(
         await refused_frame(channels)
 
 
-async def test_binary_frames_are_ignored_and_an_empty_text_frame_closes(
+async def test_binary_frames_are_ignored_and_an_empty_text_frame_is_refused(
     supervisor: Supervisor, sockets: SessionSockets
 ) -> None:
     session = await supervisor.create_session(ipykernel_spec())
@@ -266,13 +268,13 @@ async def test_binary_frames_are_ignored_and_an_empty_text_frame_closes(
     async with connect(path, session.session_id) as channels:
         await channels.websocket.send_message(b"\x00binary")
         await refused_frame(channels)
+        # An empty text frame is a bad frame, not a goodbye: refused, and the link lives.
         await channels.websocket.send_message("")
-        _, closed = await until_closed(channels)
-    assert closed is not None
-    assert closed.code == 1000
-    with trio.fail_after(TIMEOUT):
-        while session.connected:
-            await trio.sleep(0.01)
+        [error] = kernel_events(await until(channels, lambda f: "error" in f, TIMEOUT), "error")
+        assert "not valid JSON" in error["message"]
+        assert "msg_id" not in error
+        await refused_frame(channels)
+        assert session.connected
 
 
 async def test_a_client_that_vanishes_mid_output_is_detached(
@@ -377,3 +379,26 @@ async def test_pings_during_batched_output_never_corrupt_frames(
         assert closed is not None
         assert closed.code == 1001
     assert stream_text(frames) == "".join(f"{i}\n" for i in range(3000))
+
+
+def test_the_private_socket_dir_is_fresh_ours_alone_and_removed(short_dir: Path) -> None:
+    with private_socket_dir(short_dir) as first, private_socket_dir(short_dir) as second:
+        assert first != second
+        for path in (first, second):
+            assert path.parent == short_dir
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        (first / "kc-1-python.sock").touch()
+    assert not first.exists()
+    assert not second.exists()
+
+
+def test_the_socket_base_is_the_runtime_dir_when_our_paths_fit_there(
+    monkeypatch: pytest.MonkeyPatch, short_dir: Path
+) -> None:
+    assert socket_base(short_dir, MAX_SOCKET_PATH_BYTES) == short_dir
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert socket_base(None, MAX_SOCKET_PATH_BYTES) == Path("/run/user/1000")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/" + "x" * 60)
+    assert socket_base(None, MAX_SOCKET_PATH_BYTES) == Path(tempfile.gettempdir())
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert socket_base(None, MAX_SOCKET_PATH_BYTES) == Path(tempfile.gettempdir())

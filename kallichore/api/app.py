@@ -25,7 +25,6 @@ from kallichore import __version__
 from kallichore.api import models
 from kallichore.api.models import (
     ActiveSession,
-    BodyError,
     ClientHeartbeat,
     ErrorBody,
     ExecutionQueueBody,
@@ -119,6 +118,18 @@ class KallichoreApi:
             self.sockets.close(session.session_id)
 
 
+def log_response(method: str, path: str, status: int) -> None:
+    """Log a refused (4xx) or failed (5xx) request by method, path and status.
+
+    Never the query string (a client may put its token there) nor headers; the path is escaped
+    so that it cannot forge log lines. Answers that went well are not news.
+    """
+    if status < 400:
+        return
+    level = logging.WARNING if status >= 500 else logging.INFO
+    logger.log(level, "%s %s -> %d", method, repr(path)[1:-1], status)
+
+
 def check_token(state: ServerState, authorization: str | None) -> bool:
     return bearer_token_matches(state.token, authorization)
 
@@ -153,6 +164,20 @@ def active_session(session: KernelSession, sockets: ChannelSockets | None) -> Ac
         idle_seconds=int(now - session.idle_since) if session.idle_since is not None else 0,
         busy_seconds=int(now - session.busy_since) if session.busy_since is not None else 0,
         socket_path=_socket_path(session, sockets),
+    )
+
+
+def public_view(session: ActiveSession) -> ActiveSession:
+    """A session as anyone on the machine may see it, without the token: no environment,
+    command line, paths or code, which may hold secrets; what identifies it and its state."""
+    return attrs.evolve(
+        session,
+        argv=[],
+        initial_env={},
+        working_directory="",
+        notebook_uri=None,
+        execution_queue=ExecutionQueueBody(length=session.execution_queue.length, pending=[]),
+        socket_path=None,
     )
 
 
@@ -222,6 +247,11 @@ _KERNEL_INFO: dict[str, Any] = {
     "description": "The content of the kernel's `kernel_info_reply`.",
 }
 _STARTUP_FAILED = "The kernel could not be started."
+_PUBLIC_VIEW = (
+    "Without the token (a deviation from Kallichore, which shows everything), `argv`, "
+    "`initial_env`, `working_directory` and the execution queue's messages are empty and "
+    "`notebook_uri` and `socket_path` are left out: they may hold secrets."
+)
 
 
 @ROUTES.route(
@@ -230,10 +260,14 @@ _STARTUP_FAILED = "The kernel could not be started."
     operation_id="listSessions",
     tag="sessions",
     summary="List the sessions",
+    description=_PUBLIC_VIEW,
+    token_optional=True,
     ok=Reply(SessionList, "Every session, exited ones included."),
 )
-async def list_sessions(api: KallichoreApi) -> SessionList:
+async def list_sessions(api: KallichoreApi, authorized: bool) -> SessionList:
     sessions = [active_session(s, api.sockets) for s in api.supervisor.sessions()]
+    if not authorized:
+        sessions = [public_view(s) for s in sessions]
     return SessionList(total=len(sessions), sessions=sessions)
 
 
@@ -267,10 +301,15 @@ async def new_session(api: KallichoreApi, body: NewSession) -> NewSessionReply:
     operation_id="getSession",
     tag="sessions",
     summary="Get a session",
+    description=_PUBLIC_VIEW,
+    token_optional=True,
     ok=Reply(ActiveSession, "The session."),
 )
-async def get_session(api: KallichoreApi, session: KernelSession) -> ActiveSession:
-    return active_session(session, api.sockets)
+async def get_session(
+    api: KallichoreApi, session: KernelSession, authorized: bool
+) -> ActiveSession:
+    view = active_session(session, api.sockets)
+    return view if authorized else public_view(view)
 
 
 @ROUTES.route(
@@ -329,8 +368,10 @@ async def start_session(api: KallichoreApi, session: KernelSession) -> Any:
         "in progress (`KS-13`), or `working_directory` does not exist (`KS-13`).",
         StartupErrorBody,
     ),
+    replies={400: Reply(ErrorBody, "An `env` variable name is empty or holds `=` (code `400`).")},
 )
 async def restart_session(api: KallichoreApi, session: KernelSession, body: RestartSession) -> None:
+    models.check_env(body.env or [])
     await session.restart(working_directory=body.working_directory or None, env=body.env or None)
 
 
@@ -421,10 +462,12 @@ The session's message stream. On the TCP transport, request it as a WebSocket up
 token is checked on the upgrade too. On the socket transport, a plain GET opens a Unix socket
 for this session alone and answers with its path (a string); the client then connects to that
 socket and makes the WebSocket upgrade there (any request path, no token: the socket's 0600
-mode protects it). On the TCP transport a plain GET is refused with 400.
+mode, in a 0700 directory of the server's own, protects it). On the TCP transport a plain GET
+is refused with 400.
 
 Frames are JSON text. The client sends `JupyterChannelMessage`s (`shell`, `control` or `stdin`);
-binary frames are ignored and an empty text frame closes the connection. The server sends
+binary frames are ignored, and a text frame that is not a channel message (an empty one too)
+is answered with an `error` event, the connection kept. The server sends
 `ServerFrame`s, tagged by `kind`: `jupyter` (`JupyterFrame`, a kernel message, headers trimmed
 to `msg_id` and `msg_type`) or `kernel` (`KernelEventFrame`, an event of the supervisor under
 one key: `status`, `output`, `executionQueued`, `exited`, `workingDirChanged`, `resourceUsage`,
@@ -510,6 +553,7 @@ async def status(api: KallichoreApi) -> ServerStatus:
     ok=Reply(Null, "Noted: the idle-shutdown timer starts again."),
 )
 async def client_heartbeat(api: KallichoreApi, body: ClientHeartbeat) -> None:
+    body.check()
     api.supervisor.note_activity()
     if body.process_id is not None:
         api.control.note_client(body.process_id)
@@ -538,27 +582,29 @@ async def get_configuration(api: KallichoreApi) -> ServerConfigurationBody:
     operation_id="setServerConfiguration",
     tag="server",
     summary="Change the server's configuration",
-    description="Needs no token, as in Kallichore.",
+    description=(
+        "Needs the token (a deviation: Kallichore leaves it open; Positron sends the token). "
+        "`idle_shutdown_hours`: negative for never, 0 for 30 seconds, at most 65535. "
+        "`resource_sample_interval_ms`: 0 for never, 1 to 99 taken as 100, at most a day."
+    ),
+    protected=True,
     body=ServerConfiguration,
     ok=Reply(Null, "The changes were applied."),
     replies={
         400: Reply(
             ErrorBody,
-            bad_body(ServerConfiguration) + ", or a value is out of range (code `400`; fields "
-            "before it are applied already).",
+            bad_body(ServerConfiguration) + ", or a value is out of range (code `400`; "
+            "nothing is applied).",
         )
     },
 )
 async def set_configuration(api: KallichoreApi, body: ServerConfiguration) -> None:
+    body.check()
     if body.idle_shutdown_hours is not None:
-        if body.idle_shutdown_hours > 65535:
-            raise BodyError("idle_shutdown_hours is too large")
         hours = body.idle_shutdown_hours
         api.control.set_idle_shutdown_hours(hours if hours >= 0 else None)
     if body.resource_sample_interval_ms is not None:
         interval = body.resource_sample_interval_ms
-        if interval < 0:
-            raise BodyError("resource_sample_interval_ms must not be negative")
         api.supervisor.resource_sample_interval_ms = (
             interval if interval == 0 else max(interval, 100)
         )
@@ -597,6 +643,11 @@ def create_app(
         hangs. A body read first never reaches that path (a 413 still closes, and says so).
         """
         await request.get_data()
+
+    @app.after_request
+    async def log_refusal(response: Response) -> Response:
+        log_response(request.method, request.path, response.status_code)
+        return response
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:

@@ -28,12 +28,24 @@ from kallichore.session.model import (
     StartupEnvironment,
     VarAction,
 )
+from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
 
 T = TypeVar("T")
 
 
 class BodyError(ValueError):
     """A request body that is not JSON or does not match its model; the message names the field."""
+
+
+class BadValue(ValueError):
+    """A value of the right JSON type that no field accepts; the message says why."""
+
+
+# Integers in the API's models are 32-bit signed, as in Kallichore: anything larger is refused
+# before it can reach a float conversion, a timer or a system call.
+INT32 = range(-(2**31), 2**31)
+# `idle_shutdown_hours`: negative is never, 0 is 30 seconds, and at most 65535, as in Kallichore.
+MAX_IDLE_SHUTDOWN_HOURS = 65535
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -62,6 +74,7 @@ class NewSession:
     def to_spec(self) -> SessionSpec:
         if self.connection_timeout <= 0:
             raise BodyError("connection_timeout must be a positive number of seconds")
+        check_env(self.env)
         startup = self.startup_environment
         if startup is None:
             startup = StartupEnvironment.SHELL if self.run_in_shell else StartupEnvironment.NONE
@@ -91,9 +104,20 @@ class RestartSession:
     env: list[VarAction] | None = None
 
 
+def check_env(actions: list[VarAction]) -> None:
+    """An environment variable's name cannot be empty or hold `=` (the OS would refuse it)."""
+    for action in actions:
+        if not action.name or "=" in action.name:
+            raise BodyError(f"env: {action.name!r} is not a valid variable name")
+
+
 @attrs.define
 class ClientHeartbeat:
     process_id: int | None = None
+
+    def check(self) -> None:
+        if self.process_id is not None and self.process_id < 0:
+            raise BodyError("process_id must not be negative")
 
 
 @attrs.define
@@ -101,6 +125,21 @@ class ServerConfiguration:
     idle_shutdown_hours: int | None = None
     resource_sample_interval_ms: int | None = None
     log_level: str | None = None
+
+    def check(self) -> None:
+        """Refuse the whole change if any value is out of range, before any is applied."""
+        hours = self.idle_shutdown_hours
+        if hours is not None and hours > MAX_IDLE_SHUTDOWN_HOURS:
+            raise BodyError(
+                f"idle_shutdown_hours is too large (at most {MAX_IDLE_SHUTDOWN_HOURS}; "
+                "negative: never)"
+            )
+        interval = self.resource_sample_interval_ms
+        if interval is not None and not 0 <= interval <= MAX_SAMPLE_INTERVAL_MS:
+            raise BodyError(
+                f"resource_sample_interval_ms must be between 0 (never) and "
+                f"{MAX_SAMPLE_INTERVAL_MS}"
+            )
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -244,8 +283,11 @@ def rfc3339(timestamp: float) -> str:
 # -- the converter ----------------------------------------------------------------------------
 
 
-def _strict(kind: type, name: str) -> Callable[[Any, type], Any]:
-    """A hook that accepts only JSON values of `kind` (cattrs would happily call str(5)).
+def _strict(
+    kind: type, name: str, check: Callable[[Any], None] | None = None
+) -> Callable[[Any, type], Any]:
+    """A hook that accepts only JSON values of `kind` (cattrs would happily call str(5)), and
+    of those only what `check` lets through.
 
     Registered for `str`, it also receives str subclasses such as our StrEnums, which are then
     looked up by value.
@@ -256,15 +298,34 @@ def _strict(kind: type, name: str) -> Callable[[Any, type], Any]:
             raise TypeError(f"expected {name}, got a boolean")
         if not isinstance(value, kind):
             raise TypeError(f"expected {name}, got {type(value).__name__}")
+        if check is not None:
+            check(value)
         return value if target is kind else target(value)
 
     return structure
 
 
+def _int32(value: int) -> None:
+    if value not in INT32:
+        raise BadValue(f"expected an integer between {INT32.start} and {INT32.stop - 1}")
+
+
+def _os_safe(text: str) -> None:
+    """Strings become argv, environment, paths and file names: none of those can hold a NUL
+    or a lone surrogate (which has no UTF-8 form), so neither is accepted anywhere."""
+    if "\0" in text:
+        raise BadValue("a string must not contain a NUL character")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise BadValue("a string must not contain a lone surrogate") from None
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=False)
-    converter.register_structure_hook(str, _strict(str, "a string"))
-    converter.register_structure_hook(int, _strict(int, "an integer"))
+    converter.register_structure_hook(str, _strict(str, "a string", _os_safe))
+    converter.register_structure_hook(int, _strict(int, "an integer", _int32))
     converter.register_structure_hook(bool, _strict(bool, "a boolean"))
 
     def is_list(kind: Any) -> bool:
@@ -324,6 +385,13 @@ def _make_converter() -> cattrs.Converter:
 converter = _make_converter()
 
 
+def _problem(error: BaseException, kind: type | None) -> str:
+    """cattrs' words for a failed field, ours where a check of ours refused it."""
+    if isinstance(error, BadValue):
+        return str(error)
+    return cattrs.v.format_exception(error, kind)
+
+
 def structure_body(data: Any, model: type[T]) -> T:
     """Structure a parsed JSON body into `model`, or raise `BodyError` naming the bad field."""
     if not isinstance(data, dict):
@@ -331,7 +399,9 @@ def structure_body(data: Any, model: type[T]) -> T:
     try:
         return converter.structure(data, model)
     except cattrs.BaseValidationError as exc:
-        problems = "; ".join(cattrs.transform_error(exc, path=model.__name__))
+        problems = "; ".join(
+            cattrs.transform_error(exc, path=model.__name__, format_exception=_problem)
+        )
         raise BodyError(problems) from None
     except (TypeError, ValueError) as exc:
         raise BodyError(f"{model.__name__}: {exc}") from None

@@ -100,6 +100,8 @@ class Route:
     ok: Reply
     description: str | None = None
     protected: bool = False
+    # An open route that answers less without the token: its handler gets `authorized`.
+    token_optional: bool = False
     body: type | None = None
     # An optional body: absent or unreadable, the model's defaults are used.
     body_required: bool = True
@@ -166,7 +168,8 @@ async def read_body(route: Route) -> Any:
             raise BodyError("a JSON body is required")
         try:
             parsed = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit.
             raise BodyError(f"the body is not valid JSON: {exc}") from None
         return structure_body(parsed, route.body)
     except BodyError:
@@ -197,11 +200,13 @@ def _view(
     table: RouteTable, route: Route, context: Any, token: Callable[[], str | None]
 ) -> Callable[..., Awaitable[Response]]:
     async def view(**path: str) -> Response:
-        if route.protected and not bearer_token_matches(
-            token(), request.headers.get("Authorization")
-        ):
-            return empty(401)
         arguments: dict[str, Any] = {}
+        if route.protected or route.token_optional:
+            authorized = bearer_token_matches(token(), request.headers.get("Authorization"))
+            if route.protected and not authorized:
+                return empty(401)
+            if route.token_optional:
+                arguments["authorized"] = authorized
         for name, value in path.items():
             try:
                 parameter = table.parameters[name]

@@ -177,6 +177,7 @@ class ChannelClient:
             await self._transport.send_batch(self._frames(batch, through), through)
         if self._displaced:
             reason = "another client connected to this session"
+            logger.info("session %s: a channels client was displaced", self.session.session_id)
             await self._transport.send(kernel_event("clientDisconnected", reason))
             await self._transport.close(POLICY_VIOLATION, reason)
         else:
@@ -188,9 +189,10 @@ class ChannelClient:
     async def _forward_client_messages(self, done: trio.CancelScope) -> None:
         while True:
             text = await self._transport.receive()
-            if not text:
+            if text is None:  # an empty frame is a bad frame, not a goodbye
                 break
             await self._forward(text)
+        logger.info("session %s: a channels client disconnected", self.session.session_id)
         done.cancel()
 
     async def _forward(self, text: str) -> None:
@@ -255,6 +257,7 @@ class ChannelBroker:
         if not self._clients:
             self._detached = trio.Event()
         self._clients[session_id] = client
+        logger.info("session %s: a channels client connected", session_id)
         if previous is not None:
             await previous.displace()
         try:

@@ -175,7 +175,8 @@ def parse_client_frame(text: str) -> tuple[Channel, JSONObject]:
     """Validate a client's channel message; returns its channel and the parsed object."""
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not JSON (an empty frame too), or an integer past Python's digit limit.
         raise FrameError(f"the frame is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise FrameError("the frame must be a JSON object")

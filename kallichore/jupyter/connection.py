@@ -140,12 +140,15 @@ def write_connection_file(path: os.PathLike[str] | str, info: ConnectionInfo) ->
     write_json_file(path, info.to_dict())
 
 
-def write_json_file(path: os.PathLike[str] | str, contents: Mapping[str, Any]) -> None:
+def write_json_file(
+    path: os.PathLike[str] | str, contents: Mapping[str, Any], *, fsync: bool = True
+) -> None:
     """Write a JSON object holding a secret to `path` atomically, readable by the owner only.
 
     The data goes to a 0600 temp file in the same directory (so it is never world-readable,
     even for a moment, and the final rename stays on one filesystem), is fsynced, then replaces
-    `path`. On any failure the temp file is removed and `path` is left as it was.
+    `path`. On any failure the temp file is removed and `path` is left as it was. Without
+    `fsync`, a crash of the machine (not of the process) may lose the new contents.
     """
     target = Path(path)
     data = (json.dumps(contents, indent=2) + "\n").encode()
@@ -155,7 +158,8 @@ def write_json_file(path: os.PathLike[str] | str, contents: Mapping[str, Any]) -
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

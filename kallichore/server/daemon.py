@@ -13,9 +13,8 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -27,10 +26,12 @@ import trio
 from kallichore import __version__
 from kallichore.api.app import ServerState
 from kallichore.channels.broker import ChannelBroker
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import write_json_file
 from kallichore.server.http import RunningServer, serve_api
 from kallichore.server.idle_shutdown import IdleShutdown
 from kallichore.server.lifetime import ServerLifetime
+from kallichore.server.private_dir import private_socket_dir, socket_base
 from kallichore.server.session_sockets import MAX_SOCKET_PATH_BYTES, SessionSockets
 from kallichore.session.model import SessionConfig
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
@@ -60,27 +61,18 @@ class DaemonOptions:
     session_buffer_bytes: int = SessionConfig().event_buffer_bytes
     log_level: str = "info"
     log_file: Path | None = None
+    state_dir: Path | None = None
 
 
 class DaemonError(Exception):
     """A fatal problem before serving (a bad socket path, an unwritable connection file)."""
 
 
-def socket_dir(options: DaemonOptions) -> Path:
-    """Where auto-named sockets go: --socket-dir, else $XDG_RUNTIME_DIR, else the temp dir."""
-    if options.socket_dir is not None:
-        return options.socket_dir
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        candidate = Path(runtime)
-        if len(os.fsencode(candidate / f"kc-{os.getpid()}.sock")) <= MAX_SOCKET_PATH_BYTES:
-            return candidate
-    return Path(tempfile.gettempdir())
-
-
-def main_socket_path(options: DaemonOptions) -> tuple[Path, bool]:
-    """The API's socket path, and whether we chose it (and so remove it at exit)."""
-    path = options.unix_socket or socket_dir(options) / f"kc-{os.getpid()}.sock"
+def main_socket_path(options: DaemonOptions, sockets_dir: Path) -> Path:
+    """The API's socket path: --unix-socket, else one in our private `sockets_dir`."""
+    if options.unix_socket is None:
+        return sockets_dir / f"kc-{os.getpid()}.sock"
+    path = options.unix_socket
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise DaemonError(
             f"socket path {path} is {len(os.fsencode(path))} bytes long; "
@@ -88,7 +80,7 @@ def main_socket_path(options: DaemonOptions) -> tuple[Path, bool]:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    return path, options.unix_socket is None
+    return path
 
 
 @contextmanager
@@ -137,27 +129,36 @@ async def send_handshake(path: Path, document: dict[str, Any]) -> None:
 async def run_daemon(options: DaemonOptions) -> int:
     """Serve until shut down; returns the exit status."""
     grace = options.shutdown_grace
+    footprint = Footprint.open()
     config = SupervisorConfig(
         session=SessionConfig(
             shutdown_grace=grace, event_buffer_bytes=options.session_buffer_bytes
         ),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
+        footprint=footprint,
+        state_dir=options.state_dir,
     )
     state = ServerState(token=options.token, log_level=options.log_level)
     lifetime = ServerLifetime(
         IdleShutdown(hours=options.idle_shutdown_hours, seconds=options.idle_shutdown_seconds)
     )
     created: list[Path] = []
+    # Our socket directory goes last, after every socket in it is closed.
+    cleanup = ExitStack()
     try:
         async with open_supervisor(config) as supervisor, trio.open_nursery() as nursery:
+            if supervisor.state_dir is not None:
+                supervisor.state_dir.save_token(options.token)
             broker = ChannelBroker()
             sockets = None
             socket_path = None
             if options.transport is Transport.SOCKET:
-                socket_path, ours = main_socket_path(options)
-                if ours:
-                    created.append(socket_path)
-                sockets = SessionSockets(broker, socket_dir(options), os.getpid())
+                sockets_dir = cleanup.enter_context(
+                    private_socket_dir(socket_base(options.socket_dir, MAX_SOCKET_PATH_BYTES))
+                )
+                footprint.add_path(sockets_dir)
+                socket_path = main_socket_path(options, sockets_dir)
+                sockets = SessionSockets(broker, sockets_dir, os.getpid(), footprint)
                 await nursery.start(sockets.run)
             with private_files():
                 server: RunningServer = await nursery.start(
@@ -177,6 +178,7 @@ async def run_daemon(options: DaemonOptions) -> int:
                 socket_path.chmod(0o600)
             document = connection_document(options, server, socket_path)
             if options.connection_file is not None:
+                footprint.add_path(options.connection_file)
                 write_json_file(options.connection_file, document)
                 created.append(options.connection_file)
             if options.handshake_socket is not None:
@@ -192,6 +194,8 @@ async def run_daemon(options: DaemonOptions) -> int:
         for path in created:
             with suppress(OSError):
                 path.unlink()
+        cleanup.close()
+        footprint.close()
     logger.info("kallichore exited")
     return 0
 
@@ -204,7 +208,8 @@ def announce(options: DaemonOptions, server: RunningServer, socket_path: Path | 
         print(f"Listening at {server.url.removeprefix('http://')}", flush=True)
     print(f"kallichore {__version__} (kcserver-compatible)", flush=True)
     if options.token and options.connection_file is None and options.handshake_socket is None:
-        logger.info("bearer token: %s", options.token)
+        # The only way to learn a generated token here; never in the log, which may be shared.
+        print(f"Bearer token: {options.token}", flush=True)
 
 
 async def shut_down_on_signals(server: RunningServer, supervisor: Supervisor) -> None:

@@ -23,7 +23,7 @@ import h11
 import trio
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
-from kallichore.api.app import ServerState, check_token
+from kallichore.api.app import ServerState, check_token, log_response
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.kallichore_framing import requested_resume
 from kallichore.channels.websocket import (
@@ -83,6 +83,7 @@ class FrontDoor:
                 error, h11.RemoteProtocolError
             ):
                 status = error.error_status_hint
+                logger.info("a request that is not HTTP/1.1 -> %d", status)
                 with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
                     await respond(stream, client, status)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -123,13 +124,16 @@ class FrontDoor:
             pass
         if not isinstance(event, h11.EndOfMessage):
             return
+        path = request.target.partition(b"?")[0].decode("latin-1")
         authorization = dict(request.headers).get(b"authorization")
         if not check_token(self._state, authorization.decode("latin-1") if authorization else None):
+            log_response("GET", path, 401)
             await respond(stream, client, 401)
             return
         try:
             session = self._supervisor.get(session_id)
         except KallichoreError:
+            log_response("GET", path, 400)
             error = {
                 "code": ErrorCode.SESSION_NOT_FOUND.wire,
                 "message": f"session {session_id} not found",
@@ -140,12 +144,14 @@ class FrontDoor:
         try:
             resume = requested_resume(request.target, session.events.last_seq)
         except KallichoreError as error:
+            log_response("GET", path, 400)
             body = {"code": error.code.wire, "message": error.message}
             await respond(stream, client, 400, json.dumps(body).encode())
             return
         try:
             handshake = handshake_for(request)
         except WebSocketHandshakeError as error:
+            log_response("GET", path, 400)
             await respond(stream, client, 400, str(error).encode(), b"text/plain")
             return
         websocket = await accept(stream, handshake, client.trailing_data[0])

@@ -15,8 +15,10 @@ import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
+import hypercorn.logging
 import hypercorn.trio
 import trio
 from hypercorn.config import Config
@@ -32,6 +34,17 @@ logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 # How long channel clients get to receive their 1001 close when the server stops.
 CLIENTS_CLOSE_SECONDS = 2.0
+
+
+class HypercornLog(hypercorn.logging.Logger):
+    """hypercorn's own news, demoted: its info lines are debug detail to our users.
+
+    Its startup banner names the private Unix socket the front door relays to, an address no
+    client can use, which on a TCP daemon only misleads. Its warnings and errors keep their level.
+    """
+
+    async def info(self, message: str, *args: Any, **kwargs: Any) -> None:
+        await self.debug(message, *args, **kwargs)
 
 
 @attrs.define
@@ -75,10 +88,14 @@ async def serve_api(
     broker = broker or ChannelBroker()
     config = Config()
     config.accesslog = None
+    # Our handlers, not a second stderr handler of hypercorn's own.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.logger_class = HypercornLog
     config.graceful_timeout = 2.0
     private_dir = None
     if unix_socket is None:
         private_dir = Path(tempfile.mkdtemp(prefix="kallichore-api-"))
+        supervisor.footprint.add_path(private_dir)
         backend = private_dir / "api.sock"
     else:
         backend = unix_socket
@@ -117,6 +134,7 @@ async def serve_api(
     finally:
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
+            supervisor.footprint.discard_path(private_dir)
         if running is not None:
             running.finished.set()
 

@@ -10,6 +10,7 @@ busy, or has a client attached.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -17,6 +18,7 @@ import attrs
 import psutil
 import trio
 
+from kallichore.api.models import MAX_IDLE_SHUTDOWN_HOURS
 from kallichore.session.model import Status
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,26 @@ class Supervised(Protocol):
     def sessions(self) -> Sequence[Session]: ...
 
 
+def _hours(_: object, __: object, hours: int | None) -> None:
+    """Bounded, so that no period overflows a float or a timer."""
+    if hours is not None and not 0 <= hours <= MAX_IDLE_SHUTDOWN_HOURS:
+        raise ValueError(f"idle shutdown hours are 0 to {MAX_IDLE_SHUTDOWN_HOURS}, not {hours}")
+
+
+def _seconds(_: object, __: object, seconds: float | None) -> None:
+    if seconds is not None and not 0 < seconds < math.inf:
+        raise ValueError(f"idle shutdown seconds must be positive and finite, not {seconds}")
+
+
 @attrs.define
 class IdleShutdown:
-    """The configured period and the client process whose life keeps the server up."""
+    """The configured period and the client process whose life keeps the server up.
 
-    hours: int | None = None
-    seconds: float | None = None
+    The period is checked whenever it is set (attrs validates on assignment too).
+    """
+
+    hours: int | None = attrs.field(default=None, validator=_hours)
+    seconds: float | None = attrs.field(default=None, validator=_seconds)
     client_pid: int | None = None
     _changed: trio.Event = attrs.field(factory=trio.Event)
     _configured_at: float = 0.0
@@ -95,8 +111,12 @@ class IdleShutdown:
         pid = self.client_pid
         if pid is None or pid <= 1:
             return False
-        if psutil.pid_exists(pid):
-            return True
+        try:
+            if psutil.pid_exists(pid):
+                return True
+        except (OverflowError, OSError, psutil.Error) as error:
+            # Not a pid this system can have: a heartbeat must not take the server down.
+            logger.warning("client process %d cannot be looked up: %s", pid, error)
         logger.info("client process %d is gone", pid)
         self.client_pid = None
         return False

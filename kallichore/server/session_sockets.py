@@ -3,7 +3,8 @@
 With `--transport socket`, `GET /sessions/{id}/channels` answers with the path of a socket that
 belongs to that session alone. A client connects to it and starts an ordinary HTTP WebSocket
 handshake (Positron asks for `/api/channels/<id>`; the path is ignored and no token is checked:
-the socket's 0600 mode is the protection). From then on the connection is served by the same
+the socket's 0600 mode is the protection, and the directory it is given, private to the server,
+keeps others from squatting its name). From then on the connection is served by the same
 `ChannelBroker` as the TCP WebSocket, so displacement and delivery work the same on both.
 
 Deliberate deviations from Kallichore: the full session id (or a hash of it) names the socket, so
@@ -25,6 +26,7 @@ import h11
 import trio
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
+from kallichore.api.app import log_response
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.kallichore_framing import Resume, requested_resume
 from kallichore.channels.websocket import (
@@ -35,6 +37,7 @@ from kallichore.channels.websocket import (
     serve_channels,
 )
 from kallichore.errors import KallichoreError
+from kallichore.footprint import Footprint
 from kallichore.server.h11_stream import next_event, respond, server_connection
 from kallichore.session.kernel_session import KernelSession
 
@@ -93,10 +96,12 @@ class SessionSockets:
         broker: ChannelBroker,
         socket_dir: Path,
         server_pid: int,
+        footprint: Footprint | None = None,
         *,
         ping_interval: float = PING_INTERVAL_SECONDS,
     ) -> None:
         self._broker = broker
+        self._footprint = footprint or Footprint(None)
         self._socket_dir = socket_dir
         self._server_pid = server_pid
         self._ping_interval = ping_interval
@@ -130,6 +135,7 @@ class SessionSockets:
                 listener.socket.close()
                 path.unlink()
                 raise RuntimeError("SessionSockets.open() needs SessionSockets.run() to be running")
+            self._footprint.add_path(path)
             previous = self._listeners.get(session_id)
             if previous is not None:
                 previous.scope.cancel()
@@ -149,6 +155,7 @@ class SessionSockets:
         if listener is not None:
             listener.scope.cancel()
             listener.path.unlink(missing_ok=True)
+            self._footprint.discard_path(listener.path)
 
     def close_all(self) -> None:
         for session_id in list(self._listeners):
@@ -246,6 +253,8 @@ async def _accept_websocket(
                 resume = requested_resume(request.target, session.events.last_seq)
                 handshake = handshake_for(request)
             except (KallichoreError, WebSocketHandshakeError) as error:
+                path = request.target.partition(b"?")[0].decode("latin-1")
+                log_response("GET", path, 400)
                 await respond(stream, client, 400, str(error).encode(), b"text/plain")
                 return None
             return await accept(stream, handshake, client.trailing_data[0]), resume

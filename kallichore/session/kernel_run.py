@@ -7,12 +7,17 @@ goes the same way: frames from ZeroMQ, verified and parsed (header only), fed to
 kernel. The run ends when the process exits (on its own, killed or shut down); cleaning up
 (process group, sockets, connection file, ports) happens in one place, shielded, so that
 nothing is left behind however the run ends.
+
+A kernel that a restarted daemon re-adopts (see `kallichore.state_dir`) is a process but not
+our child: its exit is seen by watching its pid (and start time), and signals go to it only
+while it is still the process we started.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -22,6 +27,7 @@ import trio
 import zmq
 
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, write_json_file
 from kallichore.jupyter.wire import Channel, Message, WireError
 from kallichore.session import process as kernel_process
@@ -36,6 +42,7 @@ from kallichore.session.model import (
     VarAction,
     resolve_environment,
 )
+from kallichore.session.record import ProcessIdentity
 from kallichore.session.resources import ResourceSampler, ResourceUsage, SampleInterval
 from kallichore.session.startup import (
     build_command,
@@ -43,7 +50,7 @@ from kallichore.session.startup import (
     is_marker_line,
     startup_failure_details,
 )
-from kallichore.session.state import Outbox, SessionState
+from kallichore.session.state import READOPTED, Outbox, SessionState
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +76,13 @@ class RunContext:
     runtime_dir: Path
     config: SessionConfig
     sample_interval: SampleInterval
+    # Where kernels are recorded, for the next daemon to sweep should this one be killed.
+    footprint: Footprint
     # Called when the session comes to rest (idle shutdown counts from then).
     on_rest: Callable[[], None]
+    # Called when what a session record holds changed: a kernel was launched, became ready or
+    # exited.
+    on_record: Callable[[], None]
     # Builds a message with the session's header.
     message: Callable[..., Message]
 
@@ -84,12 +96,21 @@ class KernelRun:
         *,
         env: Sequence[VarAction] = (),
         adopt: ConnectionInfo | None = None,
+        adopted_process: ProcessIdentity | None = None,
     ) -> None:
+        """`adopt`: take over the kernel listening there instead of launching one; with
+        `adopted_process`, its process (a kernel a previous daemon launched)."""
         self._ctx = ctx
         self._env = env
         self._adopted = adopt is not None
+        # Adopted with no process known: only the kernel's own messages tell that it ended.
+        self._processless = adopt is not None and adopted_process is None
+        # A kernel a previous daemon launched: it may be busy with work of before the restart.
+        self._readopted = adopted_process is not None
         self._connection = adopt
         self.process: trio.Process | None = None
+        # The kernel's process as a record keeps it: ours, or the re-adopted one.
+        self._identity = adopted_process
         self.channels: KernelChannels | None = None
         self.initial_env: dict[str, str] = {}
         self.resource_usage: ResourceUsage | None = None
@@ -109,9 +130,16 @@ class KernelRun:
     @property
     def process_id(self) -> int | None:
         """The kernel's pid while it runs."""
-        if self.process is None or self.exited.is_set():
+        if self.exited.is_set():
             return None
-        return self.process.pid
+        if self.process is not None:
+            return self.process.pid
+        return None if self._identity is None else self._identity.pid
+
+    @property
+    def process_identity(self) -> ProcessIdentity | None:
+        """The kernel's pid and start time while it runs (for the session's record)."""
+        return None if self.exited.is_set() else self._identity
 
     # -- the state machine's outbox, carried out -------------------------------------------
 
@@ -160,6 +188,8 @@ class KernelRun:
                 async with trio.open_nursery() as nursery:
                     if self.process is not None:
                         nursery.start_soon(self._watch_process, self.process)
+                    elif self._identity is not None:
+                        nursery.start_soon(self._watch_readopted, self._identity)
                     failure = await self._connect(nursery)
                     if failure is not None:
                         self.cancel_scope.cancel()
@@ -168,12 +198,14 @@ class KernelRun:
                         nursery.start_soon(self._pump, channels, Channel.STDIN)
                         self._startup_output.clear()
                         self._ready = True
+                        logger.info("session %s: kernel ready", ctx.spec.session_id)
                         out = Outbox()
-                        ctx.state.kernel_ready(out)
+                        ctx.state.kernel_ready(out, READOPTED if self._readopted else None)
                         self.publish(out)
+                        ctx.on_record()
                         nursery.start_soon(self._monitor_heartbeat, channels)
-                        if self.process is not None:
-                            nursery.start_soon(self._sample_resources, self.process.pid)
+                        if (pid := self.process_id) is not None:
+                            nursery.start_soon(self._sample_resources, pid)
                         task_status.started()
         except Exception:
             if not self._ready:
@@ -193,6 +225,7 @@ class KernelRun:
             self._launch_failed("empty argv")
             raise StartupError(ErrorCode.PROCESS_START_FAILED, "the session has no argv to start")
         env = resolve_environment(os.environ, self._env)
+        kernel_process.watch_parent(env, outlive=not ctx.config.tied_to_daemon)
         self.initial_env = env
         cwd = ctx.state.working_directory or None
         if cwd is not None and not os.path.isdir(cwd):
@@ -218,6 +251,12 @@ class KernelRun:
             )
             write_json_file(path, contents)
             self.process = await kernel_process.launch(command, env, cwd)
+            self._identity = kernel_process.identify(self.process.pid)
+            ctx.footprint.kernel_started(
+                self.process.pid, detached=not ctx.config.tied_to_daemon, paths=[path]
+            )
+            logger.info("session %s: kernel started (pid %d)", spec.session_id, self.process.pid)
+            ctx.on_record()
         except BaseException as exc:
             self._release()
             self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
@@ -339,9 +378,11 @@ class KernelRun:
         return details or default
 
     async def _request_kernel_info(self, channels: KernelChannels) -> None:
+        """Ask on shell; a re-adopted kernel on control, which answers even while shell is
+        busy with an execution that began before the restart."""
         request = self._ctx.message("kernel_info_request")
         self._ctx.state.startup_request(request.msg_id)
-        await channels.send(Channel.SHELL, request)
+        await channels.send(Channel.CONTROL if self._readopted else Channel.SHELL, request)
 
     async def _watch_process(self, process: trio.Process) -> None:
         """Read the kernel's output until it exits, then end the run."""
@@ -352,6 +393,11 @@ class KernelRun:
                 readers.start_soon(kernel_process.read_lines, process.stderr, "stderr", self._line)
             self.exit_code = await process.wait()
             readers.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_SECONDS
+        self.cancel_scope.cancel()
+
+    async def _watch_readopted(self, identity: ProcessIdentity) -> None:
+        """End the run when a re-adopted kernel's process is gone."""
+        await kernel_process.wait_gone(identity)
         self.cancel_scope.cancel()
 
     def _line(self, stream: Literal["stdout", "stderr"], text: str) -> None:
@@ -373,7 +419,9 @@ class KernelRun:
         session_id = self._ctx.spec.session_id
         while True:
             out = Outbox()
-            for frames in await sock.recv_batch():
+            batch = await sock.recv_batch()
+            detail = logger.isEnabledFor(logging.DEBUG)
+            for frames in batch:
                 try:
                     message = channels.parse(frames)
                 except WireError as exc:
@@ -381,9 +429,13 @@ class KernelRun:
                         "session %s: dropped a message on %s: %s", session_id, channel, exc
                     )
                     continue
+                if detail:
+                    logger.debug(
+                        "session %s: %s %s from the kernel", session_id, channel, message.msg_type
+                    )
                 state.from_kernel(channel, message, out)
                 if (
-                    self._adopted
+                    self._processless
                     and channel is not Channel.IOPUB
                     and message.msg_type == "shutdown_reply"
                 ):
@@ -395,8 +447,8 @@ class KernelRun:
     async def _monitor_heartbeat(self, channels: KernelChannels) -> None:
         """Mark the session offline when the kernel misses a heartbeat, and back when it answers.
 
-        Each beat also lets the state give up on idles that never came. An adopted kernel has
-        no process to watch: missing several beats in a row ends it.
+        Each beat also lets the state give up on idles that never came. An adopted kernel with
+        no process to watch ends when it misses several beats in a row.
         """
         ctx = self._ctx
         config = ctx.config
@@ -410,7 +462,7 @@ class KernelRun:
             out = Outbox()
             if misses:
                 ctx.state.heartbeat_missed(out)
-                if self._adopted and misses >= ADOPTED_HEARTBEAT_MISSES:
+                if self._processless and misses >= ADOPTED_HEARTBEAT_MISSES:
                     self.cancel_scope.cancel()
             else:
                 ctx.state.heartbeat_answered(out)
@@ -451,14 +503,32 @@ class KernelRun:
             if self.exit_code is None:
                 self.exit_code = exit_code
             reason = "child process exited"
+            logger.info(
+                "session %s: kernel (pid %d) %s",
+                self._ctx.spec.session_id,
+                process.pid,
+                kernel_process.describe_exit(self.exit_code),
+            )
+        elif self._identity is not None:
+            # Not our child: no exit code to be had (reported as 0, as for adopted kernels).
+            if kernel_process.is_running(self._identity):
+                kernel_process.kill_group(self._identity.pid)
+                await kernel_process.wait_gone(self._identity)
+            self.exit_code = 0
+            reason = "the re-adopted kernel's process exited"
+            logger.info("session %s: the re-adopted kernel is gone", self._ctx.spec.session_id)
         else:
             self.exit_code = 0
             reason = "all sockets disconnected from an adopted kernel"
+            logger.info("session %s: the adopted kernel is gone", self._ctx.spec.session_id)
         self._release()
+        if process is not None:
+            self._ctx.footprint.kernel_exited(process.pid)
         out = Outbox()
         self._ctx.state.exited(self.exit_code, reason, out)
         self.publish(out)
         self.exited.set()
+        self._ctx.on_record()
 
     def _release(self) -> None:
         if self.channels is not None:
@@ -474,10 +544,19 @@ class KernelRun:
     def kill(self) -> bool:
         """SIGKILL the kernel's process group (an adopted kernel: end the run); False if the
         process was not found."""
-        if self.process is None:
+        if self.process is None and self._identity is None:
             self.cancel_scope.cancel()
             return True
-        return kernel_process.kill_group(self.process.pid)
+        return self.signal(signal.SIGKILL)
 
     def signal(self, signum: int) -> bool:
-        return self.process is not None and kernel_process.signal_group(self.process.pid, signum)
+        """Signal the kernel's process group; False if there is no process of ours to signal
+        (a re-adopted kernel's pid is only trusted while its start time is the recorded one)."""
+        if self.process is not None:
+            return kernel_process.signal_group(self.process.pid, signum)
+        identity = self._identity
+        return (
+            identity is not None
+            and kernel_process.is_running(identity)
+            and kernel_process.signal_group(identity.pid, signum)
+        )

@@ -9,6 +9,7 @@ goes through the methods, which serialize starts, restarts and adoptions.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,15 +19,20 @@ from typing import Any
 import trio
 import zmq
 
-from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.errors import ErrorCode, KallichoreError, StartupError
+from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, new_key
 from kallichore.jupyter.wire import Channel, JSONObject, Message
+from kallichore.session import process as kernel_process
 from kallichore.session.events import EventLog
 from kallichore.session.execution_queue import QueueSnapshot
 from kallichore.session.kernel_run import KernelRun, RunContext
 from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec, Status, VarAction
+from kallichore.session.record import ProcessIdentity, SessionRecord
 from kallichore.session.resources import ResourceUsage, SampleInterval
 from kallichore.session.state import Outbox, SessionState
+
+logger = logging.getLogger(__name__)
 
 
 class KernelSession:
@@ -41,11 +47,17 @@ class KernelSession:
         runtime_dir: Path,
         config: SessionConfig,
         sample_interval: SampleInterval,
+        footprint: Footprint | None = None,
         on_rest: Callable[[], None] = lambda: None,
+        on_record: Callable[[KernelSession], None] = lambda session: None,
+        key: str | None = None,
+        created: float | None = None,
     ) -> None:
+        """`on_record` is called when what `record()` says has changed; `key` and `created`
+        are given when a restarted daemon takes the session up again (see `resume()`)."""
         self._spec = spec
-        self._key = new_key()
-        self._created = time.time()
+        self._key = key or new_key()
+        self._created = time.time() if created is None else created
         self._state = SessionState(spec)
         self._events = EventLog(config.event_buffer_bytes)
         self._env_actions: tuple[VarAction, ...] = spec.env
@@ -60,7 +72,9 @@ class KernelSession:
             runtime_dir=runtime_dir,
             config=config,
             sample_interval=sample_interval,
+            footprint=footprint or Footprint(None),
             on_rest=on_rest,
+            on_record=lambda: on_record(self),
             message=self.message,
         )
         self._config = config
@@ -193,6 +207,7 @@ class KernelSession:
                 ErrorCode.RESTART_FAILED, "a restart or start is already in progress"
             )
         async with self._lifecycle:
+            logger.info("session %s: restarting the kernel", self.session_id)
             if working_directory:
                 path = Path(working_directory).expanduser()
                 if not path.is_dir():
@@ -212,6 +227,8 @@ class KernelSession:
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Ask the kernel to exit (`shutdown_request`); kill its process group after `grace` s."""
+        if self._running_run() is not None:
+            logger.info("session %s: shutting the kernel down", self.session_id)
         await self._stop_kernel(
             restart=False, grace=self._config.shutdown_grace if grace is None else grace
         )
@@ -223,15 +240,17 @@ class KernelSession:
             raise KallichoreError(
                 ErrorCode.SESSION_NOT_RUNNING, f"session {self.session_id} is not running"
             )
-        if run.process is None:
+        pid = run.process_id
+        if pid is None:
             raise KallichoreError(
                 ErrorCode.NO_PROCESS, f"session {self.session_id} has no kernel process to kill"
             )
+        logger.info("session %s: killing the kernel (pid %d)", self.session_id, pid)
         self._state.drop_queue()
         if not run.kill():
             raise KallichoreError(
                 ErrorCode.PROCESS_NOT_FOUND,
-                f"kernel process {run.process.pid} not found",
+                f"kernel process {pid} not found",
                 "could not send the kill signal",
             )
         await run.exited.wait()
@@ -239,7 +258,7 @@ class KernelSession:
     def kill_now(self) -> None:
         """SIGKILL the kernel's process group without waiting (the exit is processed as usual)."""
         run = self._running_run()
-        if run is not None and run.process is not None:
+        if run is not None and run.process_id is not None:
             run.kill()
 
     async def interrupt(self) -> None:
@@ -250,6 +269,11 @@ class KernelSession:
                 ErrorCode.SESSION_INTERRUPT_FAILED,
                 f"session {self.session_id} has no running kernel",
             )
+        logger.info(
+            "session %s: interrupting the kernel (by %s)",
+            self.session_id,
+            self._spec.interrupt_mode,
+        )
         if self._spec.interrupt_mode is InterruptMode.SIGNAL:
             if not run.signal(signal.SIGINT):
                 raise KallichoreError(
@@ -272,8 +296,52 @@ class KernelSession:
                     ErrorCode.SESSION_CONNECTION_FAILED,
                     f"session {self.session_id} already has a running kernel",
                 )
+            logger.info("session %s: adopting a kernel started elsewhere", self.session_id)
             self._state.adopting(connection)
             return await self._start_run(adopt=connection)
+
+    async def resume(self, record: SessionRecord) -> None:
+        """Take the session up where the daemon that wrote `record` left it.
+
+        A kernel still running as the process the record names (same pid, same start time) is
+        adopted again: once it answers kernel_info (asked on control, so that an execution of
+        before the restart does not hold it up) it is `idle` with the reason `READOPTED`, the
+        mark of what was lost while no daemon listened; the heartbeat is watched from then on.
+        Raises `StartupError` if it does not answer (it is then killed). A kernel that is gone makes
+        the session `exited`; a session never started stays `uninitialized`.
+        """
+        async with self._lifecycle:
+            self._state.set_working_directory(record.working_directory)
+            connection, process = record.connection, record.process
+            if connection is not None and process is not None:
+                if kernel_process.is_running(process):
+                    self._state.adopting(connection)
+                    await self._start_run(adopt=connection, adopted_process=process)
+                    return
+                reason = "the kernel exited while no daemon was running"
+            elif record.status is not Status.UNINITIALIZED:
+                # Exited before, or adopted from somebody else with no process to verify.
+                reason = "no kernel to re-adopt when the daemon restarted"
+            else:
+                return
+            if connection is not None:
+                self._state.connected_at(connection)
+            out = Outbox()
+            self._state.exited(0, reason, out)
+            self._events.publish_many(out.events)
+
+    def record(self) -> SessionRecord:
+        """What a restarted daemon needs to take this session up again."""
+        run = self._running_run()
+        return SessionRecord(
+            spec=self._spec,
+            key=self._key,
+            created=self._created,
+            status=self.status,
+            working_directory=self.working_directory,
+            connection=self._state.connection,
+            process=None if run is None else run.process_identity,
+        )
 
     def external_connection_info(self) -> ConnectionInfo:
         """The connection info for a kernel to be started by somebody else and then adopted
@@ -331,6 +399,7 @@ class KernelSession:
         run = self._running_run()
         if run is not None and run.channels is None:
             raise KallichoreError(ErrorCode.SESSION_NOT_RUNNING, "the kernel is still starting")
+        logger.debug("session %s: %s %s to the kernel", self.session_id, channel, message.msg_type)
         out = Outbox()
         self._state.from_client(channel, message, out)
         assert run is not None, "the state says a kernel runs"
@@ -362,11 +431,27 @@ class KernelSession:
 
     # -- runs --------------------------------------------------------------------------------
 
-    async def _start_run(self, adopt: ConnectionInfo | None = None) -> JSONObject:
+    async def _start_run(
+        self,
+        adopt: ConnectionInfo | None = None,
+        adopted_process: ProcessIdentity | None = None,
+    ) -> JSONObject:
         if self._nursery is None:
             raise RuntimeError("the session is not running in a supervisor")
-        self._run = KernelRun(self._run_context, env=self._env_actions, adopt=adopt)
-        await self._nursery.start(self._run.run)
+        self._run = KernelRun(
+            self._run_context, env=self._env_actions, adopt=adopt, adopted_process=adopted_process
+        )
+        try:
+            await self._nursery.start(self._run.run)
+        except KallichoreError as error:
+            exit_code = error.exit_code if isinstance(error, StartupError) else None
+            logger.warning(
+                "session %s: the kernel failed to start: %s%s",
+                self.session_id,
+                error.message,
+                "" if exit_code is None else f" (exit code {exit_code})",
+            )
+            raise
         return self.kernel_info
 
     def _running_run(self) -> KernelRun | None:

@@ -28,6 +28,11 @@ class SessionConfig:
     unattended_heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 5.0
     shutdown_grace: float = 10.0
+    # Kernels end with the daemon that started them (the default), or, when the daemon keeps a
+    # state directory, outlive it so that the next daemon can re-adopt them. The one switch
+    # for everything that ties a kernel to its daemon (`process.watch_parent`; the footprint
+    # marks the others detached, never to be swept).
+    tied_to_daemon: bool = True
 
 
 class Status(StrEnum):

@@ -25,6 +25,8 @@ import trio
 # is counted from the next walk on (its CPU from the sample after), so at the default 1 s
 # interval a new busy subprocess shows up within about 4 s.
 TREE_REFRESH_SAMPLES = 3
+# The longest sampling interval: a day. Bounded so that no interval overflows a timer.
+MAX_SAMPLE_INTERVAL_MS = 24 * 3600 * 1000
 
 
 @attrs.frozen
@@ -211,7 +213,7 @@ class SampleInterval:
     """
 
     def __init__(self, milliseconds: int) -> None:
-        self._milliseconds = milliseconds
+        self._milliseconds = _checked(milliseconds)
         self._changed = trio.Event()
 
     @property
@@ -220,7 +222,7 @@ class SampleInterval:
 
     @milliseconds.setter
     def milliseconds(self, value: int) -> None:
-        self._milliseconds = value
+        self._milliseconds = _checked(value)
         self._changed.set()
         self._changed = trio.Event()
 
@@ -233,3 +235,11 @@ class SampleInterval:
                 await changed.wait()
                 continue
             return period
+
+
+def _checked(milliseconds: int) -> int:
+    if not 0 <= milliseconds <= MAX_SAMPLE_INTERVAL_MS:
+        raise ValueError(
+            f"a sampling interval is 0 (never) to {MAX_SAMPLE_INTERVAL_MS} ms, not {milliseconds}"
+        )
+    return milliseconds

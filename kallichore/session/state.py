@@ -51,6 +51,11 @@ CLIENT_CHANNELS = (Channel.SHELL, Channel.CONTROL, Channel.STDIN)
 # Requests that end what the kernel is doing: queued executions are dropped when one passes.
 _QUEUE_CLEARING = frozenset(("interrupt_request", "shutdown_request"))
 _RESTING = frozenset((Status.IDLE, Status.EXITED))
+# The status reason of a kernel that a restarted daemon took over again.
+READOPTED = (
+    "re-adopted by a restarted daemon: what the kernel published while no daemon was "
+    "listening is lost"
+)
 
 
 @attrs.define
@@ -186,10 +191,14 @@ class SessionState:
         """We sent our own request (kernel_info): its replies and status are not forwarded."""
         self._startup_requests.add(msg_id)
 
-    def kernel_ready(self, out: Outbox) -> None:
-        """The kernel answered and our iopub subscription is live."""
+    def kernel_ready(self, out: Outbox, reason: str | None = None) -> None:
+        """The kernel answered and our iopub subscription is live.
+
+        A `reason` replaces the usual one (the request the kernel answered); `READOPTED`
+        tells clients that what the kernel said while no daemon was listening is lost.
+        """
         self._ready = True
-        self._set_status(Status.IDLE, "kernel_info_request", out)
+        self._set_status(Status.IDLE, reason or "kernel_info_request", out)
 
     def exited(self, exit_code: int, reason: str, out: Outbox) -> None:
         """The kernel run ended (the process exited, or the adopted kernel went away)."""
