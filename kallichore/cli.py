@@ -35,6 +35,7 @@ LOG_LEVELS = dict(
     )
 )
 MAX_TOKEN_LENGTH = 64
+MAX_SESSION_BUFFER_MB = 2**20
 
 
 class UsageError(Exception):
@@ -117,6 +118,14 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
         help="keep session records and the token in this directory (0700), and leave kernels "
         "running if the daemon dies: started again with the same directory, it re-adopts "
         "them under the same ids and token (default: off; kernels end with the daemon)",
+    )
+    behave.add_argument(
+        "--session-buffer-mb",
+        type=int,
+        default=64,
+        help="MiB of events each session keeps for its clients: the backlog of a client that "
+        "does not read and the replay window after a drop; the oldest are dropped beyond it "
+        "(default: %(default)s)",
     )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
@@ -231,6 +240,8 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         )
     if not 0 <= args.shutdown_grace < math.inf:
         raise UsageError("--shutdown-grace must not be negative")
+    if not 1 <= args.session_buffer_mb <= MAX_SESSION_BUFFER_MB:
+        raise UsageError(f"--session-buffer-mb must be between 1 and {MAX_SESSION_BUFFER_MB}")
     log_level = configure_logging(args.log_level, args.log_file)
     return DaemonOptions(
         transport=transport,
@@ -244,6 +255,7 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         idle_shutdown_seconds=args.idle_shutdown_seconds,
         resource_sample_interval_ms=args.resource_sample_interval,
         shutdown_grace=args.shutdown_grace,
+        session_buffer_bytes=args.session_buffer_mb * 2**20,
         log_level=log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
         state_dir=args.state_dir.absolute() if args.state_dir else None,

@@ -94,6 +94,7 @@ def test_help_and_version() -> None:
         "--handshake-socket",
         "--state-dir",
         "--version",
+        "--session-buffer-mb",
     ):
         assert flag in help_text.stdout
     version = subprocess.run(
@@ -280,6 +281,8 @@ async def test_three_daemons_get_three_ports(tmp_path: Path) -> None:
         ["--transport", "tcp", "--port", "70000"],
         ["--transport", "tcp", "--token", "/no/such/token/file"],
         ["--transport", "tcp", "--idle-shutdown-hours", "-1"],
+        ["--transport", "tcp", "--session-buffer-mb", "0"],
+        ["--transport", "tcp", "--session-buffer-mb", "9" * 400],
         ["--transport", "socket", "--unix-socket", "/tmp/" + "x" * 120 + ".sock"],
     ],
 )

@@ -6,12 +6,17 @@ import pytest
 import trio
 import trio.testing
 
+from kallichore.jupyter.wire import Channel, Message
 from kallichore.session.events import (
+    EVENT_OVERHEAD_BYTES,
     Event,
     EventLog,
     EventsDropped,
     ExecutionQueuedEvent,
+    JupyterEvent,
+    OutputEvent,
     Subscription,
+    event_size,
 )
 
 
@@ -58,7 +63,7 @@ async def test_each_subscriber_sees_every_event() -> None:
 
 
 async def test_overflow_drops_the_oldest_and_says_so() -> None:
-    log = EventLog(max_buffered=3)
+    log = EventLog(max_bytes=3 * EVENT_OVERHEAD_BYTES)
     for i in range(10):
         log.publish(queued(i))
     assert len(log) == 3
@@ -67,7 +72,7 @@ async def test_overflow_drops_the_oldest_and_says_so() -> None:
 
 
 async def test_a_slow_subscriber_is_told_what_it_missed() -> None:
-    log = EventLog(max_buffered=2)
+    log = EventLog(max_bytes=2 * EVENT_OVERHEAD_BYTES)
     with log.subscribe() as sub:
         for i in range(5):
             log.publish(queued(i))
@@ -107,7 +112,107 @@ async def test_close_ends_subscribers_after_the_remaining_events() -> None:
 
 def test_the_bound_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        EventLog(max_buffered=0)
+        EventLog(max_bytes=0)
+
+
+def stream(text: str, buffers: tuple[bytes, ...] = ()) -> JupyterEvent:
+    message = Message.build(
+        "stream", {"name": "stdout", "text": text}, session="s", buffers=buffers
+    )
+    return JupyterEvent(Channel.IOPUB, message)
+
+
+def test_an_events_size_is_its_payload_plus_a_fixed_overhead() -> None:
+    event = stream("x" * 1000, (b"b" * 500,))
+    payload = len(event.message.content_json) + len(event.message.metadata_json) + 500
+    assert event_size(event) == EVENT_OVERHEAD_BYTES + payload
+    assert event_size(OutputEvent("stdout", "abc")) == EVENT_OVERHEAD_BYTES + 3
+    assert event_size(queued(1)) == EVENT_OVERHEAD_BYTES
+
+
+async def test_the_bound_is_in_bytes_whatever_the_count() -> None:
+    bound = 1_000_000
+    log = EventLog(max_bytes=bound)
+    with log.subscribe() as stuck:  # attached, never reads
+        big = [stream(f"{i:08d}" + "x" * 100_000) for i in range(50)]
+        for event in big:
+            log.publish(event)
+            assert log.nbytes <= bound
+        assert len(log) == bound // event_size(big[0])
+        small: list[Event] = [queued(i) for i in range(10_000)]
+        log.publish_many(small)
+        assert log.nbytes <= bound
+        assert len(log) == bound // EVENT_OVERHEAD_BYTES
+        # It reads again: told how many it missed, then the newest, in order.
+        kept = len(log)
+        dropped, *rest = await stuck.receive(max_events=20_000)
+        assert dropped == EventsDropped(50 + 10_000 - kept)
+        assert rest == small[-kept:]
+
+
+async def test_the_newest_event_stays_even_when_larger_than_the_bound() -> None:
+    log = EventLog(max_bytes=10)
+    large = stream("x" * 100)
+    log.publish_many([queued(0), large])
+    with log.subscribe() as sub:
+        assert await sub.receive() == [EventsDropped(1), large]
+
+
+async def test_an_unclean_drop_leaves_what_was_not_acknowledged_for_the_next_subscriber() -> None:
+    log = EventLog()
+    log.publish_many([queued(i) for i in range(5)])
+    first = log.subscribe()
+    assert await first.receive() == [queued(i) for i in range(5)]
+    first.acknowledge(2)  # e.g. a pong after the second frame
+    first.close(acknowledged=0)  # its socket died
+    assert log.acknowledged == 2
+    assert len(log) == 3, "what was acknowledged is let go"
+    with log.subscribe() as second:
+        assert await second.receive() == [queued(2), queued(3), queued(4)]
+    # `second` closed cleanly: nothing is replayed again.
+    log.publish(queued(5))
+    with log.subscribe() as third:
+        assert await third.receive() == [queued(5)]
+
+
+async def test_acknowledging_never_goes_past_what_was_taken_or_backwards() -> None:
+    log = EventLog()
+    log.publish_many([queued(i) for i in range(4)])
+    sub = log.subscribe()
+    await sub.receive(max_events=2)
+    sub.acknowledge(10)
+    assert log.acknowledged == 2
+    sub.acknowledge(1)
+    assert log.acknowledged == 2
+    with log.subscribe(backlog=False) as observer:
+        log.publish(queued(4))
+        await observer.receive()
+        observer.acknowledge(5)
+        assert log.acknowledged == 2, "an observer acknowledges nothing"
+    sub.close(acknowledged=0)
+
+
+async def test_resume_continues_after_the_given_seq() -> None:
+    log = EventLog()
+    log.publish_many([queued(i) for i in range(6)])
+    first = log.subscribe()
+    await first.receive()
+    first.close(acknowledged=0)
+    # The client had seqs 1..4 (events 0..3) when its socket died.
+    with log.subscribe(resume=4) as resumed:
+        assert await resumed.receive() == [queued(4), queued(5)]
+    assert log.acknowledged == 6
+
+
+async def test_resume_after_what_is_gone_says_how_much_and_a_bad_seq_is_refused() -> None:
+    log = EventLog(max_bytes=3 * EVENT_OVERHEAD_BYTES)
+    log.publish_many([queued(i) for i in range(10)])
+    with log.subscribe(resume=2) as resumed:
+        assert await resumed.receive() == [EventsDropped(5), queued(7), queued(8), queued(9)]
+    with pytest.raises(ValueError, match="not in this session's log"):
+        log.subscribe(resume=11)
+    with pytest.raises(ValueError, match="not in this session's log"):
+        log.subscribe(resume=-1)
 
 
 class RecordingSink:

@@ -53,9 +53,9 @@ async def test_what_the_socket_cannot_take_at_once_is_written_before_anything_el
     websocket = WebSocket(trio.SocketStream(ours), Connection(ConnectionType.SERVER), b"")
     client_stream = trio.SocketStream(theirs)
     big = [os.urandom(DIRECT_WRITE_MAX_BYTES // 2).hex().encode()]  # more than the buffer holds
-    assert websocket.send_now(big)
+    assert websocket.send_now(big, 1)
     assert websocket.owes
-    assert not websocket.send_now([b"x"]), "nothing may overtake the unwritten part"
+    assert not websocket.send_now([b"x"], 2), "nothing may overtake the unwritten part"
     client = FrameProtocol(client=True, extensions=[])
     received: list[str] = []
     async with trio.open_nursery() as nursery:
@@ -75,5 +75,5 @@ async def test_what_the_socket_cannot_take_at_once_is_written_before_anything_el
     assert received == [big[0].decode(), "tail"]
     assert not websocket.owes
     await websocket.aclose()
-    assert not websocket.send_now([b"x"]), "a closed socket takes nothing"
+    assert not websocket.send_now([b"x"], 2), "a closed socket takes nothing"
     await client_stream.aclose()

@@ -99,7 +99,8 @@ async def test_the_clients_close_is_answered_and_ends_sending(
     assert answer.code == 1000
     with pytest.raises(websocket.ConnectionClosed):
         await server.send(b'{"kind":"kernel"}')
-    assert not server.send_now([b'{"kind":"kernel"}'])
+    assert not server.send_now([b'{"kind":"kernel"}'], 1)
+    assert server.closed_cleanly
 
 
 async def test_our_close_waits_briefly_for_the_clients(
@@ -113,3 +114,41 @@ async def test_our_close_waits_briefly_for_the_clients(
     assert [e.data for e in events[:2]] == ["1", "2"]  # type: ignore[attr-defined]
     assert events[2] == wsproto.events.CloseConnection(1001, "going away")
     assert await client.stream.receive_some() == b""  # and the socket is closed
+
+
+async def test_a_pong_acknowledges_the_events_written_before_its_ping(
+    pair: tuple[WebSocket, Client],
+) -> None:
+    server, client = pair
+    acknowledged: list[int] = []
+    server.on_acknowledged = acknowledged.append
+    await server.send_batch([b'{"n":1}', b'{"n":2}'], through=2)
+    await server._send_event(wsproto.events.Ping((1).to_bytes(8, "big")))
+    assert server.send_now([b'{"n":3}'], 3)
+    await server._send_event(wsproto.events.Ping((2).to_bytes(8, "big")))
+    events = [await client.next_event() for _ in range(5)]
+    assert [type(e).__name__ for e in events] == ["TextMessage"] * 2 + [
+        "Ping",
+        "TextMessage",
+        "Ping",
+    ]
+    assert server.sent_through == 3
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.receive)
+        await client.send(wsproto.events.Pong((1).to_bytes(8, "big")))
+        with trio.fail_after(TIMEOUT):
+            while acknowledged != [2]:
+                await trio.sleep(0.01)
+        await client.send(wsproto.events.Pong((2).to_bytes(8, "big")))
+        with trio.fail_after(TIMEOUT):
+            while acknowledged != [2, 3]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert not server.closed_cleanly
+
+
+async def test_a_hang_up_is_not_a_clean_close(pair: tuple[WebSocket, Client]) -> None:
+    server, client = pair
+    await client.stream.aclose()
+    assert await server.receive() is None
+    assert not server.closed_cleanly

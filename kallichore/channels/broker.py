@@ -9,12 +9,19 @@ WebSocket over TCP or over a per-session Unix socket) is behind `ClientTransport
 While a client is caught up, new events are written to it by the task that publishes them
 (the log's sink) when its socket takes them without waiting: on the hot path this saves a task
 switch per batch. Otherwise, and always for what the sink declines, its forwarding task reads
-the log.
+the log. Either way the publisher never waits for a client.
+
+What a client was sent stays in the log until the client acknowledges it, so that an unclean
+drop (its socket died with frames in it) loses nothing: the transport acknowledges what a pong
+or a clean close proves the client read, and the next client starts after that. A client that
+asked for numbered frames (`Resume`) says itself where to continue when it comes back; pongs do
+not acknowledge for it, since it may have read frames it never got to process.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
@@ -22,10 +29,12 @@ import trio
 
 from kallichore.channels.kallichore_framing import (
     FrameError,
+    Resume,
     client_error,
     decode_buffers,
     encode_event,
     kernel_event,
+    numbered,
     parse_client_frame,
 )
 from kallichore.errors import KallichoreError
@@ -38,21 +47,38 @@ logger = logging.getLogger(__name__)
 # WebSocket close codes.
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
+# How long a client we close gets to answer our Close (proving it read everything before it).
+CLOSE_ANSWER_SECONDS = 1.0
 
 
 class ClientTransport(Protocol):
-    """Where a client's frames go: each frame is the UTF-8 JSON of one text message."""
+    """Where a client's frames go: each frame is the UTF-8 JSON of one text message.
+
+    Frames of events carry `through`, the seq of the batch's last event: the transport tells
+    `on_acknowledged` the seq through which the client provably read them, and after the
+    connection, `sent_through` and whether it `closed_cleanly`.
+    """
+
+    on_acknowledged: Callable[[int], None] | None
+
+    @property
+    def sent_through(self) -> int:
+        """The seq of the last event whose frame was written whole (or is owed)."""
+
+    @property
+    def closed_cleanly(self) -> bool:
+        """The client sent a Close frame: it read what it wanted of what it was sent."""
 
     async def send(self, frame: bytes) -> None: ...
 
-    async def send_batch(self, frames: list[bytes]) -> None:
+    async def send_batch(self, frames: list[bytes], through: int | None = None) -> None:
         """Several frames at once, in order (the transport may coalesce the writes)."""
 
     @property
     def free(self) -> bool:
         """Nothing is being written and nothing is owed: `send_now` may write at once."""
 
-    def send_now(self, frames: list[bytes]) -> bool:
+    def send_now(self, frames: list[bytes], through: int) -> bool:
         """Write the frames at once if nothing else is being written, without waiting.
 
         False if nothing was written. True if the socket took the frames, or part of them:
@@ -74,33 +100,56 @@ class ClientTransport(Protocol):
 class ChannelClient:
     """A client attached to one session's channels."""
 
-    def __init__(self, session: KernelSession, transport: ClientTransport) -> None:
+    def __init__(
+        self, session: KernelSession, transport: ClientTransport, resume: Resume | None = None
+    ) -> None:
         self.session = session
         self._transport = transport
+        self._resume = resume
         self._displaced = False
         self._waiting: trio.CancelScope | None = None
         self._finished = trio.Event()
 
     async def run(self, stopping: trio.Event) -> None:
         """Serve the client until it leaves, is displaced, or the server stops."""
+        transport = self._transport
         try:
-            with self.session.events.subscribe() as events:
+            resume = self._resume
+            events = self.session.events.subscribe(resume=resume.seq if resume else None)
+            if resume is None:
+                transport.on_acknowledged = events.acknowledge
+            try:
                 async with trio.open_nursery() as nursery:
-                    events.sink = partial(self._send_now, nursery)
+                    events.sink = partial(self._send_now, nursery, events)
                     nursery.start_soon(self._forward_events, events, nursery.cancel_scope)
                     nursery.start_soon(self._forward_client_messages, nursery.cancel_scope)
                     nursery.start_soon(self._close_when, stopping, nursery.cancel_scope)
+            finally:
+                # Without a clean close, what was sent since the last acknowledgement is
+                # replayed to the next client.
+                events.close(transport.sent_through if transport.closed_cleanly else 0)
         finally:
             self._finished.set()
 
-    def _send_now(self, nursery: trio.Nursery, events: list[Event]) -> bool:
+    def _frames(self, events: list[Event], through: int) -> list[bytes]:
+        """The frames of events whose last has seq `through` (numbered if the client asked)."""
+        frames = [encode_event(event) for event in events]
+        if self._resume is not None:
+            first = through - len(frames) + 1
+            frames = [numbered(frame, first + i) for i, frame in enumerate(frames)]
+        return frames
+
+    def _send_now(
+        self, nursery: trio.Nursery, subscription: Subscription, events: list[Event]
+    ) -> bool:
         """The event log's fast path: new events written in the publisher's task, when the
         client is caught up and its socket takes them without waiting."""
         transport = self._transport
         # Checked before framing: a batch declined here is framed again by the forwarding task.
         if self._displaced or not transport.free:
             return False
-        if not transport.send_now([encode_event(event) for event in events]):
+        through = subscription.cursor + len(events)
+        if not transport.send_now(self._frames(events, through), through):
             return False
         if transport.owes:
             nursery.start_soon(transport.flush)
@@ -124,7 +173,8 @@ class ChannelClient:
             self._waiting = None
             if batch is None:
                 break
-            await self._transport.send_batch([encode_event(event) for event in batch])
+            through = events.cursor
+            await self._transport.send_batch(self._frames(batch, through), through)
         if self._displaced:
             reason = "another client connected to this session"
             logger.info("session %s: a channels client was displaced", self.session.session_id)
@@ -132,6 +182,8 @@ class ChannelClient:
             await self._transport.close(POLICY_VIOLATION, reason)
         else:
             await self._transport.close(GOING_AWAY, "the session was deleted")
+        # The client's answer ends the connection (`_forward_client_messages`), cleanly.
+        await trio.sleep(CLOSE_ANSWER_SECONDS)
         done.cancel()
 
     async def _forward_client_messages(self, done: trio.CancelScope) -> None:
@@ -196,10 +248,12 @@ class ChannelBroker:
         """Wait until no client is attached to any session."""
         await self._detached.wait()
 
-    async def serve(self, session: KernelSession, transport: ClientTransport) -> None:
+    async def serve(
+        self, session: KernelSession, transport: ClientTransport, resume: Resume | None = None
+    ) -> None:
         session_id = session.session_id
         previous = self._clients.get(session_id)
-        client = ChannelClient(session, transport)
+        client = ChannelClient(session, transport, resume)
         if not self._clients:
             self._detached = trio.Event()
         self._clients[session_id] = client

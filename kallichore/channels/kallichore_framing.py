@@ -4,6 +4,10 @@ Towards the client every frame is a JSON object tagged by `kind`: `"jupyter"` fo
 message (headers trimmed to `msg_id`/`msg_type`, buffers as base64) and `"kernel"` for a
 supervisor event with one camelCase key. A kernel message's content and metadata are spliced in
 as the bytes the kernel sent: this is the hot path, and re-encoding content is what it avoids.
+
+Our extension, for clients that ask for it with a `resume` query parameter (Positron never
+does, so its frames are Kallichore's byte for byte): each event's frame ends with its `seq` in
+the session's log, and `?resume=<seq>` on a later connection continues after that event.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import base64
 import binascii
 import json
 from typing import Any
+from urllib.parse import parse_qs
+
+import attrs
 
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.wire import Channel, JSONObject, Message, dumps
@@ -101,6 +108,51 @@ def encode_event(event: Event) -> bytes:
         case EventsDropped(count=count):
             return kernel_event("eventsDropped", count)
     raise TypeError(f"unknown event {event!r}")
+
+
+def numbered(frame: bytes, seq: int) -> bytes:
+    """An event's frame with its `seq` for a resuming client (every frame is a JSON object)."""
+    return b'%s,"seq":%d}' % (frame[:-1], seq)
+
+
+@attrs.frozen
+class Resume:
+    """A client that asked for numbered frames, continuing after `seq` if it gave one."""
+
+    seq: int | None = None
+
+
+# Longer is no seq of ours (2**63 events); refusing it early keeps int() cheap.
+MAX_SEQ_DIGITS = 19
+
+
+def requested_resume(target: bytes, last_seq: int) -> Resume | None:
+    """What a channels request's `resume` query parameter asks for (None if it has none):
+    `?resume` numbers the frames, `?resume=<seq>` also continues after that event.
+
+    Raises `KallichoreError` for a value that is not a seq of a log whose last is `last_seq`.
+    """
+    query = target.partition(b"?")[2]
+    if b"resume" not in query:
+        return None
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("resume")
+    if not values:
+        return None
+    value = values[-1]
+    if not value:
+        return Resume()
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_SEQ_DIGITS):
+        raise KallichoreError(
+            ErrorCode.SESSION_CONNECTION_FAILED,
+            f"resume must be a sequence number, got {value[:40]!r}",
+        )
+    seq = int(value)
+    if seq > last_seq:
+        raise KallichoreError(
+            ErrorCode.SESSION_CONNECTION_FAILED,
+            f"cannot resume after event {seq}: the session's last event is {last_seq}",
+        )
+    return Resume(seq)
 
 
 def client_error(error: KallichoreError, msg_id: str | None = None) -> bytes:

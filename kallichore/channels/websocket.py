@@ -4,7 +4,9 @@ wsproto is the protocol: it completes the handshake of a request h11 has parsed,
 the client sends (text messages, pings, pongs, Close) and builds our control frames. The shell,
 `WebSocket`, owns the socket: it reads bytes into wsproto, and it is the only writer, through one
 lock of its own, so frames never interleave. It also pings like Kallichore (an 8-byte big-endian
-counter every 10 s; more than 3 unanswered and the client is dropped).
+counter every 10 s; more than 3 unanswered and the client is dropped). A ping is written after
+every frame before it, and TCP keeps the order: the pong proves that the client's WebSocket
+read all of them, and is the acknowledgement the event log keeps its replay window by.
 
 The events going to the client are the one thing framed here rather than by wsproto: wsproto
 frames a text message from a `str`, and ours are UTF-8 bytes already. Decoding them for wsproto
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 
 import h11
 import trio
@@ -36,6 +39,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 
 from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.kallichore_framing import Resume
 from kallichore.session.kernel_session import KernelSession
 
 logger = logging.getLogger(__name__)
@@ -110,17 +114,29 @@ class WebSocket:
         self._fragments_size = 0
         # The highest ping counter the client has answered.
         self._answered = 0
+        # The pings not answered yet, each with the seq of the last event written before it.
+        self._pings: deque[tuple[int, int]] = deque()
+        self._sent_through = 0
+        self.on_acknowledged: Callable[[int], None] | None = None
+        self.closed_cleanly = False
         if received:
             connection.receive_data(received)
 
     # -- to the client -------------------------------------------------------------------------
 
+    @property
+    def sent_through(self) -> int:
+        """The seq of the last event whose frame was written whole (or is owed)."""
+        return self._sent_through
+
     async def send(self, frame: bytes) -> None:
         await self.send_batch([frame])
 
-    async def send_batch(self, frames: list[bytes]) -> None:
-        """Write `frames` as text frames in one write; raises ConnectionClosed once closing."""
-        await self._write(text_frames(frames))
+    async def send_batch(self, frames: list[bytes], through: int | None = None) -> None:
+        """Write `frames` as text frames in one write; raises ConnectionClosed once closing.
+
+        `through`: the seq of the last event among them, once they are written."""
+        await self._write(text_frames(frames), through)
 
     @property
     def free(self) -> bool:
@@ -131,7 +147,7 @@ class WebSocket:
             or self._connection.state is not ConnectionState.OPEN
         )
 
-    def send_now(self, frames: list[bytes]) -> bool:
+    def send_now(self, frames: list[bytes], through: int) -> bool:
         """Write the frames at once if nothing else is being written, without waiting.
 
         False if nothing was written. True if the socket took the frames, or part of them:
@@ -150,6 +166,8 @@ class WebSocket:
             # Full (BlockingIOError) or broken: the ordinary path waits, or reports the error.
             return False
         self._unwritten = data[sent:]
+        # What is owed goes out before anything else: a later ping still follows it.
+        self._sent_through = through
         return True
 
     @property
@@ -172,9 +190,12 @@ class WebSocket:
         async with self._writing:
             if self._broken or self._connection.state is ConnectionState.CLOSED:
                 return
+            if isinstance(event, Ping):
+                counter = int.from_bytes(event.payload, "big")
+                self._pings.append((counter, self._sent_through))
             await self._write_locked(self._connection.send(event))
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes, through: int | None = None) -> None:
         # The lock is nearly always free: taking it without a schedule point saves one pass
         # of the event loop per write (the write itself still yields).
         try:
@@ -185,6 +206,8 @@ class WebSocket:
             if self._broken or self._connection.state is not ConnectionState.OPEN:
                 raise ConnectionClosed
             await self._write_locked(data)
+            if through is not None:
+                self._sent_through = through
         finally:
             self._writing.release()
 
@@ -231,11 +254,26 @@ class WebSocket:
                     await self._send_event(event.response())
                 case Pong(payload=payload):
                     self._answered = max(self._answered, int.from_bytes(payload[:8], "big"))
+                    self._acknowledge()
                 case CloseConnection():
-                    # The client's Close (or its answer to ours), a parse error, or a hang-up.
+                    # The client's Close (or its answer to ours), a parse error, or a hang-up:
+                    # only a Close frame moves the state on, and a hang-up reads 1006.
+                    if (
+                        self._connection.state is not ConnectionState.OPEN
+                        and event.code != CloseReason.ABNORMAL_CLOSURE
+                    ):
+                        self.closed_cleanly = True
                     await self.close(event.code, event.reason)
                     self._messages.append(None)
                     return
+
+    def _acknowledge(self) -> None:
+        """Tell `on_acknowledged` what the answered pings prove the client read."""
+        through = None
+        while self._pings and self._pings[0][0] <= self._answered:
+            through = self._pings.popleft()[1]
+        if through is not None and self.on_acknowledged is not None:
+            self.on_acknowledged(through)
 
     # -- liveness and the end --------------------------------------------------------------------
 
@@ -277,6 +315,7 @@ async def serve_channels(
     session: KernelSession,
     websocket: WebSocket,
     *,
+    resume: Resume | None = None,
     ping_interval: float = PING_INTERVAL_SECONDS,
 ) -> None:
     """Attach `websocket` to `session` until it leaves, is displaced, or stops answering pings;
@@ -284,7 +323,7 @@ async def serve_channels(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drop_if_unresponsive, websocket, session, ping_interval, nursery)
-            await broker.serve(session, websocket)
+            await broker.serve(session, websocket, resume)
             nursery.cancel_scope.cancel()
     except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
         logger.info("session %s: a channels client went away", session.session_id)

@@ -4,6 +4,10 @@
 session's Unix socket, or a stream with extra socket options), so the same connection serves
 every transport. Per message it decodes the JSON once; `execute()` then looks at the parent
 header only, so that a client's round trip costs about what its frames cost.
+
+A connection opened with `resume` gets numbered frames: `last_seq` is the number of the last
+event received, and a new connection with `resume=channels.resume_point` after a drop continues
+right after it, so that nothing is lost and nothing comes twice.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import trio
 import trio_websocket
@@ -42,18 +46,32 @@ class Channels:
 
     def __init__(self, websocket: trio_websocket.WebSocketConnection) -> None:
         self.websocket = websocket
+        # The seq of the last event received, on a connection that asked for numbered frames.
+        self.last_seq: int | None = None
+
+    @property
+    def resume_point(self) -> int | Literal[True]:
+        """What a new connection should `resume` from: after `last_seq`, or (before the first
+        numbered frame) wherever the server would start any client."""
+        return True if self.last_seq is None else self.last_seq
+
+    def _decode(self, text: str | bytes) -> JSON:
+        frame: JSON = json.loads(text)
+        seq = frame.pop("seq", None)
+        if seq is not None:
+            self.last_seq = seq
+        return frame
 
     async def receive_frame(self) -> JSON:
-        """The next frame as the server sent it (decoded JSON)."""
-        frame: JSON = json.loads(await self.websocket.get_message())
-        return frame
+        """The next frame as the server sent it (decoded JSON; its `seq` goes to `last_seq`)."""
+        return self._decode(await self.websocket.get_message())
 
     async def receive(self) -> ChannelEvent:
         """The next event: a `KernelMessage` or a `SupervisorEvent`.
 
         Raises `trio_websocket.ConnectionClosed` once the server closed the connection.
         """
-        return decode_frame(json.loads(await self.websocket.get_message()))
+        return decode_frame(self._decode(await self.websocket.get_message()))
 
     def __aiter__(self) -> Channels:
         return self
@@ -121,7 +139,7 @@ class Channels:
                 text = await get_message()
             if waiting.cancelled_caught:
                 return
-            execution.add(json.loads(text), time.perf_counter())
+            execution.add(self._decode(text), time.perf_counter())
 
 
 @asynccontextmanager

@@ -181,12 +181,16 @@ class KallichoreClient:
     # -- channels ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def channels(self, session_id: str) -> AsyncIterator[Channels]:
+    async def channels(
+        self, session_id: str, *, resume: bool | int = False
+    ) -> AsyncIterator[Channels]:
         """The session's channels connection (displacing any other client of the session).
 
         On TCP, a WebSocket upgrade of `/sessions/{id}/channels` with the bearer token; on
         the Unix-socket transport, the same request answers with the path of the session's
-        own socket, and the WebSocket runs over that.
+        own socket, and the WebSocket runs over that. `resume`: numbered frames (True), and
+        continuing after the event of that seq (an int: an earlier connection's
+        `resume_point`).
         """
         resource = f"/sessions/{session_id}/channels"
         headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
@@ -201,5 +205,7 @@ class KallichoreClient:
             stream = await trio.open_tcp_stream(url.host, port)
             host = f"{url.host}:{port}"
             resource = url.raw_path.decode().rstrip("/") + resource
+        if resume is not False:
+            resource += "?resume" if resume is True else f"?resume={resume}"
         async with open_channels(stream, host, resource, headers) as channels:
             yield channels

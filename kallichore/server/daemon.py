@@ -58,6 +58,7 @@ class DaemonOptions:
     idle_shutdown_seconds: float | None = None
     resource_sample_interval_ms: int = 1000
     shutdown_grace: float = 10.0
+    session_buffer_bytes: int = SessionConfig().event_buffer_bytes
     log_level: str = "info"
     log_file: Path | None = None
     state_dir: Path | None = None
@@ -130,7 +131,9 @@ async def run_daemon(options: DaemonOptions) -> int:
     grace = options.shutdown_grace
     footprint = Footprint.open()
     config = SupervisorConfig(
-        session=SessionConfig(shutdown_grace=grace),
+        session=SessionConfig(
+            shutdown_grace=grace, event_buffer_bytes=options.session_buffer_bytes
+        ),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
         footprint=footprint,
         state_dir=options.state_dir,

@@ -25,6 +25,7 @@ from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
 from kallichore.api.app import ServerState, check_token, log_response
 from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.kallichore_framing import requested_resume
 from kallichore.channels.websocket import (
     PING_INTERVAL_SECONDS,
     accept,
@@ -141,6 +142,13 @@ class FrontDoor:
             await respond(stream, client, 400, json.dumps(error).encode())
             return
         try:
+            resume = requested_resume(request.target, session.events.last_seq)
+        except KallichoreError as error:
+            log_response("GET", path, 400)
+            body = {"code": error.code.wire, "message": error.message}
+            await respond(stream, client, 400, json.dumps(body).encode())
+            return
+        try:
             handshake = handshake_for(request)
         except WebSocketHandshakeError as error:
             log_response("GET", path, 400)
@@ -148,7 +156,9 @@ class FrontDoor:
             return
         websocket = await accept(stream, handshake, client.trailing_data[0])
         self._supervisor.note_activity()
-        await serve_channels(self._broker, session, websocket, ping_interval=self._ping_interval)
+        await serve_channels(
+            self._broker, session, websocket, resume=resume, ping_interval=self._ping_interval
+        )
 
 
 def _channels_session(request: h11.Request) -> str | None:

@@ -28,6 +28,7 @@ from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
 from kallichore.api.app import log_response
 from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.kallichore_framing import Resume, requested_resume
 from kallichore.channels.websocket import (
     PING_INTERVAL_SECONDS,
     WebSocket,
@@ -35,6 +36,7 @@ from kallichore.channels.websocket import (
     handshake_for,
     serve_channels,
 )
+from kallichore.errors import KallichoreError
 from kallichore.footprint import Footprint
 from kallichore.server.h11_stream import next_event, respond, server_connection
 from kallichore.session.kernel_session import KernelSession
@@ -175,17 +177,20 @@ class SessionSockets:
     async def _serve_connection(self, session: KernelSession, stream: trio.SocketStream) -> None:
         """Serve one accepted connection; its failures are logged and end only that connection."""
         try:
-            websocket = await _accept_websocket(stream, session.session_id)
+            accepted = await _accept_websocket(stream, session)
         except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             logger.info("session %s: a channels client went away", session.session_id)
-            websocket = None
+            accepted = None
         except Exception:
             logger.exception("session %s: a channels connection failed", session.session_id)
-            websocket = None
-        if websocket is None:
+            accepted = None
+        if accepted is None:
             await trio.aclose_forcefully(stream)
             return
-        await serve_channels(self._broker, session, websocket, ping_interval=self._ping_interval)
+        websocket, resume = accepted
+        await serve_channels(
+            self._broker, session, websocket, resume=resume, ping_interval=self._ping_interval
+        )
 
 
 async def _listen_privately(path: Path) -> trio.SocketListener:
@@ -216,8 +221,12 @@ async def _listen_privately(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def _accept_websocket(stream: trio.SocketStream, session_id: str) -> WebSocket | None:
-    """Complete the client's HTTP WebSocket handshake; None (after logging) if there is none."""
+async def _accept_websocket(
+    stream: trio.SocketStream, session: KernelSession
+) -> tuple[WebSocket, Resume | None] | None:
+    """Complete the client's HTTP WebSocket handshake, with what it asks to resume; None (after
+    logging) if there is none."""
+    session_id = session.session_id
     prefix = b""
     with trio.move_on_after(SNIFF_TIMEOUT_SECONDS):
         while len(prefix) < 4:
@@ -241,12 +250,13 @@ async def _accept_websocket(stream: trio.SocketStream, session_id: str) -> WebSo
             pass
         if isinstance(request, h11.Request) and isinstance(event, h11.EndOfMessage):
             try:
+                resume = requested_resume(request.target, session.events.last_seq)
                 handshake = handshake_for(request)
-            except WebSocketHandshakeError as error:
+            except (KallichoreError, WebSocketHandshakeError) as error:
                 path = request.target.partition(b"?")[0].decode("latin-1")
                 log_response("GET", path, 400)
                 await respond(stream, client, 400, str(error).encode(), b"text/plain")
                 return None
-            return await accept(stream, handshake, client.trailing_data[0])
+            return await accept(stream, handshake, client.trailing_data[0]), resume
     logger.info("session %s: a channels WebSocket handshake did not complete", session_id)
     return None

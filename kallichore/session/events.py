@@ -1,10 +1,17 @@
 """The ordered stream of what a session has to say to its clients.
 
 Every kernel message and every supervisor event (status changes, process output, exits) is
-appended to one `EventLog` per session, so every client sees one consistent order. Events wait
-in the log until a subscriber has taken them: a kernel's output while nobody is attached is
-delivered, in order, to the next subscriber. The log is bounded; when it overflows, the oldest
-events are dropped and the subscriber that missed them is told how many with `EventsDropped`.
+appended to one `EventLog` per session, so every client sees one consistent order, and gets a
+sequence number. Events wait in the log until a client has *acknowledged* them: a kernel's
+output while nobody is attached is delivered, in order, to the next subscriber, and what was
+sent to a client that then vanished (its socket died with the frames in it) is still there for
+the next one: the replay window. A client acknowledges by closing cleanly, by resuming from a
+sequence number (it has everything up to there), or through its transport (a WebSocket pong).
+
+The log is bounded by bytes, not by count: a client that stops reading while the kernel prints
+costs at most the bound. When it overflows, the oldest events are dropped and whoever missed
+them is told how many with `EventsDropped`. An event's size is counted from the lengths its
+message already has, never by encoding it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from kallichore.session.model import Status
 from kallichore.session.resources import ResourceUsage
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 64 * 2**20
+# What one event costs in Python objects besides its content, metadata and buffers (the parsed
+# headers, the message and the event): measured at ~2 KiB for a small stream message. Counted
+# per event so that a flood of tiny messages weighs what it costs.
+EVENT_OVERHEAD_BYTES = 2048
 
 
 @attrs.frozen
@@ -102,22 +115,41 @@ Event = (
 )
 
 
-class EventLog:
-    """A bounded, ordered log of events with any number of independent subscribers.
+def event_size(event: Event) -> int:
+    """About what `event` holds in memory, from lengths it already has (nothing is encoded)."""
+    if type(event) is JupyterEvent:
+        message = event.message
+        size = EVENT_OVERHEAD_BYTES + len(message.content_json) + len(message.metadata_json)
+        for buffer in message.buffers:
+            size += len(buffer)
+        return size
+    if type(event) is OutputEvent:
+        return EVENT_OVERHEAD_BYTES + len(event.text)
+    return EVENT_OVERHEAD_BYTES
 
-    Sequence numbers count every event ever published. An event is retained while some attached
-    subscriber has not read it yet, or while no subscriber has ever taken it; a new subscriber
-    starts at the first event nobody has taken. Overflow drops the oldest events first.
+
+class EventLog:
+    """A byte-bounded, ordered log of events with any number of independent subscribers.
+
+    The n-th event ever published has sequence number n (from 1), so a subscriber's cursor, the
+    number of events before the next one it takes, is also the seq of the last one it took.
+    Everything after the *acknowledged* point is kept (within the bound) and is where the next
+    subscriber that takes the backlog starts; an observer keeps what it has not read yet. A
+    resume point is just a seq: whoever keeps one per client (a `?resume=` query today, the
+    Jupyter API's `session_id` tomorrow) can start a subscriber there.
     """
 
-    def __init__(self, max_buffered: int = 100_000) -> None:
-        if max_buffered < 1:
-            raise ValueError("max_buffered must be at least 1")
-        self._max_buffered = max_buffered
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._max_bytes = max_bytes
         self._events: deque[Event] = deque()
+        # Each event's `event_size`, computed once.
+        self._sizes: deque[int] = deque()
+        self._bytes = 0
         self._first_seq = 0
         self._next_seq = 0
-        self._delivered = 0
+        self._acked = 0
         self._subscribers: set[Subscription] = set()
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
@@ -125,6 +157,21 @@ class EventLog:
 
     def __len__(self) -> int:
         return len(self._events)
+
+    @property
+    def nbytes(self) -> int:
+        """The estimated size of the events kept (see `event_size`)."""
+        return self._bytes
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest event (0 before the first)."""
+        return self._next_seq
+
+    @property
+    def acknowledged(self) -> int:
+        """The seq up to which a client has acknowledged the events; the next one starts after."""
+        return self._acked
 
     @property
     def attached(self) -> bool:
@@ -143,30 +190,46 @@ class EventLog:
             return
         first = self._next_seq
         self._events.extend(events)
+        sizes = self._sizes
+        total = self._bytes
+        for event in events:
+            size = event_size(event)
+            sizes.append(size)
+            total += size
+        self._bytes = total
         self._next_seq += len(events)
         behind = False
         for subscription in self._subscribers:
             if subscription.cursor == first and subscription.offer(events):
                 subscription.cursor = self._next_seq
-                if subscription.delivers:
-                    self._delivered = max(self._delivered, subscription.cursor)
             elif subscription.cursor < self._next_seq:
                 behind = True
         self._trim()
         if behind:
             self._lot.unpark_all()
 
-    def subscribe(self, *, backlog: bool = True) -> Subscription:
-        """Follow the log from the first event nobody has taken.
+    def subscribe(self, *, backlog: bool = True, resume: int | None = None) -> Subscription:
+        """Follow the log from the first event not acknowledged, or after `resume`.
 
-        Without `backlog`, follow it from now on as an observer: what an observer reads still
-        counts as undelivered for the next subscriber that takes the backlog.
+        `resume` is the seq of the last event the client has: it acknowledges everything up to
+        there, and what is gone since is announced by `EventsDropped`. Raises ValueError if it
+        is not a seq of this log. Without `backlog`, follow the log from now on as an
+        observer, which acknowledges nothing.
         """
-        if backlog:
-            subscription = Subscription(self, self._delivered, delivers=True)
-            self._attached.set()
+        if resume is not None:
+            if not 0 <= resume <= self._next_seq:
+                raise ValueError(
+                    f"resume point {resume} is not in this session's log "
+                    f"(its last event is {self._next_seq})"
+                )
+            subscription = Subscription(self, resume, delivers=True)
+            self._acknowledge(resume)
+        elif backlog:
+            subscription = Subscription(self, self._acked, delivers=True)
         else:
             subscription = Subscription(self, self._next_seq, delivers=False)
+        if subscription.delivers:
+            self._attached.set()
         self._subscribers.add(subscription)
         return subscription
 
@@ -174,6 +237,11 @@ class EventLog:
         """No more events: subscribers get what is left, then `trio.EndOfChannel`."""
         self._closed = True
         self._lot.unpark_all()
+
+    def _acknowledge(self, seq: int) -> None:
+        if seq > self._acked:
+            self._acked = seq
+            self._trim()
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
@@ -190,19 +258,26 @@ class EventLog:
         stop = min(len(self._events), start + max_events)
         taken.extend(self._events[i] for i in range(start, stop))
         subscription.cursor += stop - start
-        if subscription.delivers:
-            self._delivered = max(self._delivered, subscription.cursor)
         self._trim()
         return taken
 
     def _trim(self) -> None:
-        keep_from = min((s.cursor for s in self._subscribers), default=self._delivered)
-        keep_from = min(keep_from, self._delivered)
-        while self._events and self._first_seq < keep_from:
-            self._events.popleft()
-            self._first_seq += 1
-        while len(self._events) > self._max_buffered:
-            self._events.popleft()
+        """Drop what is acknowledged and read by every observer, then the oldest events while
+        over the bound (the newest stays, so that one event larger than the bound gets out)."""
+        keep_from = min((s.cursor for s in self._subscribers), default=self._acked)
+        keep_from = min(keep_from, self._acked)
+        events, sizes = self._events, self._sizes
+        count = min(keep_from - self._first_seq, len(events))
+        if count > 0:
+            freed = 0
+            for _ in range(count):
+                events.popleft()
+                freed += sizes.popleft()
+            self._bytes -= freed
+            self._first_seq += count
+        while self._bytes > self._max_bytes and len(events) > 1:
+            events.popleft()
+            self._bytes -= sizes.popleft()
             self._first_seq += 1
 
 
@@ -216,6 +291,7 @@ class Subscription:
         self._log = log
         self.cursor = cursor
         self.delivers = delivers
+        self._closed = False
         # The fast path: while this subscriber is caught up, new events are offered to the sink
         # the moment they are published, in the publisher's task; events it takes are never
         # returned by `receive`. A sink that declines (returns False) leaves them in the log.
@@ -249,7 +325,19 @@ class Subscription:
             await trio.lowlevel.checkpoint()
         return log._take(self, max_events)
 
-    def close(self) -> None:
+    def acknowledge(self, seq: int) -> None:
+        """The client has received every event up to `seq` (at most what it was given)."""
+        if self.delivers and not self._closed:
+            self._log._acknowledge(min(seq, self.cursor))
+
+    def close(self, acknowledged: int | None = None) -> None:
+        """Stop following the log, the client having received every event up to `acknowledged`
+        (by default all it took, as after a clean close). What it took after that stays for
+        the next subscriber, which gets it again: the replay after an unclean drop."""
+        if self._closed:
+            return
+        self.acknowledge(self.cursor if acknowledged is None else acknowledged)
+        self._closed = True
         self._log._unsubscribe(self)
 
     def __enter__(self) -> Subscription:

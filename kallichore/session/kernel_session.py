@@ -59,7 +59,7 @@ class KernelSession:
         self._key = key or new_key()
         self._created = time.time() if created is None else created
         self._state = SessionState(spec)
-        self._events = EventLog(config.event_buffer_size)
+        self._events = EventLog(config.event_buffer_bytes)
         self._env_actions: tuple[VarAction, ...] = spec.env
         self._external_connection: ConnectionInfo | None = None
         self._run_context = RunContext(

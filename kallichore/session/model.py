@@ -19,7 +19,9 @@ from kallichore.jupyter.wire import PROTOCOL_VERSION
 class SessionConfig:
     """Tunables shared by every session of a supervisor."""
 
-    event_buffer_size: int = 100_000
+    # What a session's event log may hold, in bytes: the backlog of a client that does not
+    # read, and the replay window of what was sent but not yet acknowledged.
+    event_buffer_bytes: int = 64 * 2**20
     heartbeat_interval: float = 2.0
     # While no client watches the session, `offline` can wait: beat less often, so that many
     # idle sessions cost next to nothing.
