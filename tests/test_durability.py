@@ -204,10 +204,10 @@ async def test_a_resume_point_that_is_not_a_seq_of_the_session_is_a_400(
 async def test_a_client_that_stops_reading_costs_at_most_the_sessions_buffer(
     tmp_path: Any,
 ) -> None:
-    """256 MiB printed to a client that does not read, with a 4 MiB buffer: the daemon stays
+    """512 MiB printed to a client that does not read, with a 4 MiB buffer: the daemon stays
     small, serves another session meanwhile, and the client, reading again, is told how many
     events it missed and then gets the newest output in order."""
-    lines = 256
+    lines = 512
     # One write a line, each flushed: one stream message a line.
     code = (
         "import sys\n"
@@ -235,11 +235,15 @@ async def test_a_client_that_stops_reading_costs_at_most_the_sessions_buffer(
                 while (await client.get_session("python-stuck"))["status"] != "idle":
                     peak = max(peak, process.memory_info().rss)
                     assert (await other.execute("1 + 1")).status == "ok"
+        held = process.memory_info().rss
         after = [await stuck.receive_frame()]
         while not is_idle(after[-1], request["header"]["msg_id"]):
             after.append(await stuck.receive_frame())
-    grown = (peak - baseline) / 2**20
-    assert grown < 64, f"the daemon grew by {grown:.0f} MiB"
+    # Measured once the output is over: its peak also counts what was in flight (ZeroMQ's
+    # receive queue, which fills while the daemon waits for a CPU; up to 174 MiB seen on a
+    # loaded machine), where an unbounded log keeps all 512 MiB to the end.
+    grown, peaked = (held - baseline) / 2**20, (peak - baseline) / 2**20
+    assert grown < 128, f"the daemon holds {grown:.0f} MiB more (peak: {peaked:.0f} MiB)"
     frames = before + after
     [dropped] = kernel_events(frames, "eventsDropped")
     gap = next(i for i, f in enumerate(frames) if "eventsDropped" in f)

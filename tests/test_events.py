@@ -211,8 +211,18 @@ async def test_resume_after_what_is_gone_says_how_much_and_a_bad_seq_is_refused(
         assert await resumed.receive() == [EventsDropped(5), queued(7), queued(8), queued(9)]
     with pytest.raises(ValueError, match="not in this session's log"):
         log.subscribe(resume=11)
+
+
+async def test_a_log_that_continues_an_earlier_one_numbers_past_it() -> None:
+    """A daemon restarted on its state directory: a client resuming from the session's
+    previous life gets the whole new log, and its old seq is never taken for a new one."""
+    log = EventLog(first_seq=1_000)
+    log.publish_many([queued(0), queued(1)])
+    assert log.last_seq == 1_002
+    with log.subscribe(resume=5) as resumed:
+        assert await resumed.receive() == [queued(0), queued(1)]
     with pytest.raises(ValueError, match="not in this session's log"):
-        log.subscribe(resume=-1)
+        log.subscribe(resume=1_003)
 
 
 class RecordingSink:

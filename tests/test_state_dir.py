@@ -82,11 +82,12 @@ async def kill_and_come_back(tmp_path: Path, args: tuple[str, ...], pids: dict[s
         pids.update({name: s["process_id"] for name, s in sessions.items()})
         connection_files = {p.name for p in (state / "runtime").iterdir()}
         assert connection_files == {"kernel-python-1.json", "kernel-python-2.json"}
-        async with client.channels("python-1") as channels:
+        async with client.channels("python-1", resume=True) as channels:
             assert (await channels.execute("x = 41")).status == "ok"
             await kill_daemon(first)
             with pytest.raises(trio_websocket.ConnectionClosed):
                 await read_to_the_end(channels)
+            resume_point = channels.resume_point
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     for record in (state / "sessions").iterdir():
         assert stat.S_IMODE(record.stat().st_mode) == 0o600
@@ -103,7 +104,8 @@ async def kill_and_come_back(tmp_path: Path, args: tuple[str, ...], pids: dict[s
         assert sessions["python-1"]["status"] == "idle"
         assert sessions["python-1"]["process_id"] == pids["python-1"]
         assert sessions["python-2"]["status"] == "exited"
-        async with client.channels("python-1") as channels:
+        # A resuming client continues from its point in the session's previous life.
+        async with client.channels("python-1", resume=resume_point) as channels:
             marker = await channels.receive_until(lambda e: isinstance(e, StatusChanged))
             assert marker[-1] == StatusChanged("idle", READOPTED)
             result = await channels.execute("print(x + 1)")

@@ -131,7 +131,7 @@ def event_size(event: Event) -> int:
 class EventLog:
     """A byte-bounded, ordered log of events with any number of independent subscribers.
 
-    The n-th event ever published has sequence number n (from 1), so a subscriber's cursor, the
+    The n-th event ever published has sequence number `first_seq` + n, so a subscriber's cursor, the
     number of events before the next one it takes, is also the seq of the last one it took.
     Everything after the *acknowledged* point is kept (within the bound) and is where the next
     subscriber that takes the backlog starts; an observer keeps what it has not read yet. A
@@ -139,7 +139,9 @@ class EventLog:
     Jupyter API's `session_id` tomorrow) can start a subscriber there.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, first_seq: int = 0) -> None:
+        """`first_seq`: the seq before this log's first event (0 unless the log continues one
+        that an earlier process kept, whose seqs were all lower)."""
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         self._max_bytes = max_bytes
@@ -147,9 +149,10 @@ class EventLog:
         # Each event's `event_size`, computed once.
         self._sizes: deque[int] = deque()
         self._bytes = 0
-        self._first_seq = 0
-        self._next_seq = 0
-        self._acked = 0
+        self._origin = first_seq
+        self._first_seq = first_seq
+        self._next_seq = first_seq
+        self._acked = first_seq
         self._subscribers: set[Subscription] = set()
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
@@ -165,7 +168,7 @@ class EventLog:
 
     @property
     def last_seq(self) -> int:
-        """The seq of the newest event (0 before the first)."""
+        """The seq of the newest event (`first_seq` before the first)."""
         return self._next_seq
 
     @property
@@ -213,11 +216,13 @@ class EventLog:
 
         `resume` is the seq of the last event the client has: it acknowledges everything up to
         there, and what is gone since is announced by `EventsDropped`. Raises ValueError if it
-        is not a seq of this log. Without `backlog`, follow the log from now on as an
-        observer, which acknowledges nothing.
+        is past this log's last. A point from before the log began (a client of the daemon
+        that ran this session before a restart) takes the whole log. Without `backlog`, follow
+        the log from now on as an observer, which acknowledges nothing.
         """
         if resume is not None:
-            if not 0 <= resume <= self._next_seq:
+            resume = max(resume, self._origin)
+            if resume > self._next_seq:
                 raise ValueError(
                     f"resume point {resume} is not in this session's log "
                     f"(its last event is {self._next_seq})"

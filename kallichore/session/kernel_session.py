@@ -59,7 +59,12 @@ class KernelSession:
         self._key = key or new_key()
         self._created = time.time() if created is None else created
         self._state = SessionState(spec)
-        self._events = EventLog(config.event_buffer_bytes)
+        # A session taken up again numbers its events from the wall clock in microseconds, past
+        # any seq its previous life used, so a client resuming from then is not mistaken for
+        # one resuming from now (see `EventLog.subscribe`).
+        self._events = EventLog(
+            config.event_buffer_bytes, first_seq=0 if created is None else time.time_ns() // 1000
+        )
         self._env_actions: tuple[VarAction, ...] = spec.env
         self._external_connection: ConnectionInfo | None = None
         self._run_context = RunContext(
