@@ -67,7 +67,7 @@ def ipykernel_spec(session_id: str = "python-test", **changes: object) -> Sessio
     return SessionSpec(**fields)  # type: ignore[arg-type]
 
 
-def supervisor_config(runtime_dir: Path) -> SupervisorConfig:
+def supervisor_config(runtime_dir: Path, heartbeat_timeout: float = 30.0) -> SupervisorConfig:
     """The tests' supervisor: fast heartbeats, short grace."""
     return SupervisorConfig(
         runtime_dir=runtime_dir,
@@ -76,7 +76,7 @@ def supervisor_config(runtime_dir: Path) -> SupervisorConfig:
             unattended_heartbeat_interval=0.2,
             # A hang guard: a loaded machine must not make a kernel look offline. The tests of
             # heartbeat loss stop the kernel and use a short timeout of their own.
-            heartbeat_timeout=30.0,
+            heartbeat_timeout=heartbeat_timeout,
             shutdown_grace=5.0,
         ),
     )
@@ -192,11 +192,13 @@ async def anonymous(server: RunningServer) -> AsyncIterator[KallichoreClient]:
 
 
 @asynccontextmanager
-async def served_client(runtime_dir: Path) -> AsyncIterator[tuple[KallichoreClient, RunningServer]]:
-    """A supervisor served on loopback and a client of it, for a test that needs a fresh one
-    of its own (a hypothesis example: pytest-trio keeps fixtures across a test's examples)."""
+async def served_client(
+    runtime_dir: Path, heartbeat_timeout: float = 30.0
+) -> AsyncIterator[tuple[KallichoreClient, RunningServer]]:
+    """A supervisor served on loopback and a client of it, for a test that needs one of its
+    own (a hypothesis example: pytest-trio keeps fixtures across a test's examples)."""
     async with (
-        open_supervisor(supervisor_config(runtime_dir)) as sup,
+        open_supervisor(supervisor_config(runtime_dir, heartbeat_timeout)) as sup,
         trio.open_nursery() as nursery,
     ):
         running = await serve(sup, nursery)

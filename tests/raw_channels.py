@@ -33,14 +33,15 @@ class RawChannels:
         self.closed = False
 
     @classmethod
-    async def connect(cls, port: int, session_id: str, token: str | None) -> RawChannels:
+    async def connect(
+        cls, port: int, session_id: str, token: str | None, query: str = ""
+    ) -> RawChannels:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         channels = cls(stream)
         headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
+        target = f"/sessions/{session_id}/channels" + (f"?{query}" if query else "")
         await channels._send(
-            wsproto.events.Request(
-                host="localhost", target=f"/sessions/{session_id}/channels", extra_headers=headers
-            )
+            wsproto.events.Request(host="localhost", target=target, extra_headers=headers)
         )
         event = await channels._next_event()
         if not isinstance(event, wsproto.events.AcceptConnection):

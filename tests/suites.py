@@ -68,3 +68,33 @@ def is_server_crash(status: int, body: Any) -> bool:
     error = body.get("error", body) if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     return not (status == 500 and isinstance(code, str) and code.startswith("KS-"))
+
+
+# -- what /proc says of a process (the daemon's own view of itself could be wrong) -----------
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def threads(pid: int) -> int:
+    return int(_status_field(pid, "Threads"))
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size, from /proc/<pid>/status (VmRSS, in KiB)."""
+    return int(_status_field(pid, "VmRSS").split()[0]) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    raise KeyError(name)
