@@ -241,11 +241,17 @@ async def test_the_daemon_serves_on_when_its_log_cannot_be_written(
     args = ("--transport", "tcp", "--port", "0", "--log-file", str(log), "--log-level", "debug")
     async with daemon(tmp_path, *args) as d, d.client() as client:
         fill(full_disk)
+        # What the daemon logs at info whatever else it does, past the log's last page
+        # (tmpfs lets a file fill the page it has).
+        for n in range(200):
+            await client.client_heartbeat(os.getpid() if n % 2 else 1)
         for n in range(3):
             await started_session(client, f"python-{n}")
             await assert_executes(client, f"python-{n}")
         assert (await client.status())["sessions"] == 3
         assert d.process.returncode is None
+    # The log was written to, and failed: the daemon's stderr says why.
+    assert "No space left on device" in d.log.read_text()
 
 
 # -- issue 10's findings, one line each ------------------------------------------------------
