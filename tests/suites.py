@@ -26,7 +26,7 @@ def budget(quick: int, full: int) -> int:
 # Each example starts a server (and for some a kernel): the examples are few but not cheap,
 # and the function-scoped fixtures they use are trio fixtures, set up anew for each example.
 fuzz_settings = settings(
-    max_examples=budget(12, 400),
+    max_examples=budget(12, 200),
     deadline=None,
     derandomize=not FULL,
     suppress_health_check=[

@@ -44,7 +44,8 @@ from tests.suites import (
     threads,
 )
 
-pytestmark = pytest.mark.faults
+# A full run's examples can take longer than the default timeout of one test.
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(budget(180, 3600))]
 
 
 def is_status(status: str) -> Any:

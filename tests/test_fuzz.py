@@ -39,7 +39,8 @@ from tests.suites import (
     is_server_crash,
 )
 
-pytestmark = pytest.mark.fuzz
+# A full run's examples can take longer than the default timeout of one test.
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(budget(180, 3600))]
 
 ROOT = Path(__file__).resolve().parent.parent
 
