@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -19,7 +20,7 @@ from kallichore.client import Channels, KallichoreClient, KernelExited, message
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message, WireError, deserialize, serialize
 from kallichore.trio_zmq import TrioSocket
-from tests.conftest import new_session_body, stream_text
+from tests.conftest import new_session_body, served_client, stream_text
 
 KERNEL_INFO = {
     "status": "ok",
@@ -160,3 +161,16 @@ async def shut_down(client: KallichoreClient, session_id: str) -> None:
             async for event in channels:
                 if isinstance(event, KernelExited):
                     return
+
+
+@asynccontextmanager
+async def served_hostile_kernel(
+    runtime_dir: Path,
+) -> AsyncIterator[tuple[KallichoreClient, int, HostileKernel]]:
+    """A server of its own (see `served_client`), a client of it, the port it listens on, and
+    a session `hostile` that has adopted a `HostileKernel`."""
+    async with (
+        served_client(runtime_dir) as (client, server),
+        adopted_hostile_kernel(client) as kernel,
+    ):
+        yield client, server.port, kernel

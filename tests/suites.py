@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -98,3 +99,18 @@ def _status_field(pid: int, name: str) -> str:
         if key == name:
             return value.strip()
     raise KeyError(name)
+
+
+async def refusal_status(http: httpx.AsyncClient, method: str, path: str, body: bytes) -> int:
+    """Send `body` as JSON, whatever it holds; its status, once checked not to be a crash."""
+    response = await http.request(
+        method, path, content=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    assert not is_server_crash(response.status_code, answer), (
+        f"{response.status_code} {response.text[:300]}"
+    )
+    return response.status_code
