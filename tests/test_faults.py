@@ -386,3 +386,24 @@ async def test_no_kernel_outlives_its_killed_daemon(tmp_path: Path) -> None:
     finally:
         if kernel.is_running():
             kernel.kill()
+
+
+@finding(5, "a pre-created socket path refuses the session's channels")
+async def test_a_squatted_socket_path_does_not_refuse_the_channels(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    args = ("--transport", "socket", "--socket-dir", str(short_dir))
+    async with daemon(tmp_path, *args) as d, d.client() as client:
+        await started_session(client, "python-1")
+        # What another user could do in a shared socket directory.
+        (short_dir / f"kc-{d.process.pid}-python-1.sock").touch()
+        await assert_executes(client, "python-1")
+
+
+@finding(10, "the daemon logs nothing about sessions")
+async def test_the_daemon_logs_a_session_s_life(tmp_path: Path) -> None:
+    async with daemon(tmp_path, "--transport", "tcp", "--port", "0") as d, d.client() as client:
+        await started_session(client, "python-logged")
+        await client.kill("python-logged")
+    log = d.log.read_text()
+    assert log.count("python-logged") >= 2, log[-2000:]
