@@ -66,7 +66,7 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session
 def faults(session: nox.Session) -> None:
-    """The fault suite in full (a few minutes): kernels killed and stopped, clients dropped
+    """The fault suite in full (about 3 minutes): kernels killed and stopped, clients dropped
     mid-stream and by the thousand, a full disk under the log, and issue 10's findings."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "faults", *session.posargs, env=FULL_SUITE)
