@@ -57,7 +57,7 @@ FULL_SUITE = {"KALLICHORE_SUITE": "full"}
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """The fuzz suite in full (about 20 minutes): schemathesis over the daemon's /openapi.json
+    """The fuzz suite in full (30 minutes or more): schemathesis over the daemon's /openapi.json
     with and without the token, hypothesis over JSON bodies, channels frames and a hostile
     kernel's ZeroMQ frames."""
     session.install("-e", ".[test]")
