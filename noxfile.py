@@ -48,3 +48,33 @@ def bench_smoke(session: nox.Session) -> None:
     times with tiny sizes, written to benchmarks/.cache/quick/ so it cannot rot."""
     session.install("-e", ".[test]", "matplotlib")
     session.run("python", "-m", "benchmarks", "--quick", *session.posargs)
+
+
+# The suites of issue 10 run in their quick mode with `tests` (so in CI); these sessions run
+# them in full. See docs/reliability.md for what each tries and what it found.
+FULL_SUITE = {"KALLICHORE_SUITE": "full"}
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The fuzz suite in full (30 minutes or more): schemathesis over the daemon's /openapi.json
+    with and without the token, hypothesis over JSON bodies, channels frames and a hostile
+    kernel's ZeroMQ frames."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "fuzz", *session.posargs, env=FULL_SUITE)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault suite in full (about 3 minutes): kernels killed and stopped, clients dropped
+    mid-stream and by the thousand, a full disk under the log, and issue 10's findings."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "faults", *session.posargs, env=FULL_SUITE)
+
+
+@nox.session
+def load(session: nox.Session) -> None:
+    """The load test (about 5 minutes; not in CI): 50 sessions executing at once, then 1,000
+    API requests a second for 30 s; prints p50/p99, errors and the daemon's RSS and CPU."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "load", "-s", *session.posargs, env=FULL_SUITE)

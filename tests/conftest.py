@@ -67,20 +67,24 @@ def ipykernel_spec(session_id: str = "python-test", **changes: object) -> Sessio
     return SessionSpec(**fields)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
-    config = SupervisorConfig(
-        runtime_dir=tmp_path / "runtime",
+def supervisor_config(runtime_dir: Path, heartbeat_timeout: float = 30.0) -> SupervisorConfig:
+    """The tests' supervisor: fast heartbeats, short grace."""
+    return SupervisorConfig(
+        runtime_dir=runtime_dir,
         session=SessionConfig(
             heartbeat_interval=0.2,
             unattended_heartbeat_interval=0.2,
             # A hang guard: a loaded machine must not make a kernel look offline. The tests of
             # heartbeat loss stop the kernel and use a short timeout of their own.
-            heartbeat_timeout=30.0,
+            heartbeat_timeout=heartbeat_timeout,
             shutdown_grace=5.0,
         ),
     )
-    async with open_supervisor(config) as sup:
+
+
+@pytest.fixture
+async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
+    async with open_supervisor(supervisor_config(tmp_path / "runtime")) as sup:
         yield sup
 
 
@@ -185,6 +189,22 @@ async def anonymous(server: RunningServer) -> AsyncIterator[KallichoreClient]:
     """A client of `server` without the token."""
     async with KallichoreClient(server.url, timeout=TIMEOUT) as kallichore:
         yield kallichore
+
+
+@asynccontextmanager
+async def served_client(
+    runtime_dir: Path, heartbeat_timeout: float = 30.0
+) -> AsyncIterator[tuple[KallichoreClient, RunningServer]]:
+    """A supervisor served on loopback and a client of it, for a test that needs one of its
+    own (a hypothesis example: pytest-trio keeps fixtures across a test's examples)."""
+    async with (
+        open_supervisor(supervisor_config(runtime_dir, heartbeat_timeout)) as sup,
+        trio.open_nursery() as nursery,
+    ):
+        running = await serve(sup, nursery)
+        async with KallichoreClient(running.url, token=TOKEN, timeout=TIMEOUT) as kallichore:
+            yield kallichore, running
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
