@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, settings
 
 FULL = os.environ.get("KALLICHORE_SUITE") == "full"
@@ -36,12 +35,6 @@ fuzz_settings = settings(
         HealthCheck.data_too_large,
     ],
 )
-
-
-def finding(number: int, what: str) -> pytest.MarkDecorator:
-    """A check that fails until issue 10's finding `number` is fixed: strict, so that it
-    turns into a failure (to be unmarked) the day the fix lands."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 10, finding {number}: {what}")
 
 
 def tracebacks(log: str) -> list[str]:
