@@ -499,6 +499,15 @@ async def test_exit_leaves_no_kernel_behind(tmp_path: Path, how: str) -> None:
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
+async def test_shutdown_answers_before_the_daemon_exits(tmp_path: Path) -> None:
+    """With no kernel to stop, the daemon used to hang up before `POST /shutdown`'s answer."""
+    async with daemon(tmp_path, "--transport", "tcp") as d, d.client() as client:
+        response = await client.http.post("/shutdown")
+        assert response.status_code == 200
+        assert response.json() is None
+        assert await d.wait() == 0
+
+
 async def test_a_second_sigint_kills_at_once(tmp_path: Path) -> None:
     async with (
         daemon(tmp_path, "--transport", "tcp", "--shutdown-grace", "600") as d,

@@ -62,6 +62,14 @@ class FrontDoor:
         self._broker = broker
         self._backend = backend
         self._ping_interval = ping_interval
+        # Requests being relayed: a shutdown lets them finish (its own answer among them).
+        self._relaying = 0
+        self._settled = trio.Event()
+        self._settled.set()
+
+    async def settled(self) -> None:
+        """Return once no request is being relayed."""
+        await self._settled.wait()
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -107,7 +115,15 @@ class FrontDoor:
             if session_id is not None:
                 await self._serve_channels(stream, client, event, session_id)
                 return
-            await backend.relay(event, stream, client)
+            if not self._relaying:
+                self._settled = trio.Event()
+            self._relaying += 1
+            try:
+                await backend.relay(event, stream, client)
+            finally:
+                self._relaying -= 1
+                if not self._relaying:
+                    self._settled.set()
             if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
                 return  # `Connection: close`, or a request body left unread
             client.start_next_cycle()

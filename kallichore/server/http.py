@@ -103,6 +103,7 @@ async def serve_api(
     stop_http = trio.Event()
     front_scope = trio.CancelScope()
     running: RunningServer | None = None
+    front: FrontDoor | None = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(
@@ -129,6 +130,10 @@ async def serve_api(
                 broker.stopping.set()
                 with trio.move_on_after(CLIENTS_CLOSE_SECONDS):
                     await broker.wait_detached()
+                    # Answers being relayed go out first: `POST /shutdown`'s own, when no
+                    # kernel kept the shutdown busy long enough for it to leave by itself.
+                    if front is not None:
+                        await front.settled()
                 stop_http.set()
                 front_scope.cancel()
     finally:
