@@ -156,9 +156,10 @@ async def run_daemon(options: DaemonOptions) -> int:
                 sockets_dir = cleanup.enter_context(
                     private_socket_dir(socket_base(options.socket_dir, MAX_SOCKET_PATH_BYTES))
                 )
+                # Every socket of ours is in it: the directory is what the sweep removes.
                 footprint.add_path(sockets_dir)
                 socket_path = main_socket_path(options, sockets_dir)
-                sockets = SessionSockets(broker, sockets_dir, os.getpid(), footprint)
+                sockets = SessionSockets(broker, sockets_dir, os.getpid())
                 await nursery.start(sockets.run)
             with private_files():
                 server: RunningServer = await nursery.start(

@@ -37,7 +37,6 @@ from kallichore.channels.websocket import (
     serve_channels,
 )
 from kallichore.errors import KallichoreError
-from kallichore.footprint import Footprint
 from kallichore.server.h11_stream import next_event, respond, server_connection
 from kallichore.session.kernel_session import KernelSession
 
@@ -96,12 +95,10 @@ class SessionSockets:
         broker: ChannelBroker,
         socket_dir: Path,
         server_pid: int,
-        footprint: Footprint | None = None,
         *,
         ping_interval: float = PING_INTERVAL_SECONDS,
     ) -> None:
         self._broker = broker
-        self._footprint = footprint or Footprint(None)
         self._socket_dir = socket_dir
         self._server_pid = server_pid
         self._ping_interval = ping_interval
@@ -135,7 +132,6 @@ class SessionSockets:
                 listener.socket.close()
                 path.unlink()
                 raise RuntimeError("SessionSockets.open() needs SessionSockets.run() to be running")
-            self._footprint.add_path(path)
             previous = self._listeners.get(session_id)
             if previous is not None:
                 previous.scope.cancel()
@@ -155,7 +151,6 @@ class SessionSockets:
         if listener is not None:
             listener.scope.cancel()
             listener.path.unlink(missing_ok=True)
-            self._footprint.discard_path(listener.path)
 
     def close_all(self) -> None:
         for session_id in list(self._listeners):
