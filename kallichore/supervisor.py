@@ -75,6 +75,7 @@ class Supervisor:
         self._recorded: dict[str, SessionRecord] = {}
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
+        self._by_kernel_id: dict[str, KernelSession] = {}
         self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
         self._footprint = config.footprint or Footprint(None)
         # When a session was last created, became idle or exited, or a client last showed up
@@ -114,6 +115,10 @@ class Supervisor:
             raise KallichoreError(
                 ErrorCode.SESSION_EXISTS, f"session {spec.session_id} already exists"
             )
+        if spec.kernel_id in self._by_kernel_id:
+            raise KallichoreError(
+                ErrorCode.SESSION_EXISTS, f"a session with kernel id {spec.kernel_id} exists"
+            )
         session = await self._add_session(spec)
         self._record(session)
         self.note_activity()
@@ -136,6 +141,7 @@ class Supervisor:
             created=created,
         )
         self._sessions[spec.session_id] = session
+        self._by_kernel_id[spec.kernel_id] = session
         await self._nursery.start(session.run)
         logger.info(
             "session %s: created (%s, %s)", spec.session_id, spec.display_name, spec.language
@@ -189,6 +195,15 @@ class Supervisor:
                 ErrorCode.SESSION_NOT_FOUND, f"session {session_id} not found"
             ) from None
 
+    def by_kernel_id(self, kernel_id: str) -> KernelSession:
+        """The session the Jupyter Server kernels API calls `kernel_id`."""
+        try:
+            return self._by_kernel_id[kernel_id]
+        except KeyError:
+            raise KallichoreError(
+                ErrorCode.SESSION_NOT_FOUND, f"kernel {kernel_id} not found"
+            ) from None
+
     def sessions(self) -> list[KernelSession]:
         return list(self._sessions.values())
 
@@ -202,6 +217,7 @@ class Supervisor:
                 "not running can be deleted",
             )
         del self._sessions[session_id]
+        del self._by_kernel_id[session.spec.kernel_id]
         await session.aclose()
         if self._state_dir is not None:
             self._recorded.pop(session_id, None)

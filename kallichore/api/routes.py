@@ -159,6 +159,27 @@ def bearer_token_matches(token: str | None, authorization: str | None) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def jupyter_token_matches(
+    token: str | None, authorization: str | None, query_token: str | None
+) -> bool:
+    """Auth as Jupyter clients send it: `?token=T`, else `Authorization: token T` or
+    `Bearer T` (scheme case-insensitive); compared in constant time; no token: open.
+
+    With auth off a header is ignored: jupyter_server's gateway client sends
+    `Authorization: token ` with an empty token.
+    """
+    if token is None:
+        return True
+    given = query_token
+    if given is None and authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() in ("token", "bearer"):
+            given = value.strip()
+    if not given:
+        return False
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
 async def read_body(route: Route) -> Any:
     """The request's body as `route.body`; `BodyError` if it must be there and is not right."""
     assert route.body is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import uuid
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any
@@ -113,6 +114,21 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
+def validate_kernel_id(kernel_id: str) -> str:
+    """A UUID in its canonical lowercase form (jupyter_server's routes match no other)."""
+    try:
+        canonical: str | None = str(uuid.UUID(kernel_id))
+    except (ValueError, TypeError):
+        canonical = None
+    if canonical != kernel_id:
+        raise KallichoreError(
+            ErrorCode.SESSION_CREATE_FAILED,
+            f"invalid kernel id {kernel_id!r}",
+            "a kernel id is a UUID in its canonical form (8-4-4-4-12 lowercase hex digits)",
+        )
+    return kernel_id
+
+
 def _strings(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(values)
 
@@ -145,6 +161,9 @@ class SessionSpec:
     notebook_uri: str | None = None
     startup_environment: StartupEnvironment = StartupEnvironment.NONE
     startup_environment_arg: str | None = None
+    # The session's id in the Jupyter Server kernels API: a UUID, as its clients require,
+    # chosen once and kept in the session's record so it survives a restart of the daemon.
+    kernel_id: str = attrs.field(factory=lambda: str(uuid.uuid4()), converter=validate_kernel_id)
 
     @classmethod
     def from_kernelspec(cls, session_id: str, kernelspec: KernelSpec, **fields: Any) -> SessionSpec:
