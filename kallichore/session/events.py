@@ -27,7 +27,7 @@ import trio
 
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message
-from kallichore.session.model import Status
+from kallichore.session.model import RestartOrigin, Status
 from kallichore.session.resources import ResourceUsage
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,11 @@ class ExecutionQueuedEvent:
 
 @attrs.frozen
 class ExitedEvent:
-    """The kernel process ended: its exit code, or minus the signal number that ended it."""
+    """The kernel process ended: its exit code, or minus the signal number that ended it;
+    `restart` says who is restarting it, if this exit is part of a restart."""
 
     exit_code: int
+    restart: RestartOrigin | None = None
 
 
 @attrs.frozen
@@ -175,6 +177,11 @@ class EventLog:
     def acknowledged(self) -> int:
         """The seq up to which a client has acknowledged the events; the next one starts after."""
         return self._acked
+
+    @property
+    def closed(self) -> bool:
+        """No more events will come (the session ended)."""
+        return self._closed
 
     @property
     def attached(self) -> bool:
