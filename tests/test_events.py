@@ -89,7 +89,9 @@ async def test_an_observer_leaves_the_backlog_for_the_next_client() -> None:
         assert await client.receive() == [queued(0), queued(1)]
 
 
-async def test_an_observer_after_a_seq_keeps_what_it_has_not_read_and_acknowledges_nothing() -> None:
+async def test_an_observer_after_a_seq_keeps_what_it_has_not_read_and_acknowledges_nothing() -> (
+    None
+):
     log = EventLog()
     for i in range(3):
         log.publish(queued(i))

@@ -212,8 +212,11 @@ class WebSocket:
         """A control frame from wsproto, built once the lock is ours so that it goes out in
         the order of the connection's state (no data after our Close)."""
         async with self._writing:
-            if self._broken or self._connection.state is ConnectionState.CLOSED:
+            state = self._connection.state
+            if self._broken or state is ConnectionState.CLOSED:
                 return
+            if isinstance(event, Pong) and state is ConnectionState.LOCAL_CLOSING:
+                return  # a ping that crossed our Close: wsproto sends nothing more
             if isinstance(event, Ping):
                 counter = int.from_bytes(event.payload, "big")
                 self._pings.append((counter, self._sent_through))
