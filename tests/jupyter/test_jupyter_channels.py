@@ -27,6 +27,7 @@ from kallichore.channels.jupyter_framing import pack_legacy, pack_v1, unpack_leg
 from kallichore.client import KallichoreClient
 from kallichore.server.http import RunningServer
 from kallichore.session.events import EVENT_OVERHEAD_BYTES
+from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import Status
 from kallichore.supervisor import Supervisor, open_supervisor
 from tests.conftest import TIMEOUT, TOKEN, new_session_body, serve, supervisor_config
@@ -174,8 +175,20 @@ async def test_v1_execute_comm_buffers_and_fan_out(
         assert all(m["channel"] == "iopub" for m in later)
 
 
+def gated(code: str, gate: Path) -> str:
+    """`code`, run once `gate` exists: output that begins after the client has gone."""
+    return f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\n{code}"
+
+
+async def open_gate_and_wait_idle(gate: Path, session: KernelSession) -> None:
+    gate.touch()
+    with trio.fail_after(TIMEOUT):
+        while session.status is not Status.IDLE:
+            await trio.sleep(0.05)
+
+
 async def test_legacy_replay_after_reconnect_and_discard(
-    client: KallichoreClient, server: RunningServer, supervisor: Supervisor
+    client: KallichoreClient, server: RunningServer, supervisor: Supervisor, tmp_path: Path
 ) -> None:
     kernel_id = await kernel(client, supervisor, "replay")
     async with connect(server, kernel_id, "nb", v1=False, header=f"token {TOKEN}") as nb:
@@ -188,24 +201,20 @@ async def test_legacy_replay_after_reconnect_and_discard(
             result["header"]["msg_id"],
         )
         assert result["buffers"] == []
-        code = "import time; time.sleep(1); print('while away')"
+        code = gated("print('while away')", tmp_path / "away")
         msg_id = await nb.send("execute_request", {"code": code, "silent": False})
         await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
     # Gone while the kernel works; the same session_id comes back and gets what it missed.
-    await trio.sleep(2)
+    await open_gate_and_wait_idle(tmp_path / "away", supervisor.get("replay"))
     async with connect(server, kernel_id, "nb", v1=False, token=TOKEN) as nb:
         missed = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
         assert "while away" in "".join(m["content"].get("text", "") for m in missed)
         assert missed[-1]["parent_header"]["msg_id"] == msg_id
         await nb.execute("print('again')")
-    await nb_reconnects_with_another_session(server, kernel_id)
-
-
-async def nb_reconnects_with_another_session(server: RunningServer, kernel_id: str) -> None:
     async with connect(server, kernel_id, "first", token=TOKEN) as first:
-        await first.send("execute_request", {"code": "import time; time.sleep(1); print('x')"})
+        await first.send("execute_request", {"code": gated("print('x')", tmp_path / "x")})
         await first.until(lambda m: m["header"]["msg_type"] == "execute_input")
-    await trio.sleep(2)
+    await open_gate_and_wait_idle(tmp_path / "x", supervisor.get("replay"))
     async with connect(server, kernel_id, "other", token=TOKEN) as other:
         # Nothing of first's is replayed to another client: its next message is new output.
         messages = await other.execute("print('fresh')")
@@ -259,14 +268,12 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
         server = await serve(supervisor, nursery)
         async with KallichoreClient(server.url, token=TOKEN, timeout=TIMEOUT) as client:
             kernel_id = await kernel(client, supervisor, "lossy")
-            code = "import sys\nfor i in range(500): print(i, flush=True)"
+            # One message each (print's output is batched into as many as the kernel likes).
+            code = gated("for i in range(500): display(i)", tmp_path / "go")
             async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
                 await nb.send("execute_request", {"code": code, "silent": False})
                 await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
-            session = supervisor.get("lossy")
-            with trio.fail_after(TIMEOUT):
-                while session.status is not Status.IDLE:
-                    await trio.sleep(0.05)
+            await open_gate_and_wait_idle(tmp_path / "go", supervisor.get("lossy"))
             async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
                 notice = await nb.receive()
                 dropped = notice["metadata"]["kallichore"]["events_dropped"]
@@ -275,5 +282,6 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
                 assert f"{dropped} kernel messages were lost" in notice["content"]["text"]
                 # What is left of the buffer follows, up to the reply.
                 rest = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
-                assert "499\n" in "".join(m["content"].get("text", "") for m in rest)
+                last = of_type(rest, "display_data")[-1]
+                assert last["content"]["data"]["text/plain"] == "499"
         nursery.cancel_scope.cancel()
