@@ -28,7 +28,7 @@ from kallichore.client import KallichoreClient
 from kallichore.server.http import RunningServer
 from kallichore.session.events import EVENT_OVERHEAD_BYTES
 from kallichore.session.kernel_session import KernelSession
-from kallichore.session.model import Status
+from kallichore.session.model import RestartOrigin, Status
 from kallichore.supervisor import Supervisor, open_supervisor
 from tests.conftest import TIMEOUT, TOKEN, new_session_body, serve, supervisor_config
 
@@ -285,3 +285,29 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
                 last = of_type(rest, "display_data")[-1]
                 assert last["content"]["data"]["text/plain"] == "499"
         nursery.cancel_scope.cancel()
+
+
+async def test_restarts_and_death_as_jupyter_server_announces_them(
+    client: KallichoreClient, server: RunningServer, supervisor: Supervisor
+) -> None:
+    kernel_id = await kernel(client, supervisor, "life")
+    session = supervisor.get("life")
+
+    def synthetic(message: dict[str, Any]) -> bool:
+        """Ours, not the kernel's own `starting` (which has no parent either)."""
+        if message["header"]["msg_type"] != "status" or message["parent_header"]:
+            return False
+        return message["content"]["execution_state"] in {"restarting", "dead"}
+
+    async with connect(server, kernel_id, "lab", token=TOKEN) as lab:
+        # A restart the client asked for through the Jupyter API: nothing announced; one
+        # through the Kallichore API: `restarting`, as jupyter_server's auto-restart.
+        await session.restart(origin=RestartOrigin.JUPYTER)
+        await session.restart()
+        announced = [m for m in await lab.until(synthetic) if synthetic(m)]
+        assert [m["content"]["execution_state"] for m in announced] == ["restarting"]
+        [result] = of_type(await lab.execute("6*7"), "execute_result")
+        assert result["content"]["data"]["text/plain"] == "42"
+        await client.kill("life")
+        dead = (await lab.until(synthetic))[-1]
+        assert dead["content"]["execution_state"] == "dead"
