@@ -30,7 +30,16 @@ from kallichore.session.events import EVENT_OVERHEAD_BYTES
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import RestartOrigin, Status
 from kallichore.supervisor import Supervisor, open_supervisor
-from tests.conftest import TIMEOUT, TOKEN, new_session_body, serve, supervisor_config
+from tests.conftest import (
+    TIMEOUT,
+    TOKEN,
+    is_reply,
+    kernel_events,
+    new_session_body,
+    serve,
+    supervisor_config,
+    until,
+)
 
 V1 = "v1.kernel.websocket.jupyter.org"
 ECHO_COMM = """
@@ -187,7 +196,7 @@ async def open_gate_and_wait_idle(gate: Path, session: KernelSession) -> None:
             await trio.sleep(0.05)
 
 
-async def test_legacy_replay_after_reconnect_and_discard(
+async def test_legacy_buffers_replay_after_reconnect_and_discard(
     client: KallichoreClient, server: RunningServer, supervisor: Supervisor, tmp_path: Path
 ) -> None:
     kernel_id = await kernel(client, supervisor, "replay")
@@ -201,6 +210,12 @@ async def test_legacy_replay_after_reconnect_and_discard(
             result["header"]["msg_id"],
         )
         assert result["buffers"] == []
+        await nb.execute(ECHO_COMM)
+        await nb.send("comm_open", {"comm_id": "c2", "target_name": "echo", "data": {}})
+        await nb.send("comm_msg", {"comm_id": "c2", "data": {}}, [b"\x00legacy"])
+        echoed = await nb.until(lambda m: m["header"]["msg_type"] == "comm_msg")
+        assert echoed[-1]["buffers"] == [b"ycagel\x00"]
+        assert echoed[-1]["channel"] == "iopub"
         code = gated("print('while away')", tmp_path / "away")
         msg_id = await nb.send("execute_request", {"code": code, "silent": False})
         await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
@@ -311,3 +326,28 @@ async def test_restarts_and_death_as_jupyter_server_announces_them(
         await client.kill("life")
         dead = (await lab.until(synthetic))[-1]
         assert dead["content"]["execution_state"] == "dead"
+
+
+async def test_the_kallichore_channel_beside_jupyter_clients(
+    client: KallichoreClient, server: RunningServer, supervisor: Supervisor
+) -> None:
+    """Kallichore's client gets every kernel message (the Jupyter clients' replies too) and
+    is displaced as before; the Jupyter clients are not counted or displaced by it."""
+    kernel_id = await kernel(client, supervisor, "both")
+    async with (
+        client.channels("both") as first,
+        connect(server, kernel_id, "lab", token=TOKEN) as lab,
+    ):
+        [reply] = [m for m in await lab.execute("6*7") if m["channel"] == "shell"]
+        msg_id = reply["parent_header"]["msg_id"]
+        await until(first, lambda f: is_reply(f, msg_id, "execute_reply"))
+        async with client.channels("both") as second:
+            displaced = await until(first, lambda f: bool(kernel_events([f], "clientDisconnected")))
+            assert displaced
+            assert (await client.get_session("both"))["connected"] is True
+            assert server.hubs.connections(supervisor.get("both")) == 1
+            [result] = of_type(await lab.execute("6*7"), "execute_result")
+            assert result["content"]["data"]["text/plain"] == "42"
+            await until(
+                second, lambda f: is_reply(f, result["parent_header"]["msg_id"], "execute_reply")
+            )
