@@ -283,22 +283,29 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
         server = await serve(supervisor, nursery)
         async with KallichoreClient(server.url, token=TOKEN, timeout=TIMEOUT) as client:
             kernel_id = await kernel(client, supervisor, "lossy")
-            # One message each (print's output is batched into as many as the kernel likes).
-            code = gated("for i in range(500): display(i)", tmp_path / "go")
-            async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
-                await nb.send("execute_request", {"code": code, "silent": False})
-                await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
-            await open_gate_and_wait_idle(tmp_path / "go", supervisor.get("lossy"))
-            async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
-                notice = await nb.receive()
-                dropped = notice["metadata"]["kallichore"]["events_dropped"]
-                assert dropped > 0
-                assert notice["content"]["name"] == "stderr"
-                assert f"{dropped} kernel messages were lost" in notice["content"]["text"]
-                # What is left of the buffer follows, up to the reply.
-                rest = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
-                last = of_type(rest, "display_data")[-1]
-                assert last["content"]["data"]["text/plain"] == "499"
+            # Another client, reading all along, has every frame encoded (and cached) first.
+            async with (
+                connect(server, kernel_id, "watcher", token=TOKEN) as watcher,
+                trio.open_nursery() as reading,
+            ):
+                reading.start_soon(drain, watcher.ws)
+                # One message each (print's output is batched into as many as the kernel likes).
+                code = gated("for i in range(500): display(i)", tmp_path / "go")
+                async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
+                    await nb.send("execute_request", {"code": code, "silent": False})
+                    await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
+                await open_gate_and_wait_idle(tmp_path / "go", supervisor.get("lossy"))
+                async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
+                    notice = await nb.receive()
+                    dropped = notice["metadata"]["kallichore"]["events_dropped"]
+                    assert dropped > 0
+                    assert notice["content"]["name"] == "stderr"
+                    assert f"{dropped} kernel messages were lost" in notice["content"]["text"]
+                    # What is left of the buffer follows, up to the reply.
+                    rest = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
+                    last = of_type(rest, "display_data")[-1]
+                    assert last["content"]["data"]["text/plain"] == "499"
+                reading.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 
