@@ -158,13 +158,14 @@ def ensure_gateway_venv(cache_dir: Path) -> Path:
     venv = cache_dir / "venvs" / "gateways"
     bin_dir = venv / "bin"
     marker = venv / "bench-requirements.json"
-    wanted = {"python": sys.version, "requirements": gateway_requirements()}
+    requirements = gateway_requirements()
+    wanted = {"python": sys.version, "requirements": requirements}
     ready = (bin_dir / "jupyter-kernelgateway").exists() and (bin_dir / "jupyter-server").exists()
     if ready and marker.exists() and json.loads(marker.read_text()) == wanted:
         return bin_dir
-    log(f"creating the servers' virtualenv in {venv} ({' '.join(wanted['requirements'])})")
+    log(f"creating the servers' virtualenv in {venv} ({' '.join(requirements)})")
     shutil.rmtree(venv, ignore_errors=True)
-    for command in _install_commands(venv, wanted["requirements"]):
+    for command in _install_commands(venv, requirements):
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"could not install the servers:\n{done.stdout}\n{done.stderr}")
