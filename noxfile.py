@@ -13,9 +13,10 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite, against real ipykernel processes."""
+    """The whole test suite, against real ipykernel processes, in one process per core (a
+    module's tests stay together, so the daemons they share are started once)."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--numprocesses=auto", "--dist=loadfile", *session.posargs)
 
 
 @nox.session
