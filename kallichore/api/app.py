@@ -172,6 +172,7 @@ def active_session(session: KernelSession, sockets: ChannelSockets | None) -> Ac
         idle_seconds=int(now - session.idle_since) if session.idle_since is not None else 0,
         busy_seconds=int(now - session.busy_since) if session.busy_since is not None else 0,
         socket_path=_socket_path(session, sockets),
+        kernel_id=session.spec.kernel_id,
     )
 
 

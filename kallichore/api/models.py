@@ -205,6 +205,7 @@ class ActiveSession:
     notebook_uri: str | None = optional()
     resource_usage: dict[str, int] | None = optional()
     socket_path: str | None = optional()
+    kernel_id: str | None = optional()
 
 
 # Kallichore serialises ActiveSession in this order; attrs needs defaults last, so the JSON
@@ -232,6 +233,7 @@ ACTIVE_SESSION_ORDER = (
     "idle_seconds",
     "busy_seconds",
     "socket_path",
+    "kernel_id",
 )
 
 

@@ -271,6 +271,10 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         },
     },
     models.ActiveSession: {
+        "kernel_id": (
+            "Our extension: the session's id in the Jupyter Server kernels API (a UUID; the "
+            "session id itself for a kernel started through that API)."
+        ),
         "argv": "As given at creation: `{connection_file}` is not substituted.",
         "process_id": "The kernel's process while it runs; never set for an adopted kernel.",
         "initial_env": (
