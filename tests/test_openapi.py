@@ -19,7 +19,8 @@ from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from kallichore import __version__
 from kallichore.api import jupyter_models, models
-from kallichore.api.app import JUPYTER_ROUTES, ROUTES, ServerState, create_app
+from kallichore.api.app import ROUTES, ServerState, create_app
+from kallichore.api.jupyter import JUPYTER_ROUTES
 from kallichore.api.openapi import WIRE_MODELS, openapi_document
 from kallichore.channels.kallichore_framing import (
     FrameError,

@@ -45,6 +45,7 @@ from kallichore.api.jupyter_sessions import JupyterSession, JupyterSessions
 from kallichore.api.routes import (
     Empty,
     Failure,
+    Handler,
     NotFound,
     PathParameter,
     Refused,
@@ -319,6 +320,17 @@ def _kernelspec(api: JupyterApi, name: str) -> KernelSpec:
     return spec
 
 
+def _route(method: str, path: str, **fields: Any) -> Callable[[Handler], Handler]:
+    """Every route of this API needs the token (when the server has one)."""
+    return JUPYTER_ROUTES.route(method, path, tag="jupyter", protected=True, **fields)
+
+
+def _array_of(schema: str, description: str) -> Reply:
+    return Reply(
+        {"type": "array", "items": {"$ref": f"#/components/schemas/{schema}"}}, description
+    )
+
+
 JUPYTER_ROUTES = RouteTable(
     "jupyter",
     parameters={
@@ -351,30 +363,26 @@ JUPYTER_ROUTES = RouteTable(
 )
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/api",
     operation_id="jupyterApiVersion",
-    tag="jupyter",
     summary="Get the API's version",
-    protected=True,
     ok=Reply(ApiVersion, "The server's version."),
 )
 async def api_version(api: JupyterApi) -> ApiVersion:
     return ApiVersion(__version__)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/api/kernelspecs",
     operation_id="listKernelspecs",
-    tag="jupyter",
     summary="List the kernelspecs",
     description=(
         "The kernelspecs in the Jupyter data paths, as `jupyter kernelspec list` shows them; "
         "`python3` is ipykernel in the server's interpreter if none is installed."
     ),
-    protected=True,
     ok=Reply(KernelSpecs, "Every kernelspec, and the default one's name."),
 )
 async def list_kernelspecs(api: JupyterApi) -> KernelSpecs:
@@ -385,26 +393,22 @@ async def list_kernelspecs(api: JupyterApi) -> KernelSpecs:
     )
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/api/kernelspecs/{kernel_name}",
     operation_id="getKernelspec",
-    tag="jupyter",
     summary="Get a kernelspec",
-    protected=True,
     ok=Reply(KernelSpecModel, "The kernelspec."),
 )
 async def get_kernelspec(api: JupyterApi, kernelspec: KernelSpec) -> KernelSpecModel:
     return kernelspec_model(kernelspec)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/kernelspecs/{kernel_name}/{file}",
     operation_id="getKernelspecResource",
-    tag="jupyter",
     summary="Get a file of a kernelspec (its logos...)",
-    protected=True,
     ok=Reply({"type": "string", "format": "binary"}, "The file, with a guessed Content-Type."),
     replies={404: Reply(JupyterError, "No such kernelspec, or no such file in its directory.")},
 )
@@ -423,17 +427,13 @@ async def get_kernelspec_resource(api: JupyterApi, kernelspec: KernelSpec, file:
     return Response(data, content_type=kind)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/api/kernels",
     operation_id="listKernels",
-    tag="jupyter",
     summary="List the kernels",
     description="Every session of the server, whichever API created it.",
-    protected=True,
-    ok=Reply(
-        {"type": "array", "items": {"$ref": "#/components/schemas/KernelModel"}}, "The kernels."
-    ),
+    ok=_array_of("KernelModel", "The kernels."),
 )
 async def list_kernels(api: JupyterApi) -> list[KernelModel]:
     return [api.kernel_model(session) for session in api.supervisor.sessions()]
@@ -443,11 +443,10 @@ def _kernel_location(model: KernelModel) -> str:
     return f"/api/kernels/{model.id}"
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "POST",
     "/api/kernels",
     operation_id="startKernel",
-    tag="jupyter",
     summary="Start a kernel",
     description=(
         "Answers at once, the kernel `starting` in the background. Its id is a new UUID, "
@@ -456,7 +455,6 @@ def _kernel_location(model: KernelModel) -> str:
         "`KERNEL_WORKING_DIR`, else `path`, is where it runs (relative to `--root-dir`). An "
         "empty body starts the default kernel."
     ),
-    protected=True,
     body=NewKernel,
     body_required=False,
     status=201,
@@ -476,30 +474,26 @@ async def start_kernel(api: JupyterApi, body: NewKernel) -> KernelModel:
     return api.kernel_model(session)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/api/kernels/{kernel_id}",
     operation_id="getKernel",
-    tag="jupyter",
     summary="Get a kernel",
-    protected=True,
     ok=Reply(KernelModel, "The kernel."),
 )
 async def get_kernel(api: JupyterApi, kernel: KernelSession) -> KernelModel:
     return api.kernel_model(kernel)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "DELETE",
     "/api/kernels/{kernel_id}",
     operation_id="deleteKernel",
-    tag="jupyter",
     summary="Shut a kernel down",
     description=(
         "Answers once the kernel's process is gone; the kernel (the session, in the "
         "Kallichore API) is then forgotten, and so are the Jupyter sessions bound to it."
     ),
-    protected=True,
     status=204,
     ok=Reply(Empty, "The kernel is gone."),
 )
@@ -507,13 +501,11 @@ async def delete_kernel(api: JupyterApi, kernel: KernelSession) -> None:
     await api.remove_kernel(kernel)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "POST",
     "/api/kernels/{kernel_id}/interrupt",
     operation_id="interruptKernel",
-    tag="jupyter",
     summary="Interrupt a kernel",
-    protected=True,
     status=204,
     ok=Reply(Empty, "The signal or `interrupt_request` was sent."),
     failure=Failure(409, "The kernel is not running.", JupyterError),
@@ -522,17 +514,15 @@ async def interrupt_kernel(api: JupyterApi, kernel: KernelSession) -> None:
     await kernel.interrupt()
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "POST",
     "/api/kernels/{kernel_id}/restart",
     operation_id="restartKernel",
-    tag="jupyter",
     summary="Restart a kernel",
     description=(
         "Answers once the new kernel has answered `kernel_info_request`; the id stays. The "
         "body is ignored."
     ),
-    protected=True,
     ok=Reply(KernelModel, "The kernel, restarted."),
     replies={500: Reply(JupyterError, "The kernel could not be restarted.")},
 )
@@ -569,16 +559,12 @@ def _directory(path: str) -> str | None:
     return os.path.dirname(path.lstrip("/")) or None
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/api/sessions",
     operation_id="listJupyterSessions",
-    tag="jupyter",
     summary="List the sessions",
-    protected=True,
-    ok=Reply(
-        {"type": "array", "items": {"$ref": "#/components/schemas/SessionModel"}}, "The sessions."
-    ),
+    ok=_array_of("SessionModel", "The sessions."),
 )
 async def list_sessions(api: JupyterApi) -> list[SessionModel]:
     return [api.session_model(session) for session in api.sessions.all()]
@@ -588,18 +574,16 @@ def _session_location(model: SessionModel) -> str:
     return f"/api/sessions/{model.id}"
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "POST",
     "/api/sessions",
     operation_id="createJupyterSession",
-    tag="jupyter",
     summary="Create a session",
     description=(
         "Binds `path` to the running kernel `kernel.id`, or to a new kernel of kernelspec "
         "`kernel.name` (the default one if neither), started in the directory of `path`. A "
         "session of the same `path` is answered as it is."
     ),
-    protected=True,
     body=NewSession,
     status=201,
     location=_session_location,
@@ -621,31 +605,27 @@ async def create_session(api: JupyterApi, body: NewSession) -> SessionModel:
     return api.session_model(session)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "GET",
     "/api/sessions/{jupyter_session_id}",
     operation_id="getJupyterSession",
-    tag="jupyter",
     summary="Get a session",
-    protected=True,
     ok=Reply(SessionModel, "The session."),
 )
 async def get_session(api: JupyterApi, session: JupyterSession) -> SessionModel:
     return api.session_model(session)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "PATCH",
     "/api/sessions/{jupyter_session_id}",
     operation_id="updateJupyterSession",
-    tag="jupyter",
     summary="Change a session",
     description=(
         "Renames or moves it (`path`, `name`, `type`), or binds it to another kernel: the "
         "running kernel `kernel.id`, or a new one of kernelspec `kernel.name`. The kernel it "
         "leaves is shut down, as jupyter_server does."
     ),
-    protected=True,
     body=SessionChanges,
     ok=Reply(SessionModel, "The session as it now is."),
     replies={
@@ -674,14 +654,12 @@ async def update_session(
     return api.session_model(session)
 
 
-@JUPYTER_ROUTES.route(
+@_route(
     "DELETE",
     "/api/sessions/{jupyter_session_id}",
     operation_id="deleteJupyterSession",
-    tag="jupyter",
     summary="Delete a session",
     description="Its kernel is shut down too (answered once its process is gone).",
-    protected=True,
     status=204,
     ok=Reply(Empty, "The session and its kernel are gone."),
 )

@@ -56,7 +56,8 @@ class Server:
             assert model["execution_state"] != "dead", model
             return model if model["execution_state"] == "idle" else None
 
-        return until(idle)
+        model: dict[str, Any] = until(idle)
+        return model
 
     def pid(self, kernel_id: str) -> int:
         """The kernel's process, as the Kallichore API (same session id) tells it."""
