@@ -88,7 +88,6 @@ class KernelModel:
     last_activity: str
     execution_state: str
     connections: int
-    reason: str | None = optional()
 
 
 @attrs.define

@@ -241,7 +241,6 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         },
         "execution_state": {"type": "string", "enum": list(jupyter_models.EXECUTION_STATES)},
         "connections": "The kernel's live Jupyter channels connections.",
-        "reason": "Why the kernel is dead.",
     },
     jupyter_models.KernelSpecModel: {
         "spec": "kernel.json: `argv`, `env`, `display_name`, `language`, `interrupt_mode`, "

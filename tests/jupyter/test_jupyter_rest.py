@@ -28,6 +28,13 @@ ALLOWED = "KC_TEST_ALLOWED"
 # A PNG's first bytes are enough for a logo file: the server never reads it.
 LOGO = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 LAST_ACTIVITY = "%Y-%m-%dT%H:%M:%S.%fZ"
+ONCE = (
+    "import os, sys\n"
+    "if os.path.exists({mark!r}): sys.exit(3)\n"
+    "open({mark!r}, 'w').close()\n"
+    "from ipykernel.kernelapp import launch_new_instance\n"
+    "launch_new_instance()\n"
+)
 
 
 class Server:
@@ -114,6 +121,21 @@ def server(isolated_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     (spec_dir / "kernel.json").write_text(json.dumps(kernel_json))
     (spec_dir / "logo-64x64.png").write_bytes(LOGO)
     (spec_dir / "kernel.js").write_text("// nothing\n")
+    once_dir = spec_dir.parent / "once"
+    once_dir.mkdir(exist_ok=True)
+    once = {
+        **kernel_json,
+        "display_name": "Starts once",
+        # A second start finds the mark of the first and exits: a restart that fails.
+        "argv": [
+            "python",
+            "-c",
+            ONCE.format(mark=str(base / "started-once")),
+            "-f",
+            "{connection_file}",
+        ],
+    }
+    (once_dir / "kernel.json").write_text(json.dumps(once))
     root = base / "root"
     (root / "sub").mkdir(parents=True)
     token_file = base / "token"
@@ -251,6 +273,16 @@ def test_a_kernel_from_start_to_delete(server: Server) -> None:
     assert gone.status_code == 404
     assert kernel_id in gone.json()["message"]
     assert server.http.get(f"/sessions/{kernel_id}").status_code == 404
+
+
+def test_a_restart_that_fails_is_a_500_and_leaves_the_kernel_dead(server: Server) -> None:
+    kernel_id = server.start(name="once")["id"]
+    server.wait_idle(kernel_id)
+    failed = server.http.post(f"/api/kernels/{kernel_id}/restart", json={})
+    assert failed.status_code == 500
+    assert failed.json()["message"] == "Exception restarting kernel"
+    assert server.kernel(kernel_id).json()["execution_state"] == "dead"
+    server.delete(kernel_id)
 
 
 def test_a_kallichore_session_is_a_jupyter_kernel(server: Server) -> None:
