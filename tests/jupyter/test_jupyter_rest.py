@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import TIMEOUT
@@ -40,9 +41,10 @@ ONCE = (
 class Server:
     """The daemon, a client with the token, and its root directory."""
 
-    def __init__(self, url: str, root: Path) -> None:
+    def __init__(self, url: str, root: Path, pid: int) -> None:
         self.url = url
         self.root = root
+        self.process = psutil.Process(pid)
         self.http = httpx.Client(
             base_url=url, headers={"Authorization": f"token {TOKEN}"}, timeout=TIMEOUT
         )
@@ -168,7 +170,7 @@ def server(isolated_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         until(lambda: connection.exists() or process.poll() is not None)
         assert process.poll() is None, (base / "daemon.log").read_text()
         until(connection.read_text)
-        served = Server(json.loads(connection.read_text())["base_path"], root)
+        served = Server(json.loads(connection.read_text())["base_path"], root, process.pid)
         yield served
         assert served.http.get("/api/kernels").json() == [], "a test left a kernel behind"
     finally:
@@ -273,6 +275,13 @@ def test_a_kernel_from_start_to_delete(server: Server) -> None:
     assert gone.status_code == 404
     assert kernel_id in gone.json()["message"]
     assert server.http.get(f"/sessions/{kernel_id}").status_code == 404
+
+
+def test_a_kernel_deleted_while_it_starts_leaves_no_process(server: Server) -> None:
+    kernel_id = server.start()["id"]
+    server.delete(kernel_id)
+    assert server.kernel(kernel_id).status_code == 404
+    assert server.process.children(recursive=True) == []
 
 
 def test_a_restart_that_fails_is_a_500_and_leaves_the_kernel_dead(server: Server) -> None:
