@@ -15,13 +15,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+import trio
 
+from kallichore.api.app import ServerState
+from kallichore.server.http import serve_api
+from kallichore.supervisor import Supervisor
 from tests.conftest import TIMEOUT
 
 TOKEN = "jupyter-rest-token-0123"
@@ -201,6 +206,17 @@ def test_every_token_form_is_accepted_and_none_is_refused(server: Server) -> Non
         assert refused.json()["reason"] == "Unauthorized"
     # A CORS preflight carries no token.
     assert server.anonymous.options("/api/kernels").status_code == 200
+
+
+async def test_with_auth_off_any_header_is_let_through(
+    supervisor: Supervisor, nursery: trio.Nursery
+) -> None:
+    """`--token none`: jupyter_server's gateway client then sends `Authorization: token `."""
+    running = await nursery.start(partial(serve_api, supervisor, ServerState(token=None)))
+    async with httpx.AsyncClient(base_url=running.url, timeout=TIMEOUT) as http:
+        for headers in ({}, {"Authorization": "token"}, {"Authorization": "Bearer wrong"}):
+            answer = await http.get("/api/kernels", headers=headers)
+            assert (answer.status_code, answer.json()) == (200, [])
 
 
 def test_kernelspecs_and_their_files(server: Server) -> None:
