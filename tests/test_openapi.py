@@ -230,6 +230,36 @@ async def test_responses_match_their_documented_schemas(
     check_response(document, "/sessions/{session_id}", deleted)
 
 
+async def test_jupyter_responses_match_their_documented_schemas(
+    document: dict[str, Any], http: httpx.AsyncClient
+) -> None:
+    """The Jupyter API's answers that start no kernel (the session of `http` is one)."""
+    kernel_id = (await http.get("/sessions")).json()["sessions"][0]["kernel_id"]
+    missing = str(uuid.uuid4())
+    token = {"Authorization": f"token {TOKEN}"}
+    calls: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
+        ("GET", "/api", {}, {}),
+        ("GET", "/api", {}, {"headers": {}}),
+        ("GET", "/api/kernelspecs", {}, {}),
+        ("GET", "/api/kernelspecs/{kernel_name}", {"kernel_name": "python3"}, {}),
+        ("GET", "/api/kernelspecs/{kernel_name}", {"kernel_name": "nope"}, {}),
+        ("GET", "/kernelspecs/{kernel_name}/{file}", {"kernel_name": "python3", "file": "x"}, {}),
+        ("GET", "/api/kernels", {}, {}),
+        ("GET", "/api/kernels/{kernel_id}", {"kernel_id": kernel_id}, {}),
+        ("GET", "/api/kernels/{kernel_id}", {"kernel_id": missing}, {}),
+        ("POST", "/api/kernels", {}, {"content": b"{"}),
+        ("POST", "/api/kernels", {}, {"json": {"name": "nope"}}),
+        ("POST", "/api/kernels/{kernel_id}/interrupt", {"kernel_id": kernel_id}, {}),
+        ("GET", "/api/sessions", {}, {}),
+        ("GET", "/api/sessions/{jupyter_session_id}", {"jupyter_session_id": missing}, {}),
+        ("POST", "/api/sessions", {}, {"json": {"path": 5}}),
+    ]
+    for method, path, parameters, options in calls:
+        options.setdefault("headers", token)
+        response = await http.request(method, path.format(**parameters), **options)
+        check_response(document, path, response)
+
+
 def test_channel_frames_match_their_schemas(document: dict[str, Any]) -> None:
     connection = ConnectionInfo(1, 2, 3, 4, 5, key="k")
     message = Message(
