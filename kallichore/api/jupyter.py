@@ -54,7 +54,7 @@ from kallichore.api.routes import (
     json_response,
     jupyter_token_matches,
 )
-from kallichore.errors import KallichoreError
+from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.kernelspec import (
     PYTHON_KERNEL_NAME,
     KernelSpec,
@@ -92,9 +92,7 @@ class JupyterStyle:
         )
 
     def refusal(self, status: int, message: str) -> Response:
-        return json_response(
-            JupyterError(message, HTTPStatus(status).phrase), status, self.converter
-        )
+        return json_response(jupyter_error(status, message), status, self.converter)
 
 
 class KernelConnections(Protocol):
@@ -193,13 +191,20 @@ class JupyterApi:
         await session.shutdown()
         try:
             await self.supervisor.delete(session.session_id)
-        except KallichoreError:
+        except KallichoreError as error:
+            if error.code is not ErrorCode.SESSION_NOT_FOUND:
+                raise
             return  # removed meanwhile by another request
         self.on_removed(session)
 
 
+def jupyter_error(status: int, message: str) -> JupyterError:
+    """The error object, its `reason` the status's phrase (as tornado writes it)."""
+    return JupyterError(message, HTTPStatus(status).phrase)
+
+
 def refused(status: int, message: str) -> Refused:
-    return Refused(JupyterError(message, HTTPStatus(status).phrase), status)
+    return Refused(jupyter_error(status, message), status)
 
 
 # -- kernelspecs --------------------------------------------------------------------------------
@@ -318,6 +323,9 @@ def _kernelspec(api: JupyterApi, name: str) -> KernelSpec:
     if spec is None:
         raise NotFound(f"Kernel spec {name} not found")
     return spec
+
+
+_STARTED_AGAIN = "The kernel to shut down was started again meanwhile (through the other API)."
 
 
 def _route(method: str, path: str, **fields: Any) -> Callable[[Handler], Handler]:
@@ -489,6 +497,7 @@ async def get_kernel(api: JupyterApi, kernel: KernelSession) -> KernelModel:
     "DELETE",
     "/api/kernels/{kernel_id}",
     operation_id="deleteKernel",
+    failure=Failure(409, _STARTED_AGAIN, JupyterError),
     summary="Shut a kernel down",
     description=(
         "Answers once the kernel's process is gone; the kernel (the session, in the "
@@ -620,6 +629,7 @@ async def get_session(api: JupyterApi, session: JupyterSession) -> SessionModel:
     "PATCH",
     "/api/sessions/{jupyter_session_id}",
     operation_id="updateJupyterSession",
+    failure=Failure(409, _STARTED_AGAIN, JupyterError),
     summary="Change a session",
     description=(
         "Renames or moves it (`path`, `name`, `type`), or binds it to another kernel: the "
@@ -658,6 +668,7 @@ async def update_session(
     "DELETE",
     "/api/sessions/{jupyter_session_id}",
     operation_id="deleteJupyterSession",
+    failure=Failure(409, _STARTED_AGAIN, JupyterError),
     summary="Delete a session",
     description="Its kernel is shut down too (answered once its process is gone).",
     status=204,
