@@ -133,6 +133,22 @@ def gateway_requirements() -> list[str]:
     return [*GATEWAY_PACKAGES, f"ipykernel=={ipykernel}"]
 
 
+def _install_commands(venv: Path, requirements: list[str]) -> list[list[str]]:
+    """The commands that make `venv` with `requirements`: uv's when uv is on PATH (ten times
+    faster than pip, which matters in CI), else venv's and pip's."""
+    python = str(venv / "bin" / "python")
+    uv = shutil.which("uv")
+    if uv is not None:
+        return [
+            [uv, "venv", "-q", "--python", sys.executable, str(venv)],
+            [uv, "pip", "install", "-q", "--python", python, *requirements],
+        ]
+    return [
+        [sys.executable, "-m", "venv", str(venv)],
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+    ]
+
+
 def ensure_gateway_venv(cache_dir: Path) -> Path:
     """A virtualenv with Jupyter Kernel Gateway and jupyter_server; made once, then reused.
 
@@ -142,28 +158,17 @@ def ensure_gateway_venv(cache_dir: Path) -> Path:
     venv = cache_dir / "venvs" / "gateways"
     bin_dir = venv / "bin"
     marker = venv / "bench-requirements.json"
-    wanted = {"python": sys.version, "requirements": gateway_requirements()}
+    requirements = gateway_requirements()
+    wanted = {"python": sys.version, "requirements": requirements}
     ready = (bin_dir / "jupyter-kernelgateway").exists() and (bin_dir / "jupyter-server").exists()
     if ready and marker.exists() and json.loads(marker.read_text()) == wanted:
         return bin_dir
-    log(f"creating the servers' virtualenv in {venv} ({' '.join(wanted['requirements'])})")
+    log(f"creating the servers' virtualenv in {venv} ({' '.join(requirements)})")
     shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run(
-        [
-            str(bin_dir / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            *wanted["requirements"],
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if pip.returncode != 0:
-        raise RuntimeError(f"pip could not install the servers:\n{pip.stdout}\n{pip.stderr}")
+    for command in _install_commands(venv, requirements):
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"could not install the servers:\n{done.stdout}\n{done.stderr}")
     marker.write_text(json.dumps(wanted))
     return bin_dir
 

@@ -113,7 +113,7 @@ async def serve_api(
             await nursery.start(
                 partial(
                     hypercorn.trio.serve,
-                    create_app(supervisor, state, lifetime, sockets),
+                    create_app(supervisor, state, lifetime, sockets, connections=hubs),
                     config,
                     shutdown_trigger=stop_http.wait,
                 )

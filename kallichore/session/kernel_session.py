@@ -26,7 +26,7 @@ from kallichore.jupyter.wire import Channel, JSONObject, Message, utc_now
 from kallichore.session import process as kernel_process
 from kallichore.session.events import EventLog
 from kallichore.session.execution_queue import QueueSnapshot
-from kallichore.session.kernel_run import KernelRun, RunContext
+from kallichore.session.kernel_run import Activity, KernelRun, RunContext
 from kallichore.session.model import (
     InterruptMode,
     RestartOrigin,
@@ -40,6 +40,10 @@ from kallichore.session.resources import ResourceUsage, SampleInterval
 from kallichore.session.state import Outbox, SessionState
 
 logger = logging.getLogger(__name__)
+
+
+# How many of a kernel's last output lines the log shows when it fails to start.
+STARTUP_LINES_LOGGED = 10
 
 
 class KernelSession:
@@ -74,6 +78,7 @@ class KernelSession:
         )
         self._env_actions: tuple[VarAction, ...] = spec.env
         self._external_connection: ConnectionInfo | None = None
+        self._activity = Activity(self._created)
         self._run_context = RunContext(
             spec=spec,
             key=self._key,
@@ -88,6 +93,7 @@ class KernelSession:
             on_rest=on_rest,
             on_record=lambda: on_record(self),
             message=self.message,
+            activity=self._activity,
         )
         self._config = config
         self._ports = ports
@@ -110,6 +116,11 @@ class KernelSession:
     def created(self) -> float:
         """When the session was created (seconds since the epoch)."""
         return self._created
+
+    @property
+    def last_activity(self) -> float:
+        """When a message last went to or came from the kernel (seconds since the epoch)."""
+        return self._activity.last
 
     @property
     def events(self) -> EventLog:
@@ -420,6 +431,7 @@ class KernelSession:
         out = Outbox()
         self._state.from_client(channel, message, out)
         assert run is not None, "the state says a kernel runs"
+        self._activity.note()
         await run.deliver(out)
 
     async def send_client_message(
@@ -490,11 +502,18 @@ class KernelSession:
             await self._nursery.start(self._run.run)
         except KallichoreError as error:
             exit_code = error.exit_code if isinstance(error, StartupError) else None
+            # Its last words say why, as they would in a terminal.
+            said = (
+                error.output.splitlines()[-STARTUP_LINES_LOGGED:]
+                if isinstance(error, StartupError)
+                else []
+            )
             logger.warning(
-                "session %s: the kernel failed to start: %s%s",
+                "session %s: the kernel failed to start: %s%s%s",
                 self.session_id,
                 error.message,
                 "" if exit_code is None else f" (exit code {exit_code})",
+                "".join(f"\n  | {line}" for line in said),
             )
             raise
         return self.kernel_info

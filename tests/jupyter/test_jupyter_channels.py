@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import pytest
 import trio
 from trio_websocket import (
@@ -160,7 +161,10 @@ async def test_v1_execute_comm_buffers_and_fan_out(
         connect(server, kernel_id, "lab-b", header=f"Bearer {TOKEN}") as b,
     ):
         assert a.v1
-        assert server.hubs.connections(supervisor.get("fan")) == 2
+        headers = {"Authorization": f"token {TOKEN}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers) as http:
+            model = (await http.get(f"/api/kernels/{kernel_id}")).json()
+        assert model["connections"] == 2
         messages = await a.execute("6*7")
         [result] = of_type(messages, "execute_result")
         assert result["content"]["data"]["text/plain"] == "42"
