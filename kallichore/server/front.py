@@ -222,7 +222,10 @@ class FrontDoor:
         )
         # A client without a session_id still gets one: it is just never resumed.
         client_session = query.get("session_id", [""])[-1] or uuid.uuid4().hex
-        await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
+        with trio.move_on_after(KERNEL_READY_TIMEOUT_SECONDS):
+            # A kernel POST /api/kernels starts in the background may not be launched yet.
+            await self._supervisor.settled(session)
+            await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
         websocket = await accept(
             stream,
             handshake,
