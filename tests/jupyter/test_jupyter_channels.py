@@ -296,7 +296,7 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
                 # One message each (print's output is batched into as many as the kernel likes).
                 code = gated("for i in range(500): display(i)", tmp_path / "go")
                 async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
-                    await nb.send("execute_request", {"code": code, "silent": False})
+                    msg_id = await nb.send("execute_request", {"code": code, "silent": False})
                     await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
                 await open_gate_and_wait_idle(tmp_path / "go", supervisor.get("lossy"))
                 async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
@@ -305,8 +305,17 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
                     assert dropped > 0
                     assert notice["content"]["name"] == "stderr"
                     assert f"{dropped} kernel messages were lost" in notice["content"]["text"]
-                    # What is left of the buffer follows, up to the reply.
-                    rest = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
+                    # What is left of the buffer follows, the reply and the idle status included
+                    # (the reply may come before the last outputs: iopub and shell are not
+                    # ordered with each other; the idle status comes after every output).
+                    rest: list[dict[str, Any]] = []
+
+                    def replied_and_idle(message: dict[str, Any]) -> bool:
+                        rest.append(message)
+                        replied = any(m["header"]["msg_type"] == "execute_reply" for m in rest)
+                        return replied and any(is_idle(m, msg_id) for m in rest)
+
+                    await nb.until(replied_and_idle)
                     last = of_type(rest, "display_data")[-1]
                     assert last["content"]["data"]["text/plain"] == "499"
                 reading.cancel_scope.cancel()
