@@ -27,7 +27,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DEFAULT_CACHE_DIR = PACKAGE_DIR / ".cache"
 # What goes into the servers' virtualenv (besides ipykernel, pinned to our version).
-GATEWAY_PACKAGES = ["jupyter-kernel-gateway", "jupyter_server"]
+GATEWAY_PACKAGES = [
+    "jupyter-kernel-gateway",
+    "jupyter_server",
+    # The clients of the Jupyter Server kernels API that the tests drive (tests/jupyter).
+    "nbclient",
+    "nbformat",
+    "jupyterlab",
+    "selenium",
+]
 KERNEL_NAME = "python3"
 
 
