@@ -28,6 +28,9 @@ import pytest
 from benchmarks.environment import DEFAULT_CACHE_DIR, ensure_gateway_venv, free_port
 
 KERNEL_NAME = "python3"
+NO_EXTENSIONS = dict.fromkeys(
+    ("jupyterlab", "jupyter_lsp", "jupyter_server_terminals", "notebook_shim"), False
+)
 # Hang guards, not measures of speed.
 START_SECONDS = 90.0
 STOP_SECONDS = 30.0
@@ -69,6 +72,7 @@ def write_kernelspec(share: Path) -> None:
 class Server:
     """A server process on loopback: its URL, its token, its log."""
 
+    name: str
     url: str
     token: str | None
     process: subprocess.Popen[bytes]
@@ -77,6 +81,19 @@ class Server:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"token {self.token}"} if self.token else {}
+
+    def wait_ready(self) -> None:
+        """Until GET /api/kernelspecs answers 200."""
+        deadline = time.monotonic() + START_SECONDS
+        with httpx.Client(base_url=self.url, headers=self.headers) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited: {self.log_text()}")
+                with contextlib.suppress(httpx.TransportError):
+                    if http.get("/api/kernelspecs").status_code == 200:
+                        return
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not answer in {START_SECONDS} s: {self.log_text()}")
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -109,10 +126,11 @@ def server_env(root: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running(
-    argv: list[str], url: str, token: str | None, root: Path, name: str
+    argv: list[str], url: str, token: str | None, root: Path, name: str, *, wait: bool
 ) -> Iterator[Server]:
-    """Start `argv` in its own process group, wait until `url`/api/kernelspecs answers, and
-    stop it (with whatever it started) on the way out."""
+    """Start `argv` in its own process group, wait until it answers (unless not `wait`: then
+    the caller calls `wait_ready`, so that servers start side by side), and stop it (with
+    whatever it started) on the way out."""
     log = root / f"{name}.log"
     with log.open("ab") as output:
         process = subprocess.Popen(
@@ -124,25 +142,13 @@ def running(
             cwd=root,
             start_new_session=True,
         )
-    server = Server(url, token, process, log)
+    server = Server(name, url, token, process, log)
     try:
-        wait_ready(server, name)
+        if wait:
+            server.wait_ready()
         yield server
     finally:
         stop(process)
-
-
-def wait_ready(server: Server, name: str) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    with httpx.Client(base_url=server.url, headers=server.headers) as http:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"{name} exited: {server.log_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if http.get("/api/kernelspecs").status_code == 200:
-                    return
-            time.sleep(0.05)
-    raise RuntimeError(f"{name} did not answer in {START_SECONDS} s: {server.log_text()}")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -165,7 +171,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def kernel_server(kind: str, root: Path, token: str | None) -> Iterator[Server]:
+def kernel_server(
+    kind: str, root: Path, token: str | None, *, wait: bool = True
+) -> Iterator[Server]:
     """The server of the kernels API named `kind` ("kg" or "ours"), with `token` (None: auth
     off), its kernels' working directories relative to `root`."""
     root.mkdir(parents=True, exist_ok=True)
@@ -188,14 +196,17 @@ def kernel_server(kind: str, root: Path, token: str | None) -> Iterator[Server]:
             token_file.write_text(token)
             token_arg = str(token_file)
         argv = [sys.executable, "-m", "kallichore", "--port", str(port), "--token", token_arg]
-    with running(argv, url, token, root, f"server-{kind}") as server:
+    with running(argv, url, token, root, f"server-{kind}", wait=wait) as server:
         yield server
 
 
 @contextlib.contextmanager
-def jupyter_server(gateway: Server, root: Path, token: str) -> Iterator[Server]:
+def jupyter_server(
+    gateway: Server, root: Path, token: str, *, wait: bool = True
+) -> Iterator[Server]:
     """`jupyter server --gateway-url` at `gateway` with its token, itself with `token`, its
-    notebooks under `root`."""
+    notebooks under `root`; without the server extensions that come with JupyterLab (a few
+    seconds to load, and nothing the kernels API needs)."""
     port = free_port()
     argv = [
         str(gateway_bin() / "jupyter-server"),
@@ -208,6 +219,8 @@ def jupyter_server(gateway: Server, root: Path, token: str) -> Iterator[Server]:
         f"--IdentityProvider.token={token}",
         f"--gateway-url={gateway.url}",
         f"--GatewayClient.auth_token={gateway.token or ''}",
+        f"--ServerApp.jpserver_extensions={NO_EXTENSIONS}",
     ]
-    with running(argv, f"http://127.0.0.1:{port}", token, root, "jupyter-server") as server:
+    url = f"http://127.0.0.1:{port}"
+    with running(argv, url, token, root, "jupyter-server", wait=wait) as server:
         yield server
