@@ -2,18 +2,16 @@
 nbclient-based tools run notebooks on a kernel gateway (its URL from JUPYTER_GATEWAY_URL).
 
 Run by test_nbclient.py with the servers' virtualenv's Python (nbclient and jupyter_server are
-not in ours): `python run_notebook.py IN OUT`.
+not in ours, hence no types for mypy): `python run_notebook.py IN OUT`.
 """
-
-# mypy: ignore-missing-imports
 
 from __future__ import annotations
 
 import sys
 
-import nbformat
-from jupyter_server.gateway.managers import GatewayKernelManager
-from nbclient import NotebookClient
+import nbformat  # type: ignore[import-not-found]
+from jupyter_server.gateway.managers import GatewayKernelManager  # type: ignore[import-not-found]
+from nbclient import NotebookClient  # type: ignore[import-not-found]
 
 
 def main(source: str, target: str) -> None:
