@@ -145,8 +145,11 @@ for (const [protocol, WebSocketClass] of [
       const started = new Promise((resolve) => {
         running = resolve;
       });
-      const done = execute(kernel, 'import time; time.sleep(60)', (msg) => {
-        if (msg.header.msg_type === 'execute_input') running();
+      // Interrupted once its own code runs (a SIGINT while the kernel is still setting up the
+      // execution could lose the reply).
+      const code = "import time; print('sleeping', flush=True); time.sleep(60)";
+      const done = execute(kernel, code, (msg) => {
+        if (msg.header.msg_type === 'stream') running();
       });
       await started;
       await kernel.interrupt();
