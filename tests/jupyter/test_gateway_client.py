@@ -26,7 +26,7 @@ from kallichore.client import (
     execute_request,
     open_channels,
 )
-from tests.jupyter.servers import KERNEL_NAME, Server, jupyter_server, kernel_server
+from tests.jupyter.servers import KERNEL_NAME, Server, jupyter_server, kernel_server, stop
 
 GATEWAY_TOKEN = "gateway-token-0123456789"
 LAB_TOKEN = "lab-token-0123456789"
@@ -194,5 +194,17 @@ async def test_deleting_the_session_stops_its_kernel(
         assert (await http.get(f"/api/kernels/{kernel_id}")).status_code == 404
     async with rest(gateway) as http:
         assert (await http.get(f"/api/kernels/{kernel_id}")).status_code == 404
+        assert (await http.get("/api/kernels")).json() == []
+    assert gateway.kernel_processes() == []
+
+
+async def test_stopping_jupyter_server_stops_its_kernels(lab: Server, gateway: Server) -> None:
+    """The module's last scenario: jupyter_server deletes the kernels it started when it stops."""
+    async with rest(lab) as http:
+        response = await http.post("/api/kernels", json={"name": KERNEL_NAME})
+    assert response.status_code == 201, response.text
+    assert len(gateway.kernel_processes()) == 1
+    await trio.to_thread.run_sync(stop, lab.process)
+    async with rest(gateway) as http:
         assert (await http.get("/api/kernels")).json() == []
     assert gateway.kernel_processes() == []
