@@ -127,12 +127,14 @@ async def test_the_notebook_session_has_a_kernel_on_the_server(
     assert len(gateway.kernel_processes()) == 1
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_print_gives_42(lab: Server, notebook: dict[str, Any]) -> None:
     result = await execute(lab, notebook["kernel"]["id"], "print(6*7)")
     assert result.status == "ok"
     assert result.stdout == "42\n"
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_interrupt_stops_a_sleep(lab: Server, notebook: dict[str, Any]) -> None:
     kernel_id = notebook["kernel"]["id"]
     async with kernel_channels(lab, kernel_id) as channels, rest(lab) as http:
@@ -159,6 +161,7 @@ async def test_interrupt_stops_a_sleep(lab: Server, notebook: dict[str, Any]) ->
     assert reply.content["ename"] == "KeyboardInterrupt"
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_restart_clears_a_variable(lab: Server, notebook: dict[str, Any]) -> None:
     kernel_id = notebook["kernel"]["id"]
     assert (await execute(lab, kernel_id, "x = 1")).status == "ok"
@@ -172,6 +175,7 @@ async def test_restart_clears_a_variable(lab: Server, notebook: dict[str, Any]) 
     assert result.error.name == "NameError"
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_the_kernel_runs_where_the_notebook_is(
     server_kind: str, lab: Server, root: Path, notebook: dict[str, Any]
 ) -> None:
