@@ -89,6 +89,37 @@ async def test_an_observer_leaves_the_backlog_for_the_next_client() -> None:
         assert await client.receive() == [queued(0), queued(1)]
 
 
+async def test_an_observer_after_a_seq_keeps_what_it_has_not_read_and_acknowledges_nothing() -> (
+    None
+):
+    log = EventLog()
+    for i in range(3):
+        log.publish(queued(i))
+    with log.subscribe() as client:
+        assert await client.receive() == [queued(0), queued(1), queued(2)]
+        parked = log.subscribe(after=1)
+        client.close()
+        log.publish(queued(3))
+        # The parked observer holds queued(1) and queued(2) (acknowledged) for its reader:
+        assert log.acknowledged == 3
+        assert not log.attached
+        assert await parked.receive() == [queued(1), queued(2), queued(3)]
+        parked.close()
+    # Only queued(3), the next client's backlog, is left.
+    assert len(log) == 1
+    with pytest.raises(ValueError, match="not in this session's log"):
+        log.subscribe(after=5)
+
+
+async def test_an_observer_after_a_seq_is_told_what_the_bound_dropped() -> None:
+    log = EventLog(max_bytes=2 * EVENT_OVERHEAD_BYTES)
+    with log.subscribe(after=0) as parked:
+        for i in range(5):
+            log.publish(queued(i))
+        assert await parked.receive() == [EventsDropped(3), queued(3), queued(4)]
+        assert log.acknowledged == 0
+
+
 async def test_cancelled_receive_takes_nothing() -> None:
     log = EventLog()
     with log.subscribe() as sub:

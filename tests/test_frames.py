@@ -11,7 +11,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from kallichore.channels.kallichore_framing import encode_event
-from kallichore.channels.websocket import DIRECT_WRITE_MAX_BYTES, WebSocket, text_frames
+from kallichore.channels.websocket import DIRECT_WRITE_MAX_BYTES, WebSocket, data_frames
 from kallichore.jupyter.wire import Channel, Message
 from kallichore.session.events import JupyterEvent, OutputEvent
 
@@ -20,7 +20,7 @@ from kallichore.session.events import JupyterEvent, OutputEvent
 def test_a_client_reads_our_text_frames_of_every_length_class(size: int) -> None:
     payload = (b"0123456789" * (size // 10 + 1))[:size]
     client = FrameProtocol(client=True, extensions=[])
-    client.receive_bytes(text_frames([payload, b"ok"]))
+    client.receive_bytes(data_frames([payload, b"ok"]))
     frames = list(client.received_frames())
     assert [frame.opcode for frame in frames] == [Opcode.TEXT, Opcode.TEXT]
     assert frames[0].payload == payload.decode()

@@ -30,7 +30,8 @@ async def test_the_log_tells_each_session_event_at_info_and_no_secret(tmp_path: 
             await client.start("python-log")  # shut down with the daemon, below
             await client.create_session(
                 **new_session_body(
-                    "python-fails", argv=[sys.executable, "-c", "import sys; sys.exit(3)"]
+                    "python-fails",
+                    argv=[sys.executable, "-c", "import sys; sys.exit('no such module: xyz')"],
                 )
             )
             with pytest.raises(ApiError):
@@ -67,7 +68,7 @@ async def test_the_log_tells_each_session_event_at_info_and_no_secret(tmp_path: 
     assert "exited with code 0" in log  # the restart's shutdown_request
     assert "was killed by SIGKILL" in log  # the kill
     said("python-fails", "the kernel failed to start: ")
-    assert "(exit code 3)" in log
+    assert "(exit code 1)\n  | no such module: xyz" in log  # its last words say why
     for request in (
         "POST /sessions/python-fails/start -> 500",
         "GET /sessions/no-such-session -> 404",

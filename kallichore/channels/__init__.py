@@ -14,6 +14,6 @@ is caught up:
 2. `EventLog.publish_many` offers them to the caught-up subscriber's sink, `ChannelClient._send_now`
    (`broker`), which builds each frame with `kallichore_framing.encode_event`, the one place a
    channels frame is built, around the kernel's own content bytes;
-3. `WebSocket.send_now` (`websocket`) writes the batch with one `text_frames` join and one
+3. `WebSocket.send_now` (`websocket`) writes the batch with one `data_frames` join and one
    non-blocking write; if the socket would block, the client's forwarding task writes it instead.
 """

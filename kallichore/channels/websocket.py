@@ -11,9 +11,11 @@ read all of them, and is the acknowledgement the event log keeps its replay wind
 The events going to the client are the one thing framed here rather than by wsproto: wsproto
 frames a text message from a `str`, and ours are UTF-8 bytes already. Decoding them for wsproto
 to encode again costs ~9 us a frame instead of ~1 (and 4 ms instead of 0.1 for a 1 MB message),
-on every frame of the hot path. A server's text frame, unfragmented and without extensions (we
-negotiate none), is a 2-to-10-byte header and the payload (RFC 6455 5.2); `text_frames` writes
-it, and only while wsproto says the connection is open.
+on every frame of the hot path. A server's data frame, unfragmented and without extensions (we
+negotiate none), is a 2-to-10-byte header and the payload (RFC 6455 5.2); `data_frames` writes
+it, and only while wsproto says the connection is open. Frames are text, except those marked
+`Binary` (the Jupyter channels' framing); binary messages from the client are read only on a
+connection accepted with `binary=True`, and ignored on the others.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import h11
 import trio
@@ -39,6 +41,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 
 from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.jupyter_framing import Binary, Frame
 from kallichore.channels.kallichore_framing import Resume
 from kallichore.session.kernel_session import KernelSession
 
@@ -70,26 +73,39 @@ def handshake_for(request: h11.Request) -> H11Handshake:
     return handshake
 
 
-async def accept(stream: trio.SocketStream, handshake: H11Handshake, received: bytes) -> WebSocket:
-    """Answer the upgrade (no extension negotiated); `received` is what the client sent after
-    its request head, which may already hold WebSocket frames."""
-    await stream.send_all(handshake.send(AcceptConnection()))
+async def accept(
+    stream: trio.SocketStream,
+    handshake: H11Handshake,
+    received: bytes,
+    *,
+    subprotocol: str | None = None,
+    binary: bool = False,
+) -> WebSocket:
+    """Answer the upgrade (no extension negotiated; `subprotocol` if given); `received` is what
+    the client sent after its request head, which may already hold WebSocket frames. With
+    `binary`, the client's binary messages are read too."""
+    await stream.send_all(handshake.send(AcceptConnection(subprotocol=subprotocol)))
     connection = handshake.connection
     assert connection is not None  # accepted
-    return WebSocket(stream, connection, received)
+    return WebSocket(stream, connection, received, binary=binary)
 
 
-def text_frames(payloads: list[bytes]) -> bytes:
-    """Unfragmented, unmasked (server to client) text frames around UTF-8 payloads."""
+def data_frames(frames: Sequence[Frame]) -> bytes:
+    """Unfragmented, unmasked (server to client) frames: text around UTF-8 payloads, binary
+    around `Binary` ones."""
     parts: list[bytes] = []
-    for payload in payloads:
+    for frame in frames:
+        if type(frame) is Binary:
+            payload, first = frame.payload, 0x82
+        else:
+            payload, first = frame, 0x81  # type: ignore[assignment]
         length = len(payload)
         if length < 126:
-            parts.append(bytes((0x81, length)))
+            parts.append(bytes((first, length)))
         elif length < 1 << 16:
-            parts.append(b"\x81\x7e" + length.to_bytes(2, "big"))
+            parts.append(bytes((first, 126)) + length.to_bytes(2, "big"))
         else:
-            parts.append(b"\x81\x7f" + length.to_bytes(8, "big"))
+            parts.append(bytes((first, 127)) + length.to_bytes(8, "big"))
         parts.append(payload)
     return b"".join(parts)
 
@@ -101,16 +117,24 @@ class WebSocket:
     task for client messages), which also answers pings and the client's Close.
     """
 
-    def __init__(self, stream: trio.SocketStream, connection: Connection, received: bytes) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        connection: Connection,
+        received: bytes,
+        *,
+        binary: bool = False,
+    ) -> None:
         self._stream = stream
+        self._binary = binary
         self._connection = connection
         self._writing = trio.StrictFIFOLock()
         # The unwritten tail of a `send_now`; the next holder of the lock writes it first.
         self._unwritten = b""
         # A write was interrupted, maybe mid-frame: nothing more may be written.
         self._broken = False
-        self._messages: deque[str | None] = deque()
-        self._fragments: list[str] = []
+        self._messages: deque[str | bytes | None] = deque()
+        self._fragments: list[str | bytes | bytearray] = []
         self._fragments_size = 0
         # The highest ping counter the client has answered.
         self._answered = 0
@@ -132,11 +156,11 @@ class WebSocket:
     async def send(self, frame: bytes) -> None:
         await self.send_batch([frame])
 
-    async def send_batch(self, frames: list[bytes], through: int | None = None) -> None:
-        """Write `frames` as text frames in one write; raises ConnectionClosed once closing.
+    async def send_batch(self, frames: Sequence[Frame], through: int | None = None) -> None:
+        """Write `frames` in one write; raises ConnectionClosed once closing.
 
         `through`: the seq of the last event among them, once they are written."""
-        await self._write(text_frames(frames), through)
+        await self._write(data_frames(frames), through)
 
     @property
     def free(self) -> bool:
@@ -147,7 +171,7 @@ class WebSocket:
             or self._connection.state is not ConnectionState.OPEN
         )
 
-    def send_now(self, frames: list[bytes], through: int) -> bool:
+    def send_now(self, frames: Sequence[Frame], through: int) -> bool:
         """Write the frames at once if nothing else is being written, without waiting.
 
         False if nothing was written. True if the socket took the frames, or part of them:
@@ -159,7 +183,7 @@ class WebSocket:
         fd = self._stream.socket.fileno()
         if fd < 0:
             return False
-        data = text_frames(frames)
+        data = data_frames(frames)
         try:
             sent = os.write(fd, data)
         except OSError:
@@ -188,8 +212,11 @@ class WebSocket:
         """A control frame from wsproto, built once the lock is ours so that it goes out in
         the order of the connection's state (no data after our Close)."""
         async with self._writing:
-            if self._broken or self._connection.state is ConnectionState.CLOSED:
+            state = self._connection.state
+            if self._broken or state is ConnectionState.CLOSED:
                 return
+            if isinstance(event, Pong) and state is ConnectionState.LOCAL_CLOSING:
+                return  # a ping that crossed our Close: wsproto sends nothing more
             if isinstance(event, Ping):
                 counter = int.from_bytes(event.payload, "big")
                 self._pings.append((counter, self._sent_through))
@@ -226,6 +253,13 @@ class WebSocket:
 
     async def receive(self) -> str | None:
         """The next text message; None once the connection is closing or closed."""
+        message = await self.receive_message()
+        assert not isinstance(message, bytes), "binary messages are read only with `binary`"
+        return message
+
+    async def receive_message(self) -> str | bytes | None:
+        """The next message (bytes: a binary one); None once the connection is closing or
+        closed."""
         while not self._messages:
             if self._connection.state is ConnectionState.CLOSED:
                 return None
@@ -237,15 +271,20 @@ class WebSocket:
     async def _handle_events(self) -> None:
         for event in self._connection.events():
             match event:
-                case TextMessage(data=data, message_finished=finished):
-                    self._fragments.append(data)
-                    self._fragments_size += len(data) if data.isascii() else len(data.encode())
-                    if self._fragments_size > MAX_MESSAGE_BYTES:
-                        await self.close(CloseReason.MESSAGE_TOO_BIG, "message too big")
-                        self._messages.append(None)
+                case TextMessage(data=text):
+                    if not await self._add_fragment(
+                        text, len(text) if text.isascii() else len(text.encode())
+                    ):
                         return
-                    if finished:
-                        self._messages.append("".join(self._fragments))
+                    if event.message_finished:
+                        self._messages.append("".join(self._fragments))  # type: ignore[arg-type]
+                        self._fragments.clear()
+                        self._fragments_size = 0
+                case BytesMessage(data=data) if self._binary:
+                    if not await self._add_fragment(data, len(data)):
+                        return
+                    if event.message_finished:
+                        self._messages.append(b"".join(self._fragments))  # type: ignore[arg-type]
                         self._fragments.clear()
                         self._fragments_size = 0
                 case BytesMessage(message_finished=True):
@@ -266,6 +305,16 @@ class WebSocket:
                     await self.close(event.code, event.reason)
                     self._messages.append(None)
                     return
+
+    async def _add_fragment(self, data: str | bytes | bytearray, size: int) -> bool:
+        """Keep part of a message; False (and the connection closing) if it is too big."""
+        self._fragments.append(data)
+        self._fragments_size += size
+        if self._fragments_size > MAX_MESSAGE_BYTES:
+            await self.close(CloseReason.MESSAGE_TOO_BIG, "message too big")
+            self._messages.append(None)
+            return False
+        return True
 
     def _acknowledge(self) -> None:
         """Tell `on_acknowledged` what the answered pings prove the client read."""

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import h11
 import trio
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
 from kallichore.api.app import ServerState, check_token, log_response
+from kallichore.api.routes import jupyter_token_matches
 from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.jupyter_framing import negotiate, offered_subprotocols
+from kallichore.channels.jupyter_hub import JupyterHubs
 from kallichore.channels.kallichore_framing import requested_resume
 from kallichore.channels.websocket import (
     PING_INTERVAL_SECONDS,
@@ -40,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 # How long a connection may wait for its next request head (idle keep-alive included).
 HEAD_TIMEOUT_SECONDS = 10.0
+# How long a Jupyter channels upgrade waits for a starting kernel (jupyter_server's
+# `kernel_info_timeout`).
+KERNEL_READY_TIMEOUT_SECONDS = 60.0
 # hypercorn closes a connection left idle for its keep_alive_timeout (5 s): a connection to it
 # idle for longer than this is replaced rather than reused, so no request races that close.
 BACKEND_REUSE_SECONDS = 2.0
@@ -55,11 +62,13 @@ class FrontDoor:
         broker: ChannelBroker,
         backend: Path,
         *,
+        hubs: JupyterHubs | None = None,
         ping_interval: float = PING_INTERVAL_SECONDS,
     ) -> None:
         self._supervisor = supervisor
         self._state = state
         self._broker = broker
+        self._hubs = hubs or JupyterHubs()
         self._backend = backend
         self._ping_interval = ping_interval
         # Requests being relayed: a shutdown lets them finish (its own answer among them).
@@ -115,6 +124,10 @@ class FrontDoor:
             if session_id is not None:
                 await self._serve_channels(stream, client, event, session_id)
                 return
+            kernel_id = _jupyter_channels_kernel(event)
+            if kernel_id is not None:
+                await self._serve_jupyter_channels(stream, client, event, kernel_id)
+                return
             if not self._relaying:
                 self._settled = trio.Event()
             self._relaying += 1
@@ -135,10 +148,7 @@ class FrontDoor:
         request: h11.Request,
         session_id: str,
     ) -> None:
-        # The end of the request leaves h11 paused, holding whatever followed its head.
-        while isinstance(event := await next_event(stream, client), h11.Data):
-            pass
-        if not isinstance(event, h11.EndOfMessage):
+        if not await _read_to_end(stream, client):
             return
         path = request.target.partition(b"?")[0].decode("latin-1")
         authorization = dict(request.headers).get(b"authorization")
@@ -176,17 +186,96 @@ class FrontDoor:
             self._broker, session, websocket, resume=resume, ping_interval=self._ping_interval
         )
 
+    async def _serve_jupyter_channels(
+        self,
+        stream: trio.SocketStream,
+        client: h11.Connection,
+        request: h11.Request,
+        kernel_id: str,
+    ) -> None:
+        """The Jupyter Server API's channels: `/api/kernels/<id>/channels?session_id=S`."""
+        if not await _read_to_end(stream, client):
+            return
+        path = request.target.partition(b"?")[0].decode("latin-1")
+        query = parse_qs(request.target.partition(b"?")[2].decode("latin-1"))
+        headers = request.headers
+        authorization = next((v for n, v in headers if n == b"authorization"), None)
+        if not jupyter_token_matches(
+            self._state.token,
+            authorization.decode("latin-1") if authorization is not None else None,
+            query["token"][-1] if "token" in query else None,
+        ):
+            log_response("GET", path, 401)
+            body = {"message": "Forbidden: a token is required", "reason": None}
+            await respond(stream, client, 401, json.dumps(body).encode())
+            return
+        try:
+            session = self._supervisor.by_kernel_id(kernel_id)
+        except KallichoreError:
+            log_response("GET", path, 404)
+            body = {"message": f"Kernel does not exist: {kernel_id}", "reason": None}
+            await respond(stream, client, 404, json.dumps(body).encode())
+            return
+        try:
+            handshake = handshake_for(request)
+        except WebSocketHandshakeError as error:
+            log_response("GET", path, 400)
+            await respond(stream, client, 400, str(error).encode(), b"text/plain")
+            return
+        protocol = negotiate(
+            offered_subprotocols(v for n, v in headers if n == b"sec-websocket-protocol")
+        )
+        # A client without a session_id still gets one: it is just never resumed.
+        client_session = query.get("session_id", [""])[-1] or uuid.uuid4().hex
+        await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
+        websocket = await accept(
+            stream,
+            handshake,
+            client.trailing_data[0],
+            subprotocol=protocol.subprotocol,
+            binary=True,
+        )
+        self._supervisor.note_activity()
+        await self._hubs.serve(
+            session, websocket, client_session, protocol, ping_interval=self._ping_interval
+        )
 
-def _channels_session(request: h11.Request) -> str | None:
-    """The session id if `request` asks to upgrade `/sessions/<id>/channels` to a WebSocket."""
+
+async def _read_to_end(stream: trio.SocketStream, client: h11.Connection) -> bool:
+    """Read an upgrade request's (empty) body; False if the client hung up first. The end of
+    the request leaves h11 paused, holding whatever followed its head."""
+    while isinstance(event := await next_event(stream, client), h11.Data):
+        pass
+    return isinstance(event, h11.EndOfMessage)
+
+
+def _upgrade_path(request: h11.Request) -> list[bytes] | None:
+    """The path's segments if `request` asks to upgrade to a WebSocket."""
     if request.method != b"GET" or not any(
         name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers
     ):
         return None
-    parts = request.target.partition(b"?")[0].split(b"/")
-    if len(parts) != 4 or parts[:2] != [b"", b"sessions"] or parts[3] != b"channels":
+    return request.target.partition(b"?")[0].split(b"/")
+
+
+def _channels_session(request: h11.Request) -> str | None:
+    """The session id if `request` asks to upgrade `/sessions/<id>/channels` to a WebSocket."""
+    parts = _upgrade_path(request)
+    if parts is None or len(parts) != 4 or parts[:2] != [b"", b"sessions"]:
+        return None
+    if parts[3] != b"channels":
         return None
     return unquote(parts[2].decode("ascii")) if parts[2] else None
+
+
+def _jupyter_channels_kernel(request: h11.Request) -> str | None:
+    """The kernel id if `request` asks to upgrade `/api/kernels/<id>/channels`."""
+    parts = _upgrade_path(request)
+    if parts is None or len(parts) != 5 or parts[:3] != [b"", b"api", b"kernels"]:
+        return None
+    if parts[4] != b"channels":
+        return None
+    return unquote(parts[3].decode("ascii")) if parts[3] else None
 
 
 class _Backend:

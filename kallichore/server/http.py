@@ -25,6 +25,7 @@ from hypercorn.config import Config
 
 from kallichore.api.app import ChannelSockets, ServerState, create_app
 from kallichore.channels.broker import ChannelBroker
+from kallichore.channels.jupyter_hub import JupyterHubs
 from kallichore.server.front import FrontDoor
 from kallichore.server.lifetime import ServerLifetime
 from kallichore.supervisor import Supervisor
@@ -55,6 +56,8 @@ class RunningServer:
     state: ServerState
     broker: ChannelBroker
     lifetime: ServerLifetime
+    # The Jupyter channels' connections (the kernel model's `connections` counts them).
+    hubs: JupyterHubs
     # Set once the kernels are down and the HTTP server has stopped.
     finished: trio.Event = attrs.Factory(trio.Event)
 
@@ -86,6 +89,7 @@ async def serve_api(
     """
     lifetime = lifetime or ServerLifetime()
     broker = broker or ChannelBroker()
+    hubs = JupyterHubs()
     config = Config()
     config.accesslog = None
     # Our handlers, not a second stderr handler of hypercorn's own.
@@ -109,18 +113,18 @@ async def serve_api(
             await nursery.start(
                 partial(
                     hypercorn.trio.serve,
-                    create_app(supervisor, state, lifetime, sockets),
+                    create_app(supervisor, state, lifetime, sockets, connections=hubs),
                     config,
                     shutdown_trigger=stop_http.wait,
                 )
             )
             if unix_socket is None:
-                front = FrontDoor(supervisor, state, broker, backend)
+                front = FrontDoor(supervisor, state, broker, backend, hubs=hubs)
                 bound: int = await nursery.start(_serve_front, front, port, front_scope)
                 url = f"http://{HOST}:{bound}"
             else:
                 url = f"unix:{unix_socket}"
-            running = RunningServer(url, state, broker, lifetime)
+            running = RunningServer(url, state, broker, lifetime, hubs)
             task_status.started(running)
             try:
                 await lifetime.shutdown_requested.wait()
@@ -128,8 +132,10 @@ async def serve_api(
                 await supervisor.shutdown(shutdown_grace)
             finally:
                 broker.stopping.set()
+                hubs.stopping.set()
                 with trio.move_on_after(CLIENTS_CLOSE_SECONDS):
                     await broker.wait_detached()
+                    await hubs.wait_detached()
                     # Answers being relayed go out first: `POST /shutdown`'s own, when no
                     # kernel kept the shutdown busy long enough for it to leave by itself.
                     if front is not None:

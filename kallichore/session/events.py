@@ -27,7 +27,7 @@ import trio
 
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message
-from kallichore.session.model import Status
+from kallichore.session.model import RestartOrigin, Status
 from kallichore.session.resources import ResourceUsage
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,11 @@ class ExecutionQueuedEvent:
 
 @attrs.frozen
 class ExitedEvent:
-    """The kernel process ended: its exit code, or minus the signal number that ended it."""
+    """The kernel process ended: its exit code, or minus the signal number that ended it;
+    `restart` says who is restarting it, if this exit is part of a restart."""
 
     exit_code: int
+    restart: RestartOrigin | None = None
 
 
 @attrs.frozen
@@ -177,6 +179,11 @@ class EventLog:
         return self._acked
 
     @property
+    def closed(self) -> bool:
+        """No more events will come (the session ended)."""
+        return self._closed
+
+    @property
     def attached(self) -> bool:
         """A client is attached: some subscriber takes the backlog (an observer does not count)."""
         return self._attached.is_set()
@@ -211,24 +218,31 @@ class EventLog:
         if behind:
             self._lot.unpark_all()
 
-    def subscribe(self, *, backlog: bool = True, resume: int | None = None) -> Subscription:
+    def subscribe(
+        self, *, backlog: bool = True, resume: int | None = None, after: int | None = None
+    ) -> Subscription:
         """Follow the log from the first event not acknowledged, or after `resume`.
 
         `resume` is the seq of the last event the client has: it acknowledges everything up to
         there, and what is gone since is announced by `EventsDropped`. Raises ValueError if it
         is past this log's last. A point from before the log began (a client of the daemon
         that ran this session before a restart) takes the whole log. Without `backlog`, follow
-        the log from now on as an observer, which acknowledges nothing.
+        the log from now on as an observer, which acknowledges nothing; with `after`, as an
+        observer from after that seq (what it has not read stays in the log for it, within the
+        bound, and what is gone is announced by `EventsDropped`: a Jupyter client's parked
+        buffer).
         """
-        if resume is not None:
-            resume = max(resume, self._origin)
-            if resume > self._next_seq:
+        start = resume if resume is not None else after
+        if start is not None:
+            point = max(start, self._origin)
+            if point > self._next_seq:
                 raise ValueError(
-                    f"resume point {resume} is not in this session's log "
+                    f"resume point {point} is not in this session's log "
                     f"(its last event is {self._next_seq})"
                 )
-            subscription = Subscription(self, resume, delivers=True)
-            self._acknowledge(resume)
+            subscription = Subscription(self, point, delivers=resume is not None)
+            if resume is not None:
+                self._acknowledge(point)
         elif backlog:
             subscription = Subscription(self, self._acked, delivers=True)
         else:

@@ -22,17 +22,28 @@ import zmq
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
 from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, new_key
-from kallichore.jupyter.wire import Channel, JSONObject, Message
+from kallichore.jupyter.wire import Channel, JSONObject, Message, utc_now
 from kallichore.session import process as kernel_process
 from kallichore.session.events import EventLog
 from kallichore.session.execution_queue import QueueSnapshot
 from kallichore.session.kernel_run import Activity, KernelRun, RunContext
-from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec, Status, VarAction
+from kallichore.session.model import (
+    InterruptMode,
+    RestartOrigin,
+    SessionConfig,
+    SessionSpec,
+    Status,
+    VarAction,
+)
 from kallichore.session.record import ProcessIdentity, SessionRecord
 from kallichore.session.resources import ResourceUsage, SampleInterval
 from kallichore.session.state import Outbox, SessionState
 
 logger = logging.getLogger(__name__)
+
+
+# How many of a kernel's last output lines the log shows when it fails to start.
+STARTUP_LINES_LOGGED = 10
 
 
 class KernelSession:
@@ -207,12 +218,15 @@ class KernelSession:
         self,
         working_directory: str | None = None,
         env: Sequence[VarAction] | None = None,
+        *,
+        origin: RestartOrigin = RestartOrigin.KALLICHORE,
     ) -> JSONObject:
         """Shut the kernel down (gracefully, then by force) and start it again.
 
         Keeps the session id and key. A new working directory and env action list apply to the
         new kernel; without a working directory the kernel's current one is kept. A session
-        whose kernel is not running is simply started.
+        whose kernel is not running is simply started. The kernel's `ExitedEvent` carries
+        `origin`, the API that asked.
         """
         if self._lifecycle.locked():
             raise KallichoreError(
@@ -234,6 +248,8 @@ class KernelSession:
                 self._state.set_working_directory(cwd)
             if env:
                 self._env_actions = tuple(env)
+            if self._running_run() is not None:
+                self._state.restarting(origin)
             await self._stop_kernel(restart=True, grace=self._config.shutdown_grace)
             return await self._start_run()
 
@@ -418,6 +434,34 @@ class KernelSession:
         self._activity.note()
         await run.deliver(out)
 
+    async def send_client_message(
+        self,
+        channel: Channel,
+        header: JSONObject,
+        parent_header: JSONObject,
+        *,
+        metadata_json: bytes,
+        content_json: bytes,
+        buffers: Sequence[bytes] = (),
+    ) -> None:
+        """Send a Jupyter client's message with the client's own header (its msg_id, session
+        and username), so that the kernel names it as the parent of what it answers; `date`
+        and `version` are filled in when the client left them out."""
+        if "date" not in header or "version" not in header:
+            header = {"date": utc_now(), "version": self._spec.protocol_version, **header}
+        message = Message(header, parent_header, metadata_json, content_json, tuple(buffers))
+        await self.send(channel, message)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait, at most `timeout` s, while the kernel is starting: jupyter_server holds a
+        channels connection until its kernel answered (`kernel_info_timeout`)."""
+        with trio.move_on_after(timeout), self._events.subscribe(backlog=False) as watch:
+            while self._state.running and not self._state.ready:
+                try:
+                    await watch.receive()
+                except trio.EndOfChannel:
+                    return
+
     async def execute(
         self,
         code: str,
@@ -458,11 +502,18 @@ class KernelSession:
             await self._nursery.start(self._run.run)
         except KallichoreError as error:
             exit_code = error.exit_code if isinstance(error, StartupError) else None
+            # Its last words say why, as they would in a terminal.
+            said = (
+                error.output.splitlines()[-STARTUP_LINES_LOGGED:]
+                if isinstance(error, StartupError)
+                else []
+            )
             logger.warning(
-                "session %s: the kernel failed to start: %s%s",
+                "session %s: the kernel failed to start: %s%s%s",
                 self.session_id,
                 error.message,
                 "" if exit_code is None else f" (exit code {exit_code})",
+                "".join(f"\n  | {line}" for line in said),
             )
             raise
         return self.kernel_info

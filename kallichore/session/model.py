@@ -47,6 +47,15 @@ class Status(StrEnum):
     EXITED = "exited"
 
 
+class RestartOrigin(StrEnum):
+    """Who restarted a kernel, which tells the Jupyter channels what their clients are told:
+    jupyter_server announces `restarting` for a restart its clients did not ask for, and nothing
+    for one they asked for through its REST API (they reconnect by themselves)."""
+
+    JUPYTER = "jupyter"
+    KALLICHORE = "kallichore"
+
+
 class InterruptMode(StrEnum):
     """How to interrupt the kernel: SIGINT to its process group, or `interrupt_request`."""
 

@@ -38,7 +38,7 @@ from kallichore.session.events import (
     WorkingDirChangedEvent,
 )
 from kallichore.session.execution_queue import ExecutionQueue, QueueSnapshot
-from kallichore.session.model import SessionSpec, Status
+from kallichore.session.model import RestartOrigin, SessionSpec, Status
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class SessionState:
         self._running = False
         self._ready = False
         self._startup_requests: set[str] = set()
+        # Who is restarting the kernel of this run, if anybody is: its exit says so.
+        self._restart: RestartOrigin | None = None
         self._kernel_info_received = False
         self._iopub_alive = False
         # Requests the kernel said `busy` for and not yet `idle` (by msg_id; "" for none).
@@ -205,7 +207,12 @@ class SessionState:
         self._running = False
         self._ready = False
         self._set_status(Status.EXITED, reason, out)
-        out.events.append(ExitedEvent(exit_code))
+        out.events.append(ExitedEvent(exit_code, self._restart))
+        self._restart = None
+
+    def restarting(self, origin: RestartOrigin) -> None:
+        """The kernel is being stopped to be started again, at `origin`'s request."""
+        self._restart = origin
 
     def drop_queue(self) -> None:
         """Discard the queued executions (the kernel is about to be killed)."""
