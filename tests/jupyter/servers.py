@@ -34,10 +34,7 @@ NO_EXTENSIONS = dict.fromkeys(
 START_SECONDS = 90.0
 STOP_SECONDS = 30.0
 
-# Our kernels API lands in two parts: its REST routes are on this branch; its channels
-# WebSocket is not yet, and until it is the scenarios that need it skip against "ours".
-OURS_CHANNELS = False
-OURS_NO_CHANNELS = "our Jupyter channels WebSocket (/api/kernels/{id}/channels) is not merged yet"
+# The values of the `server_kind` parameter (tests/jupyter/conftest.py).
 SERVERS = ["kg", "ours"]
 
 

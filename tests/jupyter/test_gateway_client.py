@@ -95,6 +95,14 @@ async def kernel_channels(lab: Server, kernel_id: str) -> AsyncIterator[Channels
         yield channels
 
 
+async def kernel_spawned(gateway: Server) -> None:
+    """Until the server has a kernel process: both answer a new kernel at once and start its
+    process in the background."""
+    with trio.fail_after(TIMEOUT):
+        while not gateway.kernel_processes():
+            await trio.sleep(0.05)
+
+
 async def execute(lab: Server, kernel_id: str, code: str) -> ExecuteResult:
     async with kernel_channels(lab, kernel_id) as channels:
         with trio.fail_after(TIMEOUT):
@@ -124,17 +132,16 @@ async def test_the_notebook_session_has_a_kernel_on_the_server(
     async with rest(gateway) as http:
         kernels = (await http.get("/api/kernels")).json()
     assert [k["id"] for k in kernels] == [kernel_id]
+    await kernel_spawned(gateway)
     assert len(gateway.kernel_processes()) == 1
 
 
-@pytest.mark.usefixtures("needs_channels")
 async def test_print_gives_42(lab: Server, notebook: dict[str, Any]) -> None:
     result = await execute(lab, notebook["kernel"]["id"], "print(6*7)")
     assert result.status == "ok"
     assert result.stdout == "42\n"
 
 
-@pytest.mark.usefixtures("needs_channels")
 async def test_interrupt_stops_a_sleep(lab: Server, notebook: dict[str, Any]) -> None:
     kernel_id = notebook["kernel"]["id"]
     async with kernel_channels(lab, kernel_id) as channels, rest(lab) as http:
@@ -161,7 +168,6 @@ async def test_interrupt_stops_a_sleep(lab: Server, notebook: dict[str, Any]) ->
     assert reply.content["ename"] == "KeyboardInterrupt"
 
 
-@pytest.mark.usefixtures("needs_channels")
 async def test_restart_clears_a_variable(lab: Server, notebook: dict[str, Any]) -> None:
     kernel_id = notebook["kernel"]["id"]
     assert (await execute(lab, kernel_id, "x = 1")).status == "ok"
@@ -175,7 +181,6 @@ async def test_restart_clears_a_variable(lab: Server, notebook: dict[str, Any]) 
     assert result.error.name == "NameError"
 
 
-@pytest.mark.usefixtures("needs_channels")
 async def test_the_kernel_runs_where_the_notebook_is(
     server_kind: str, lab: Server, root: Path, notebook: dict[str, Any]
 ) -> None:
@@ -207,6 +212,7 @@ async def test_stopping_jupyter_server_stops_its_kernels(lab: Server, gateway: S
     async with rest(lab) as http:
         response = await http.post("/api/kernels", json={"name": KERNEL_NAME})
     assert response.status_code == 201, response.text
+    await kernel_spawned(gateway)
     assert len(gateway.kernel_processes()) == 1
     await trio.to_thread.run_sync(stop, lab.process)
     async with rest(gateway) as http:
