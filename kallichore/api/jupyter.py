@@ -62,7 +62,14 @@ from kallichore.jupyter.kernelspec import (
     python_kernelspec,
 )
 from kallichore.session.kernel_session import KernelSession
-from kallichore.session.model import SessionMode, SessionSpec, Status, VarAction, VarActionType
+from kallichore.session.model import (
+    RestartOrigin,
+    SessionMode,
+    SessionSpec,
+    Status,
+    VarAction,
+    VarActionType,
+)
 from kallichore.supervisor import Supervisor
 
 # The variable a client sets to choose where its kernel runs (Kernel Gateway's name).
@@ -540,7 +547,7 @@ async def restart_kernel(api: JupyterApi, kernel: KernelSession) -> KernelModel:
     api.restarting.add(kernel_id)
     try:
         await api.supervisor.settled(kernel)
-        await kernel.restart()
+        await kernel.restart(origin=RestartOrigin.JUPYTER)
     except KallichoreError as error:
         raise Refused(
             JupyterError("Exception restarting kernel", error.message, traceback=""), 500

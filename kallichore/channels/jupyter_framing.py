@@ -225,28 +225,32 @@ def decode(frame: str | bytes, protocol: Protocol) -> ClientFrame | None:
 
 def unpack_v1(frame: bytes) -> list[bytes]:
     """The parts of a v1 frame. Raises `JupyterFrameError` if the offsets do not fit."""
-    if len(frame) < 8:
-        raise JupyterFrameError("a v1 frame starts with its offset count")
-    (count,) = struct.unpack_from("<Q", frame)
-    if count < 2 or 8 * (count + 1) > len(frame):
-        raise JupyterFrameError("a v1 frame's offset count does not fit the frame")
-    offsets = struct.unpack_from(f"<{count}Q", frame, 8)
-    return _slices(frame, list(offsets), 8 * (count + 1))
+    offsets = _offsets(frame, "<", "Q", "a v1 frame", minimum=2)
+    return _slices(frame, offsets)
 
 
 def unpack_legacy(frame: bytes) -> list[bytes]:
     """The parts of a legacy binary frame (JSON first, then the buffers)."""
-    if len(frame) < 4:
-        raise JupyterFrameError("a binary frame starts with its part count")
-    (count,) = struct.unpack_from("!I", frame)
-    if count < 1 or 4 * (count + 1) > len(frame):
-        raise JupyterFrameError("a binary frame's part count does not fit the frame")
-    offsets = struct.unpack_from(f"!{count}I", frame, 4)
-    return _slices(frame, [*offsets, len(frame)], 4 * (count + 1))
+    offsets = _offsets(frame, "!", "I", "a binary frame", minimum=1)
+    return _slices(frame, [*offsets, len(frame)])
 
 
-def _slices(frame: bytes, offsets: list[int], start: int) -> list[bytes]:
-    if offsets[0] != start or offsets[-1] != len(frame) or offsets != sorted(offsets):
+def _offsets(frame: bytes, order: str, kind: str, what: str, *, minimum: int) -> list[int]:
+    """A count then that many offsets, and the first offset is where they end."""
+    width = struct.calcsize(kind)
+    if len(frame) < width:
+        raise JupyterFrameError(f"{what} starts with its offset count")
+    (count,) = struct.unpack_from(order + kind, frame)
+    if count < minimum or width * (count + 1) > len(frame):
+        raise JupyterFrameError(f"{what}'s offset count does not fit the frame")
+    offsets = list(struct.unpack_from(f"{order}{count}{kind}", frame, width))
+    if offsets[0] != width * (count + 1):
+        raise JupyterFrameError(f"{what}'s first part does not follow its offsets")
+    return offsets
+
+
+def _slices(frame: bytes, offsets: list[int]) -> list[bytes]:
+    if offsets[-1] != len(frame) or offsets != sorted(offsets):
         raise JupyterFrameError("a frame's offsets are out of order or out of bounds")
     view = memoryview(frame)
     return [bytes(view[a:b]) for a, b in itertools.pairwise(offsets)]

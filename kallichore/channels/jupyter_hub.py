@@ -194,10 +194,10 @@ class JupyterConnection:
         hub = self._hub
         protocol = self._protocol
         frames: list[Frame] = []
-        seq = last_seq - len(events)
+        # An `EventsDropped` (only ever first) is no event of the log: it takes no seq.
+        seq = last_seq - len(events) + (bool(events) and isinstance(events[0], EventsDropped))
         for event in events:
             if isinstance(event, EventsDropped):
-                # Not an event of the log: it takes no seq.
                 notice = loss_notice(event.count, self._session.session_id)
                 frames.append(encode(notice, Channel.IOPUB, protocol))
                 continue

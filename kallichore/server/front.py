@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, unquote
 
 import h11
 import trio
+from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
 from kallichore.api.app import ServerState, check_token, log_response
@@ -174,11 +175,8 @@ class FrontDoor:
             body = {"code": error.code.wire, "message": error.message}
             await respond(stream, client, 400, json.dumps(body).encode())
             return
-        try:
-            handshake = handshake_for(request)
-        except WebSocketHandshakeError as error:
-            log_response("GET", path, 400)
-            await respond(stream, client, 400, str(error).encode(), b"text/plain")
+        handshake = await _handshake(stream, client, request, path)
+        if handshake is None:
             return
         websocket = await accept(stream, handshake, client.trailing_data[0])
         self._supervisor.note_activity()
@@ -216,18 +214,18 @@ class FrontDoor:
             body = {"message": f"Kernel does not exist: {kernel_id}", "reason": None}
             await respond(stream, client, 404, json.dumps(body).encode())
             return
-        try:
-            handshake = handshake_for(request)
-        except WebSocketHandshakeError as error:
-            log_response("GET", path, 400)
-            await respond(stream, client, 400, str(error).encode(), b"text/plain")
+        handshake = await _handshake(stream, client, request, path)
+        if handshake is None:
             return
         protocol = negotiate(
             offered_subprotocols(v for n, v in headers if n == b"sec-websocket-protocol")
         )
         # A client without a session_id still gets one: it is just never resumed.
         client_session = query.get("session_id", [""])[-1] or uuid.uuid4().hex
-        await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
+        with trio.move_on_after(KERNEL_READY_TIMEOUT_SECONDS):
+            # A kernel POST /api/kernels starts in the background may not be launched yet.
+            await self._supervisor.settled(session)
+            await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
         websocket = await accept(
             stream,
             handshake,
@@ -239,6 +237,18 @@ class FrontDoor:
         await self._hubs.serve(
             session, websocket, client_session, protocol, ping_interval=self._ping_interval
         )
+
+
+async def _handshake(
+    stream: trio.SocketStream, client: h11.Connection, request: h11.Request, path: str
+) -> H11Handshake | None:
+    """wsproto's handshake for the upgrade; None once a 400 has told the client why not."""
+    try:
+        return handshake_for(request)
+    except WebSocketHandshakeError as error:
+        log_response("GET", path, 400)
+        await respond(stream, client, 400, str(error).encode(), b"text/plain")
+        return None
 
 
 async def _read_to_end(stream: trio.SocketStream, client: h11.Connection) -> bool:

@@ -31,7 +31,16 @@ from kallichore.session.events import EVENT_OVERHEAD_BYTES
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import RestartOrigin, Status
 from kallichore.supervisor import Supervisor, open_supervisor
-from tests.conftest import TIMEOUT, TOKEN, new_session_body, serve, supervisor_config
+from tests.conftest import (
+    TIMEOUT,
+    TOKEN,
+    is_reply,
+    kernel_events,
+    new_session_body,
+    serve,
+    supervisor_config,
+    until,
+)
 
 V1 = "v1.kernel.websocket.jupyter.org"
 ECHO_COMM = """
@@ -191,7 +200,7 @@ async def open_gate_and_wait_idle(gate: Path, session: KernelSession) -> None:
             await trio.sleep(0.05)
 
 
-async def test_legacy_replay_after_reconnect_and_discard(
+async def test_legacy_buffers_replay_after_reconnect_and_discard(
     client: KallichoreClient, server: RunningServer, supervisor: Supervisor, tmp_path: Path
 ) -> None:
     kernel_id = await kernel(client, supervisor, "replay")
@@ -205,6 +214,12 @@ async def test_legacy_replay_after_reconnect_and_discard(
             result["header"]["msg_id"],
         )
         assert result["buffers"] == []
+        await nb.execute(ECHO_COMM)
+        await nb.send("comm_open", {"comm_id": "c2", "target_name": "echo", "data": {}})
+        await nb.send("comm_msg", {"comm_id": "c2", "data": {}}, [b"\x00legacy"])
+        echoed = await nb.until(lambda m: m["header"]["msg_type"] == "comm_msg")
+        assert echoed[-1]["buffers"] == [b"ycagel\x00"]
+        assert echoed[-1]["channel"] == "iopub"
         code = gated("print('while away')", tmp_path / "away")
         msg_id = await nb.send("execute_request", {"code": code, "silent": False})
         await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
@@ -272,22 +287,29 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
         server = await serve(supervisor, nursery)
         async with KallichoreClient(server.url, token=TOKEN, timeout=TIMEOUT) as client:
             kernel_id = await kernel(client, supervisor, "lossy")
-            # One message each (print's output is batched into as many as the kernel likes).
-            code = gated("for i in range(500): display(i)", tmp_path / "go")
-            async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
-                await nb.send("execute_request", {"code": code, "silent": False})
-                await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
-            await open_gate_and_wait_idle(tmp_path / "go", supervisor.get("lossy"))
-            async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
-                notice = await nb.receive()
-                dropped = notice["metadata"]["kallichore"]["events_dropped"]
-                assert dropped > 0
-                assert notice["content"]["name"] == "stderr"
-                assert f"{dropped} kernel messages were lost" in notice["content"]["text"]
-                # What is left of the buffer follows, up to the reply.
-                rest = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
-                last = of_type(rest, "display_data")[-1]
-                assert last["content"]["data"]["text/plain"] == "499"
+            # Another client, reading all along, has every frame encoded (and cached) first.
+            async with (
+                connect(server, kernel_id, "watcher", token=TOKEN) as watcher,
+                trio.open_nursery() as reading,
+            ):
+                reading.start_soon(drain, watcher.ws)
+                # One message each (print's output is batched into as many as the kernel likes).
+                code = gated("for i in range(500): display(i)", tmp_path / "go")
+                async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
+                    await nb.send("execute_request", {"code": code, "silent": False})
+                    await nb.until(lambda m: m["header"]["msg_type"] == "execute_input")
+                await open_gate_and_wait_idle(tmp_path / "go", supervisor.get("lossy"))
+                async with connect(server, kernel_id, "nb", token=TOKEN) as nb:
+                    notice = await nb.receive()
+                    dropped = notice["metadata"]["kallichore"]["events_dropped"]
+                    assert dropped > 0
+                    assert notice["content"]["name"] == "stderr"
+                    assert f"{dropped} kernel messages were lost" in notice["content"]["text"]
+                    # What is left of the buffer follows, up to the reply.
+                    rest = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
+                    last = of_type(rest, "display_data")[-1]
+                    assert last["content"]["data"]["text/plain"] == "499"
+                reading.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 
@@ -315,3 +337,28 @@ async def test_restarts_and_death_as_jupyter_server_announces_them(
         await client.kill("life")
         dead = (await lab.until(synthetic))[-1]
         assert dead["content"]["execution_state"] == "dead"
+
+
+async def test_the_kallichore_channel_beside_jupyter_clients(
+    client: KallichoreClient, server: RunningServer, supervisor: Supervisor
+) -> None:
+    """Kallichore's client gets every kernel message (the Jupyter clients' replies too) and
+    is displaced as before; the Jupyter clients are not counted or displaced by it."""
+    kernel_id = await kernel(client, supervisor, "both")
+    async with (
+        client.channels("both") as first,
+        connect(server, kernel_id, "lab", token=TOKEN) as lab,
+    ):
+        [reply] = [m for m in await lab.execute("6*7") if m["channel"] == "shell"]
+        msg_id = reply["parent_header"]["msg_id"]
+        await until(first, lambda f: is_reply(f, msg_id, "execute_reply"))
+        async with client.channels("both") as second:
+            displaced = await until(first, lambda f: bool(kernel_events([f], "clientDisconnected")))
+            assert displaced
+            assert (await client.get_session("both"))["connected"] is True
+            assert server.hubs.connections(supervisor.get("both")) == 1
+            [result] = of_type(await lab.execute("6*7"), "execute_result")
+            assert result["content"]["data"]["text/plain"] == "42"
+            await until(
+                second, lambda f: is_reply(f, result["parent_header"]["msg_id"], "execute_reply")
+            )
