@@ -4,6 +4,7 @@ and the processes the run starts (every one of them stopped by the end of the ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -27,7 +28,19 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DEFAULT_CACHE_DIR = PACKAGE_DIR / ".cache"
 # What goes into the servers' virtualenv (besides ipykernel, pinned to our version).
-GATEWAY_PACKAGES = ["jupyter-kernel-gateway", "jupyter_server"]
+GATEWAY_PACKAGES = [
+    "jupyter-kernel-gateway",
+    "jupyter_server",
+    # The clients of the Jupyter Server kernels API that the tests drive (tests/jupyter).
+    "nbclient",
+    "nbformat",
+    "jupyterlab",
+    "selenium",
+]
+# Removed again after the install: jsonschema's optional IRI format checker, which builds its
+# grammar at import, 2 to 3 s of every Kernel Gateway, jupyter_server or nbclient start (it
+# comes with jupyter_events; nothing here checks IRIs, and jsonschema does without it).
+GATEWAY_WITHOUT = ["rfc3987-syntax"]
 KERNEL_NAME = "python3"
 
 
@@ -142,34 +155,45 @@ def _install_commands(venv: Path, requirements: list[str]) -> list[list[str]]:
         return [
             [uv, "venv", "-q", "--python", sys.executable, str(venv)],
             [uv, "pip", "install", "-q", "--python", python, *requirements],
+            [uv, "pip", "uninstall", "-q", "--python", python, *GATEWAY_WITHOUT],
         ]
+    pip = [python, "-m", "pip", "-q", "--disable-pip-version-check"]
     return [
         [sys.executable, "-m", "venv", str(venv)],
-        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+        [*pip, "install", *requirements],
+        [*pip, "uninstall", "-y", *GATEWAY_WITHOUT],
     ]
 
 
 def ensure_gateway_venv(cache_dir: Path) -> Path:
-    """A virtualenv with Jupyter Kernel Gateway and jupyter_server; made once, then reused.
+    """A virtualenv with Jupyter Kernel Gateway, jupyter_server and the Jupyter clients the tests
+    drive; made once, then reused.
 
     Its ipykernel is pinned to ours (although the kernels it starts come from our kernelspec,
     so they run this interpreter's ipykernel). Returns the virtualenv's `bin` directory.
+    Processes that ask at once (the test suite's workers) take turns: the first builds it, the
+    others then find it made.
     """
     venv = cache_dir / "venvs" / "gateways"
     bin_dir = venv / "bin"
     marker = venv / "bench-requirements.json"
     requirements = gateway_requirements()
-    wanted = {"python": sys.version, "requirements": requirements}
-    ready = (bin_dir / "jupyter-kernelgateway").exists() and (bin_dir / "jupyter-server").exists()
-    if ready and marker.exists() and json.loads(marker.read_text()) == wanted:
-        return bin_dir
-    log(f"creating the servers' virtualenv in {venv} ({' '.join(requirements)})")
-    shutil.rmtree(venv, ignore_errors=True)
-    for command in _install_commands(venv, requirements):
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"could not install the servers:\n{done.stdout}\n{done.stderr}")
-    marker.write_text(json.dumps(wanted))
+    wanted = {"python": sys.version, "requirements": requirements, "without": GATEWAY_WITHOUT}
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with (venv.parent / "gateways.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ready = all(
+            (bin_dir / name).exists() for name in ("jupyter-kernelgateway", "jupyter-server")
+        )
+        if ready and marker.exists() and json.loads(marker.read_text()) == wanted:
+            return bin_dir
+        log(f"creating the servers' virtualenv in {venv} ({' '.join(requirements)})")
+        shutil.rmtree(venv, ignore_errors=True)
+        for command in _install_commands(venv, requirements):
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"could not install the servers:\n{done.stdout}\n{done.stderr}")
+        marker.write_text(json.dumps(wanted))
     return bin_dir
 
 
