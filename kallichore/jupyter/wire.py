@@ -113,6 +113,10 @@ class Message:
     metadata_json: bytes = b"{}"
     content_json: bytes = b"{}"
     buffers: Sequence[bytes] = ()
+    # The headers as the kernel sent them (None for a message built here): the Jupyter
+    # channels forward these bytes instead of dumping the parsed headers again per client.
+    header_json: bytes | None = attrs.field(default=None, eq=False, repr=False)
+    parent_json: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def msg_id(self) -> str:
@@ -213,6 +217,8 @@ def deserialize(frames: Sequence[bytes], signer: Signer) -> tuple[list[bytes], M
             metadata_json=metadata,
             content_json=content,
             buffers=tuple(bytes(f) for f in frames[split + 6 :]),
+            header_json=header,
+            parent_json=parent,
         ),
     )
 
