@@ -13,14 +13,15 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite, against real ipykernel processes.
+    """The whole test suite, against real ipykernel processes, in one process per core (a
+    module's tests stay together, so the daemons they share are started once).
 
     tests/jupyter runs real Jupyter clients from the servers' virtualenv (built on first use
     under benchmarks/.cache and shared with bench_smoke) and from tests/js/node_modules (which
     `npm ci --prefix tests/js` installs: .ci/run does; with CI set, its absence fails).
     """
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--numprocesses=auto", "--dist=loadfile", *session.posargs)
 
 
 @nox.session

@@ -20,6 +20,7 @@ import trio
 
 from kallichore import __version__
 from kallichore.api import models
+from kallichore.api.jupyter import JupyterSettings
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
 from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
 from kallichore.state_dir import StateDirError, saved_token
@@ -126,6 +127,21 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
         help="MiB of events each session keeps for its clients: the backlog of a client that "
         "does not read and the replay window after a drop; the oldest are dropped beyond it "
         "(default: %(default)s)",
+    )
+    jupyter = parser.add_argument_group("the Jupyter Server kernels API (/api/...)")
+    jupyter.add_argument(
+        "--root-dir",
+        type=Path,
+        help="where kernels run: relative KERNEL_WORKING_DIR values and session paths are "
+        "taken from here, and may not leave it (default: the current directory)",
+    )
+    jupyter.add_argument(
+        "--jupyter-env-allow",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a variable a client may pass to its kernel in the env of POST /api/kernels, "
+        "besides KERNEL_* ones (repeatable; Kernel Gateway's env_whitelist)",
     )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
@@ -242,6 +258,9 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         raise UsageError("--shutdown-grace must not be negative")
     if not 1 <= args.session_buffer_mb <= MAX_SESSION_BUFFER_MB:
         raise UsageError(f"--session-buffer-mb must be between 1 and {MAX_SESSION_BUFFER_MB}")
+    root_dir = (args.root_dir or Path.cwd()).absolute()
+    if not root_dir.is_dir():
+        raise UsageError(f"--root-dir {args.root_dir} is not a directory")
     log_level = configure_logging(args.log_level, args.log_file)
     return DaemonOptions(
         transport=transport,
@@ -259,6 +278,7 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         log_level=log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
         state_dir=args.state_dir.absolute() if args.state_dir else None,
+        jupyter=JupyterSettings(root_dir, frozenset(args.jupyter_env_allow)),
     )
 
 

@@ -13,6 +13,7 @@ the others are `exited`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -76,6 +77,8 @@ class Supervisor:
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
         self._by_kernel_id: dict[str, KernelSession] = {}
+        # Sessions whose kernel `start_soon` is starting, and the event set once it is done.
+        self._starting: dict[str, trio.Event] = {}
         self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
         self._footprint = config.footprint or Footprint(None)
         # When a session was last created, became idle or exited, or a client last showed up
@@ -186,6 +189,30 @@ class Supervisor:
             logger.error("session %s: could not write its record: %s", session.session_id, exc)
             return
         self._recorded[session.session_id] = record
+
+    def start_soon(self, session: KernelSession) -> None:
+        """Start `session`'s kernel in the background, for an API that answers before the
+        kernel is ready (the Jupyter one). A kernel that fails to start leaves its session
+        `exited`; the session has logged why. See `settled()`."""
+        done = trio.Event()
+        self._starting[session.session_id] = done
+        self._nursery.start_soon(self._start_quietly, session, done)
+
+    async def settled(self, session: KernelSession) -> None:
+        """Wait until a background start of `session` has ended (at once if none is under
+        way): what stops or restarts the kernel must not race the launch."""
+        done = self._starting.get(session.session_id)
+        if done is not None:
+            await done.wait()
+
+    async def _start_quietly(self, session: KernelSession, done: trio.Event) -> None:
+        try:
+            if self._sessions.get(session.session_id) is session:
+                with contextlib.suppress(KallichoreError):
+                    await session.start()
+        finally:
+            del self._starting[session.session_id]
+            done.set()
 
     def get(self, session_id: str) -> KernelSession:
         try:

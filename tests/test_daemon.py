@@ -283,6 +283,7 @@ async def test_three_daemons_get_three_ports(tmp_path: Path) -> None:
         ["--transport", "tcp", "--idle-shutdown-hours", "-1"],
         ["--transport", "tcp", "--session-buffer-mb", "0"],
         ["--transport", "tcp", "--session-buffer-mb", "9" * 400],
+        ["--transport", "tcp", "--root-dir", "/no/such/directory"],
         ["--transport", "socket", "--unix-socket", "/tmp/" + "x" * 120 + ".sock"],
     ],
 )

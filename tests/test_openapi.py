@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import typing
+import uuid
 from typing import Any
 
 import attrs
@@ -17,8 +18,9 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from kallichore import __version__
-from kallichore.api import models
+from kallichore.api import jupyter_models, models
 from kallichore.api.app import ROUTES, ServerState, create_app
+from kallichore.api.jupyter import JUPYTER_ROUTES
 from kallichore.api.openapi import WIRE_MODELS, openapi_document
 from kallichore.channels.kallichore_framing import (
     FrameError,
@@ -56,7 +58,7 @@ BEARER: dict[str, list[str]] = {"bearerAuth": []}
 
 @pytest.fixture
 def document() -> dict[str, Any]:
-    return openapi_document(ROUTES)
+    return openapi_document(ROUTES, JUPYTER_ROUTES)
 
 
 def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -121,11 +123,19 @@ async def test_protected_operations_are_the_ones_the_server_protects(
     # Last, so that an unprotected shutdown cannot stop the server under the other requests.
     order = sorted(operations(document), key=lambda key: key == ("/shutdown", "POST"))
     for path, method in order:
-        url = path.format(session_id=SESSION)
+        url = path.format(
+            session_id=SESSION,
+            kernel_id=uuid.uuid4(),
+            kernel_name="python3",
+            file="logo-64x64.png",
+            jupyter_session_id="x",
+        )
         for name, headers in (("no token", {}), ("a wrong token", {"Authorization": "Bearer x"})):
             response = await http.request(method, url, headers=headers)
             if response.status_code == 401:
-                assert response.content == b"", (method, path)
+                # The Kallichore API's 401 is empty, the Jupyter API's says why.
+                jupyter = "jupyter" in operations(document)[(path, method)]["tags"]
+                assert bool(response.content) is jupyter, (method, path)
                 refused[name].add((path, method))
     for name, paths in refused.items():
         assert paths == documented, (
@@ -139,14 +149,16 @@ def test_every_wire_model_has_a_schema_with_its_fields(document: dict[str, Any])
     schemas = document["components"]["schemas"]
     wire = [
         value
-        for value in vars(models).values()
-        if isinstance(value, type) and attrs.has(value) and value.__module__ == models.__name__
+        for module in (models, jupyter_models)
+        for value in vars(module).values()
+        if isinstance(value, type) and attrs.has(value) and value.__module__ == module.__name__
     ]
     assert len(wire) >= 12
     # Core models the routes take or give straight are wire models too.
-    routed = {route.body for route in ROUTES.routes if route.body is not None} | {
+    routes = [*ROUTES.routes, *JUPYTER_ROUTES.routes]
+    routed = {route.body for route in routes if route.body is not None} | {
         reply.model
-        for route in ROUTES.routes
+        for route in routes
         for reply in (route.ok, *route.replies.values())
         if isinstance(reply.model, type) and attrs.has(reply.model)
     }
@@ -216,6 +228,36 @@ async def test_responses_match_their_documented_schemas(
     deleted = await http.delete(one, headers=AUTH)
     assert deleted.status_code == 200
     check_response(document, "/sessions/{session_id}", deleted)
+
+
+async def test_jupyter_responses_match_their_documented_schemas(
+    document: dict[str, Any], http: httpx.AsyncClient
+) -> None:
+    """The Jupyter API's answers that start no kernel (the session of `http` is one)."""
+    kernel_id = (await http.get("/sessions")).json()["sessions"][0]["kernel_id"]
+    missing = str(uuid.uuid4())
+    token = {"Authorization": f"token {TOKEN}"}
+    calls: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
+        ("GET", "/api", {}, {}),
+        ("GET", "/api", {}, {"headers": {}}),
+        ("GET", "/api/kernelspecs", {}, {}),
+        ("GET", "/api/kernelspecs/{kernel_name}", {"kernel_name": "python3"}, {}),
+        ("GET", "/api/kernelspecs/{kernel_name}", {"kernel_name": "nope"}, {}),
+        ("GET", "/kernelspecs/{kernel_name}/{file}", {"kernel_name": "python3", "file": "x"}, {}),
+        ("GET", "/api/kernels", {}, {}),
+        ("GET", "/api/kernels/{kernel_id}", {"kernel_id": kernel_id}, {}),
+        ("GET", "/api/kernels/{kernel_id}", {"kernel_id": missing}, {}),
+        ("POST", "/api/kernels", {}, {"content": b"{"}),
+        ("POST", "/api/kernels", {}, {"json": {"name": "nope"}}),
+        ("POST", "/api/kernels/{kernel_id}/interrupt", {"kernel_id": kernel_id}, {}),
+        ("GET", "/api/sessions", {}, {}),
+        ("GET", "/api/sessions/{jupyter_session_id}", {"jupyter_session_id": missing}, {}),
+        ("POST", "/api/sessions", {}, {"json": {"path": 5}}),
+    ]
+    for method, path, parameters, options in calls:
+        options.setdefault("headers", token)
+        response = await http.request(method, path.format(**parameters), **options)
+        check_response(document, path, response)
 
 
 def test_channel_frames_match_their_schemas(document: dict[str, Any]) -> None:

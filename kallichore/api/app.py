@@ -23,6 +23,13 @@ from quart_trio import QuartTrio
 
 from kallichore import __version__
 from kallichore.api import models
+from kallichore.api.jupyter import (
+    JUPYTER_ROUTES,
+    JupyterApi,
+    JupyterSettings,
+    KernelConnections,
+    NoConnections,
+)
 from kallichore.api.models import (
     ActiveSession,
     ClientHeartbeat,
@@ -74,6 +81,7 @@ class ServerState:
     started: float = attrs.Factory(time.time)
     started_monotonic: float = attrs.Factory(time.monotonic)
     log_level: str | None = "info"
+    jupyter: JupyterSettings = attrs.Factory(JupyterSettings)
 
 
 class ServerControl(Protocol):
@@ -164,6 +172,7 @@ def active_session(session: KernelSession, sockets: ChannelSockets | None) -> Ac
         idle_seconds=int(now - session.idle_since) if session.idle_since is not None else 0,
         busy_seconds=int(now - session.busy_since) if session.busy_since is not None else 0,
         socket_path=_socket_path(session, sockets),
+        kernel_id=session.spec.kernel_id,
     )
 
 
@@ -361,6 +370,7 @@ async def start_session(api: KallichoreApi, session: KernelSession) -> Any:
     protected=True,
     body=RestartSession,
     body_required=False,
+    ignore_bad_body=True,
     ok=Reply(Null, "The new kernel is connected and ready."),
     failure=Failure(
         500,
@@ -619,7 +629,7 @@ async def set_configuration(api: KallichoreApi, body: ServerConfiguration) -> No
     ok=Reply({"type": "object"}, "This OpenAPI document."),
 )
 async def openapi(api: KallichoreApi) -> dict[str, Any]:
-    return openapi_document(ROUTES)
+    return openapi_document(ROUTES, JUPYTER_ROUTES)
 
 
 def create_app(
@@ -627,11 +637,21 @@ def create_app(
     state: ServerState,
     control: ServerControl,
     sockets: ChannelSockets | None = None,
+    connections: KernelConnections | None = None,
 ) -> QuartTrio:
-    """The app; with `sockets`, `GET .../channels` hands out per-session socket paths."""
+    """The app serving both APIs; with `sockets`, `GET .../channels` hands out per-session
+    socket paths; `connections` counts each kernel's Jupyter channel connections."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    install(app, ROUTES, KallichoreApi(supervisor, state, control, sockets), lambda: state.token)
+    kallichore = KallichoreApi(supervisor, state, control, sockets)
+    install(app, ROUTES, kallichore, lambda: state.token)
+    jupyter = JupyterApi(
+        supervisor,
+        state.jupyter,
+        connections or NoConnections(),
+        on_removed=kallichore.close_channel_socket,
+    )
+    install(app, JUPYTER_ROUTES, jupyter, lambda: state.token)
 
     @app.before_request
     async def read_whole_body() -> None:

@@ -205,6 +205,7 @@ class ActiveSession:
     notebook_uri: str | None = optional()
     resource_usage: dict[str, int] | None = optional()
     socket_path: str | None = optional()
+    kernel_id: str | None = optional()
 
 
 # Kallichore serialises ActiveSession in this order; attrs needs defaults last, so the JSON
@@ -232,6 +233,7 @@ ACTIVE_SESSION_ORDER = (
     "idle_seconds",
     "busy_seconds",
     "socket_path",
+    "kernel_id",
 )
 
 
@@ -322,7 +324,9 @@ def _os_safe(text: str) -> None:
             raise BadValue("a string must not contain a lone surrogate") from None
 
 
-def _make_converter() -> cattrs.Converter:
+def strict_converter() -> cattrs.Converter:
+    """A converter with the rules every API's bodies share: JSON types taken strictly, 32-bit
+    integers, OS-safe strings, `omit_if_none` fields left out, enums as their values."""
     converter = cattrs.Converter(forbid_extra_keys=False)
     converter.register_structure_hook(str, _strict(str, "a string", _os_safe))
     converter.register_structure_hook(int, _strict(int, "an integer", _int32))
@@ -372,9 +376,15 @@ def _make_converter() -> cattrs.Converter:
 
     converter.register_unstructure_hook_factory(attrs.has, unstructure_attrs)
     converter.register_unstructure_hook(Enum, lambda value: value.value)
+    return converter
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = strict_converter()
+    unstructure_attrs = converter.get_unstructure_hook(ActiveSession)
 
     def unstructure_session(value: ActiveSession) -> dict[str, Any]:
-        body = unstructure_attrs(ActiveSession)(value)
+        body: dict[str, Any] = unstructure_attrs(value)
         return {key: body[key] for key in ACTIVE_SESSION_ORDER if key in body}
 
     converter.register_unstructure_hook(ActiveSession, unstructure_session)
@@ -392,12 +402,12 @@ def _problem(error: BaseException, kind: type | None) -> str:
     return cattrs.v.format_exception(error, kind)
 
 
-def structure_body(data: Any, model: type[T]) -> T:
+def structure_body(data: Any, model: type[T], using: cattrs.Converter = converter) -> T:
     """Structure a parsed JSON body into `model`, or raise `BodyError` naming the bad field."""
     if not isinstance(data, dict):
         raise BodyError(f"the body must be a JSON object ({model.__name__})")
     try:
-        return converter.structure(data, model)
+        return using.structure(data, model)
     except cattrs.BaseValidationError as exc:
         problems = "; ".join(
             cattrs.transform_error(exc, path=model.__name__, format_exception=_problem)

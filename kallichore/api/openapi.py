@@ -1,10 +1,12 @@
-"""The OpenAPI 3.0 document of our Kallichore-compatible API, served at `GET /openapi.json`.
+"""The OpenAPI 3.0 document of our APIs (the Kallichore-compatible one and the Jupyter Server
+kernels API), served at `GET /openapi.json`.
 
-Component schemas are generated from the attrs models in `kallichore.api.models` (and the enums
-they use), so a field added to a model shows up here without an edit. What a Python type cannot
-say (a description, the enum behind a plain `str`) is noted per field, and a note naming a field
-that no longer exists is an error, not silently dropped. Paths come from a route table
-(`kallichore.api.routes`), the same entries that Quart serves; tests/test_openapi.py checks
+Component schemas are generated from the attrs models in `kallichore.api.models` and
+`kallichore.api.jupyter_models` (and the enums they use), so a field added to a model shows up
+here without an edit. What a Python type cannot say (a description, the enum behind a plain
+`str`) is noted per field, and a note naming a field that no longer exists is an error, not
+silently dropped. Paths come from the route tables (`kallichore.api.routes`), the same entries
+that Quart serves; tests/test_openapi.py checks
 them against what the server actually sends.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 import attrs
 
 from kallichore import __version__
-from kallichore.api import models
+from kallichore.api import jupyter_models, models
 from kallichore.api.models import ErrorBody
 from kallichore.api.routes import Empty, Null, Reply, Route, RouteTable, bad_body
 from kallichore.channels.kallichore_framing import CLIENT_CHANNELS, wire_status
@@ -85,6 +87,27 @@ WIRE_MODELS: dict[type, tuple[str, str]] = {
         "One sample of the CPU, memory and threads of a kernel's process tree (the kernel and "
         "the descendants still in its process group).",
     ),
+    # The Jupyter Server kernels API's.
+    jupyter_models.NewKernel: ("NewKernel", "A kernel to start; an empty body is the default one."),
+    jupyter_models.KernelRef: (
+        "KernelRef",
+        "A session's kernel: the running kernel `id`, else a new one of kernelspec `name`.",
+    ),
+    jupyter_models.NewSession: ("JupyterNewSession", "A Jupyter session to create."),
+    jupyter_models.SessionChanges: (
+        "JupyterSessionChanges",
+        "Changes to a Jupyter session; a field left out is left as it is.",
+    ),
+    jupyter_models.ApiVersion: ("ApiVersion", "The server's version."),
+    jupyter_models.KernelSpecModel: ("KernelSpecModel", "An installed kernelspec."),
+    jupyter_models.KernelSpecs: ("KernelSpecs", "Every kernelspec, and the default one."),
+    jupyter_models.KernelModel: (
+        "KernelModel",
+        "A kernel as the Jupyter Server API describes it (any session of the server).",
+    ),
+    jupyter_models.NotebookRef: ("NotebookRef", "The session's path and name again (old clients)."),
+    jupyter_models.SessionModel: ("SessionModel", "A Jupyter session: a path bound to a kernel."),
+    jupyter_models.JupyterError: ("JupyterError", "What went wrong, as Jupyter servers say it."),
 }
 
 ENUM_NOTES: dict[type[Enum], str] = {
@@ -189,6 +212,42 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         "signature_scheme": {"type": "string", "enum": [SIGNATURE_SCHEME]},
         "transport": {"type": "string", "enum": list(TRANSPORTS)},
     },
+    jupyter_models.NewKernel: {
+        "name": "A kernelspec name; the default kernelspec if absent.",
+        "path": "The directory to run in, relative to the server's root directory.",
+        "env": (
+            "`KERNEL_*` variables reach the kernel, and those the server allows "
+            "(`--jupyter-env-allow`); the others are dropped. `KERNEL_WORKING_DIR` is where "
+            "the kernel runs (an absolute path, or one relative to the root directory)."
+        ),
+    },
+    jupyter_models.NewSession: {
+        "path": "The notebook's path; the kernel runs in its directory (under the root).",
+        "kernel": {"allOf": [_ref("KernelRef")], "description": "The default kernel if absent."},
+    },
+    jupyter_models.SessionChanges: {
+        "kernel": {
+            "allOf": [_ref("KernelRef")],
+            "description": "Another kernel: the one it leaves is shut down.",
+        },
+    },
+    jupyter_models.KernelModel: {
+        "id": {"type": "string", "format": "uuid"},
+        "name": "The kernelspec's name (the language for a session made without one).",
+        "last_activity": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When a message last went to or came from the kernel (UTC, `Z`).",
+        },
+        "execution_state": {"type": "string", "enum": list(jupyter_models.EXECUTION_STATES)},
+        "connections": "The kernel's live Jupyter channels connections.",
+    },
+    jupyter_models.KernelSpecModel: {
+        "spec": "kernel.json: `argv`, `env`, `display_name`, `language`, `interrupt_mode`, "
+        "`metadata`.",
+        "resources": "URLs of its files (`/kernelspecs/<name>/<file>`): logos by name without "
+        "the extension, `kernel.js`, `kernel.css`.",
+    },
     models.ErrorBody: {
         "code": (
             f"`KS-<n>` for an error of the supervisor ({_error_codes()}); for a request the "
@@ -211,6 +270,10 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         },
     },
     models.ActiveSession: {
+        "kernel_id": (
+            "Our extension: the session's id in the Jupyter Server kernels API (a UUID; the "
+            "session id itself for a kernel started through that API)."
+        ),
         "argv": "As given at creation: `{connection_file}` is not substituted.",
         "process_id": "The kernel's process while it runs; never set for an adopted kernel.",
         "initial_env": (
@@ -547,8 +610,30 @@ def _frame_schemas() -> dict[str, Schema]:
 # -- paths -------------------------------------------------------------------------------------
 
 _NULL: Schema = {"type": "object", "nullable": True, "enum": [None], "description": "`null`."}
-_UNAUTHORIZED = Reply(Empty, "The bearer token is missing or wrong (empty body).")
 _TOO_LARGE = Reply(ErrorBody, "The body is larger than the server accepts (code `413`).")
+
+
+@attrs.frozen
+class _Dialect:
+    """How one API documents its refusals and auth."""
+
+    error: type
+    unauthorized: Reply
+    security: list[dict[str, list[str]]]
+
+
+_DIALECTS = {
+    "kallichore": _Dialect(
+        ErrorBody,
+        Reply(Empty, "The bearer token is missing or wrong (empty body)."),
+        [{"bearerAuth": []}],
+    ),
+    "jupyter": _Dialect(
+        jupyter_models.JupyterError,
+        Reply(jupyter_models.JupyterError, "The token is missing or wrong."),
+        [{"bearerAuth": []}, {"jupyterToken": []}, {"jupyterQueryToken": []}],
+    ),
+}
 
 
 def _reply(reply: Reply) -> Schema:
@@ -572,7 +657,8 @@ def _operation(table: RouteTable, route: Route) -> Schema:
     }
     if route.description:
         operation["description"] = route.description
-    replies: dict[int, Reply] = {200: route.ok}
+    dialect = _DIALECTS[table.name]
+    replies: dict[int, Reply] = {route.status: route.ok}
     if route.failure is not None:
         replies[route.failure.status] = Reply(route.failure.body, route.failure.description)
     for name in route.parameters:
@@ -582,13 +668,13 @@ def _operation(table: RouteTable, route: Route) -> Schema:
             "required": route.body_required,
             "content": {"application/json": {"schema": _ref(WIRE_MODELS[route.body][0])}},
         }
-        if route.body_required:
-            replies.setdefault(400, Reply(ErrorBody, bad_body(route.body) + "."))
+        if not route.ignore_bad_body:
+            replies.setdefault(400, Reply(dialect.error, bad_body(route.body) + "."))
         replies[413] = _TOO_LARGE
     replies |= route.replies
     if route.protected:
-        operation["security"] = [{"bearerAuth": []}]
-        replies[401] = _UNAUTHORIZED
+        operation["security"] = dialect.security
+        replies[401] = dialect.unauthorized
     operation["responses"] = {
         str(status): _reply(reply) for status, reply in sorted(replies.items())
     }
@@ -626,8 +712,9 @@ def _parameters(table: RouteTable) -> dict[str, Schema]:
     }
 
 
-def openapi_document(table: RouteTable) -> dict[str, Any]:
-    """The document of `table`'s API, built afresh so that callers may change their copy."""
+def openapi_document(*tables: RouteTable) -> dict[str, Any]:
+    """The document of the APIs of `tables`, built afresh so that callers may change their
+    copy."""
     builder = _SchemaBuilder()
     for cls in WIRE_MODELS:
         builder.add_model(cls)
@@ -638,27 +725,49 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "A Jupyter kernel supervisor's HTTP and WebSocket API, wire-compatible with "
-                "Posit's Kallichore (`kcserver`). Action endpoints answer `null`; 401 and 404 "
-                "answers have empty bodies; an unknown path is 404 and a wrong method 405, "
-                "both empty. Bearer auth applies only when the server was started with a "
-                "token."
+                "Posit's Kallichore (`kcserver`), and beside it the Jupyter Server kernels "
+                "API (tag `jupyter`) on the same sessions. In the Kallichore API, action "
+                "endpoints answer `null` and 401 and 404 answers have empty bodies; the "
+                'Jupyter API answers errors with `{"message", "reason"}`. An unknown path '
+                "is 404 and a wrong method 405, both empty. Auth applies only when the server "
+                "was started with a token."
             ),
         },
         "tags": [
             {"name": "sessions", "description": "Sessions and their kernels."},
             {"name": "channels", "description": "The stream of a session's messages."},
             {"name": "server", "description": "The server itself."},
+            {
+                "name": "jupyter",
+                "description": (
+                    "The Jupyter Server kernels API: every session is a kernel, by its UUID."
+                ),
+            },
         ],
-        "paths": _paths(table),
+        "paths": {path: item for table in tables for path, item in _paths(table).items()},
         "components": {
             "securitySchemes": {
                 "bearerAuth": {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "The token the server was started with.",
-                }
+                },
+                "jupyterToken": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "`token <the token>`, as Jupyter clients send it.",
+                },
+                "jupyterQueryToken": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "The token as a query parameter (tried first).",
+                },
             },
-            "parameters": _parameters(table),
+            "parameters": {
+                name: schema for table in tables for name, schema in _parameters(table).items()
+            },
             "schemas": builder.schemas | _frame_schemas(),
         },
     }

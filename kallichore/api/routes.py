@@ -1,10 +1,11 @@
 """Routes declared once: each route's method, path, auth, body, answers and errors in one entry.
 
-A `RouteTable` is one API (today the Kallichore API; the Jupyter Server kernels API and the
-agent API will be tables of their own on the same server). The same entries feed Quart
-(`install`) and the OpenAPI document (`kallichore.api.openapi`), so what is served and what is
-documented cannot drift apart. Handlers return their model and raise on failure: auth, path
-parameters, body parsing and turning errors into responses happen here, once.
+A `RouteTable` is one API (the Kallichore API, the Jupyter Server kernels API; the agent API
+will be a table of its own) on the same server, each with its `ApiStyle`: how a client shows
+the token, what a refusal looks like, and the cattrs converter of its models. The same entries
+feed Quart (`install`) and the OpenAPI document (`kallichore.api.openapi`), so what is served
+and what is documented cannot drift apart. Handlers return their model and raise on failure:
+auth, path parameters, body parsing and turning errors into responses happen here, once.
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
+import cattrs
 from quart import Quart, Response, current_app, request
 
-from kallichore.api.models import (
-    BodyError,
-    ErrorBody,
-    StartupErrorBody,
-    converter,
-    structure_body,
-)
+from kallichore.api.models import BodyError, ErrorBody, converter, structure_body
 from kallichore.errors import ErrorCode, KallichoreError
 
 Schema = dict[str, Any]
@@ -33,7 +29,7 @@ Handler = Callable[..., Awaitable[Any]]
 
 
 class Empty:
-    """The model of an answer with an empty body (401, 404)."""
+    """The model of an answer with an empty body (401, 404, 204)."""
 
 
 class Null:
@@ -54,27 +50,62 @@ class Failure:
 
     status: int
     description: str
-    body: type[ErrorBody | StartupErrorBody] = ErrorBody
+    body: type[ErrorModel] = ErrorBody
     # Reported instead of the error's own code (interrupt failures are all `KS-10`).
     code: ErrorCode | None = None
 
-    def response(self, error: KallichoreError) -> Response:
+    def response(self, error: KallichoreError, style: ApiStyle) -> Response:
         if self.code is not None:
             error = KallichoreError(self.code, error.message, error.details)
-        return json_response(self.body.of(error), self.status)
+        return json_response(self.body.of(error), self.status, style.converter)
+
+
+class ErrorModel(Protocol):
+    """An API's error object, made from a supervisor error."""
+
+    @classmethod
+    def of(cls, error: KallichoreError) -> Any: ...
 
 
 class Refused(Exception):
     """A request refused with an error object that is not a supervisor error (a bad body...)."""
 
-    def __init__(self, body: ErrorBody, status: int = 400) -> None:
-        super().__init__(body.message)
+    def __init__(self, body: Any, status: int = 400) -> None:
+        super().__init__(getattr(body, "message", ""))
         self.body = body
         self.status = status
 
 
 class NotFound(Exception):
-    """A path parameter names nothing: a bare 404."""
+    """A path parameter names nothing: a 404 (its message, for APIs whose 404s have a body)."""
+
+
+class ApiStyle(Protocol):
+    """What differs from one API to another on the same server."""
+
+    @property
+    def converter(self) -> cattrs.Converter:
+        """Turns the API's models into JSON and request bodies into its models."""
+
+    def authorized(self, token: str | None) -> bool:
+        """The current request carries `token` in a form this API accepts (None: open)."""
+
+    def refusal(self, status: int, message: str) -> Response:
+        """A 400, 401 or 404 this API answers before a handler runs."""
+
+
+class KallichoreStyle:
+    """Bearer auth; 401 and 404 with empty bodies, 400 with the error object."""
+
+    converter = converter
+
+    def authorized(self, token: str | None) -> bool:
+        return bearer_token_matches(token, request.headers.get("Authorization"))
+
+    def refusal(self, status: int, message: str) -> Response:
+        if status == 400:
+            return json_response(ErrorBody("400", message), 400)
+        return empty(status)
 
 
 @attrs.frozen
@@ -99,12 +130,18 @@ class Route:
     handler: Handler
     ok: Reply
     description: str | None = None
+    # The status of the `ok` answer (an `Empty` model answers with an empty body).
+    status: int = 200
+    # The `Location` header of the `ok` answer, from the handler's result.
+    location: Callable[[Any], str] | None = None
     protected: bool = False
     # An open route that answers less without the token: its handler gets `authorized`.
     token_optional: bool = False
     body: type | None = None
-    # An optional body: absent or unreadable, the model's defaults are used.
+    # An optional body: absent, the model's defaults are used.
     body_required: bool = True
+    # An optional body that cannot be read is taken as absent (Kallichore's restart).
+    ignore_bad_body: bool = False
     failure: Failure | None = None
     # Further documented answers, by status (they win over a path parameter's 404).
     replies: Mapping[int, Reply] = attrs.field(factory=dict)
@@ -122,6 +159,7 @@ class RouteTable:
     name: str
     parameters: dict[str, PathParameter] = attrs.field(factory=dict)
     routes: list[Route] = attrs.field(factory=list)
+    style: ApiStyle = attrs.field(factory=KallichoreStyle)
 
     def route(self, method: str, path: str, **fields: Any) -> Callable[[Handler], Handler]:
         """Declare the decorated handler as the route `method path`."""
@@ -137,9 +175,11 @@ class RouteTable:
         return declare
 
 
-def json_response(body: Any, status: int = 200) -> Response:
+def json_response(body: Any, status: int = 200, using: cattrs.Converter = converter) -> Response:
     return Response(
-        json.dumps(converter.unstructure(body)), status=status, content_type="application/json"
+        json.dumps(using.unstructure(body)),
+        status=status,
+        content_type="application/json",
     )
 
 
@@ -180,10 +220,12 @@ def jupyter_token_matches(
     return hmac.compare_digest(given.encode(), token.encode())
 
 
-async def read_body(route: Route) -> Any:
+async def read_body(table: RouteTable, route: Route) -> Any:
     """The request's body as `route.body`; `BodyError` if it must be there and is not right."""
     assert route.body is not None
     data = await request.get_data()
+    if not data and not route.body_required:
+        return route.body()
     try:
         if not data:
             raise BodyError("a JSON body is required")
@@ -192,9 +234,9 @@ async def read_body(route: Route) -> Any:
         except (ValueError, RecursionError) as exc:
             # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit.
             raise BodyError(f"the body is not valid JSON: {exc}") from None
-        return structure_body(parsed, route.body)
+        return structure_body(parsed, route.body, table.style.converter)
     except BodyError:
-        if route.body_required:
+        if not route.ignore_bad_body:
             raise
         return route.body()
 
@@ -204,10 +246,10 @@ _ROUTES = "kallichore.routes"
 
 def install(app: Quart, table: RouteTable, context: Any, token: Callable[[], str | None]) -> None:
     """Serve `table`'s routes on `app`, handlers called with `context`; `token()` guards them."""
-    routes: dict[str, Route] = app.extensions.setdefault(_ROUTES, {})
+    routes: dict[str, tuple[RouteTable, Route]] = app.extensions.setdefault(_ROUTES, {})
     for route in table.routes:
         endpoint = f"{table.name}.{route.operation_id}"
-        routes[endpoint] = route
+        routes[endpoint] = (table, route)
         rule = re.sub(r"{([^{}]+)}", r"<\1>", route.path)
         app.add_url_rule(
             rule, endpoint, _view(table, route, context, token), methods=[route.method]
@@ -220,45 +262,62 @@ def install(app: Quart, table: RouteTable, context: Any, token: Callable[[], str
 def _view(
     table: RouteTable, route: Route, context: Any, token: Callable[[], str | None]
 ) -> Callable[..., Awaitable[Response]]:
+    style = table.style
+
     async def view(**path: str) -> Response:
         arguments: dict[str, Any] = {}
         if route.protected or route.token_optional:
-            authorized = bearer_token_matches(token(), request.headers.get("Authorization"))
+            authorized = style.authorized(token())
             if route.protected and not authorized:
-                return empty(401)
+                return style.refusal(401, "the token is missing or wrong")
             if route.token_optional:
                 arguments["authorized"] = authorized
         for name, value in path.items():
             try:
                 parameter = table.parameters[name]
                 arguments[parameter.argument] = parameter.resolve(context, value)
-            except NotFound:
-                return empty(404)
+            except NotFound as missing:
+                return style.refusal(404, str(missing))
         if route.body is not None:
-            arguments["body"] = await read_body(route)
-        return json_response(await route.handler(context, **arguments))
+            arguments["body"] = await read_body(table, route)
+        result = await route.handler(context, **arguments)
+        if isinstance(result, Response):
+            return result
+        if route.ok.model is Empty:
+            return empty(route.status)
+        response = json_response(result, route.status, style.converter)
+        if route.location is not None:
+            response.headers["Location"] = route.location(result)
+        return response
 
     return view
 
 
-def _route() -> Route | None:
-    routes: dict[str, Route] = current_app.extensions.get(_ROUTES, {})
+def _route() -> tuple[RouteTable, Route] | None:
+    routes: dict[str, tuple[RouteTable, Route]] = current_app.extensions.get(_ROUTES, {})
     return routes.get(request.endpoint or "")
 
 
+def _style() -> ApiStyle:
+    found = _route()
+    return found[0].style if found is not None else KallichoreStyle()
+
+
 async def _supervisor_error(error: KallichoreError) -> Response:
-    route = _route()
-    if route is None or route.failure is None:
+    found = _route()
+    if found is None or found[1].failure is None:
         raise error
-    return route.failure.response(error)
+    table, route = found
+    assert route.failure is not None
+    return route.failure.response(error, table.style)
 
 
 async def _body_error(error: BodyError) -> Response:
-    return json_response(ErrorBody("400", str(error)), 400)
+    return _style().refusal(400, str(error))
 
 
 async def _refused(error: Refused) -> Response:
-    return json_response(error.body, error.status)
+    return json_response(error.body, error.status, _style().converter)
 
 
 def bad_body(model: type) -> str:

@@ -25,6 +25,7 @@ import trio
 
 from kallichore import __version__
 from kallichore.api.app import ServerState
+from kallichore.api.jupyter import JupyterSettings
 from kallichore.channels.broker import ChannelBroker
 from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import write_json_file
@@ -62,6 +63,7 @@ class DaemonOptions:
     log_level: str = "info"
     log_file: Path | None = None
     state_dir: Path | None = None
+    jupyter: JupyterSettings = attrs.Factory(JupyterSettings)
 
 
 class DaemonError(Exception):
@@ -138,7 +140,7 @@ async def run_daemon(options: DaemonOptions) -> int:
         footprint=footprint,
         state_dir=options.state_dir,
     )
-    state = ServerState(token=options.token, log_level=options.log_level)
+    state = ServerState(token=options.token, log_level=options.log_level, jupyter=options.jupyter)
     lifetime = ServerLifetime(
         IdleShutdown(hours=options.idle_shutdown_hours, seconds=options.idle_shutdown_seconds)
     )

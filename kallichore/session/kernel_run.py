@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,20 @@ ADOPTED_HEARTBEAT_MISSES = 3
 OUTPUT_DRAIN_SECONDS = 1.0
 
 
+class Activity:
+    """When a message last came from the kernel or went to it (wall-clock seconds): the Jupyter
+    API's `last_activity`. The hot path only stores a float per batch; formatting waits until
+    somebody asks."""
+
+    __slots__ = ("last",)
+
+    def __init__(self, last: float) -> None:
+        self.last = last
+
+    def note(self) -> None:
+        self.last = time.time()
+
+
 @attrs.frozen
 class RunContext:
     """What a run needs from its session and supervisor."""
@@ -85,6 +100,7 @@ class RunContext:
     on_record: Callable[[], None]
     # Builds a message with the session's header.
     message: Callable[..., Message]
+    activity: Activity
 
 
 class KernelRun:
@@ -441,6 +457,7 @@ class KernelRun:
                 ):
                     # An adopted kernel is going away; there is no process to watch for it.
                     self.cancel_scope.cancel()
+            self._ctx.activity.note()
             await self.deliver(out)
             self._fed.set()
 

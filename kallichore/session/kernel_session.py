@@ -26,7 +26,7 @@ from kallichore.jupyter.wire import Channel, JSONObject, Message
 from kallichore.session import process as kernel_process
 from kallichore.session.events import EventLog
 from kallichore.session.execution_queue import QueueSnapshot
-from kallichore.session.kernel_run import KernelRun, RunContext
+from kallichore.session.kernel_run import Activity, KernelRun, RunContext
 from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec, Status, VarAction
 from kallichore.session.record import ProcessIdentity, SessionRecord
 from kallichore.session.resources import ResourceUsage, SampleInterval
@@ -67,6 +67,7 @@ class KernelSession:
         )
         self._env_actions: tuple[VarAction, ...] = spec.env
         self._external_connection: ConnectionInfo | None = None
+        self._activity = Activity(self._created)
         self._run_context = RunContext(
             spec=spec,
             key=self._key,
@@ -81,6 +82,7 @@ class KernelSession:
             on_rest=on_rest,
             on_record=lambda: on_record(self),
             message=self.message,
+            activity=self._activity,
         )
         self._config = config
         self._ports = ports
@@ -103,6 +105,11 @@ class KernelSession:
     def created(self) -> float:
         """When the session was created (seconds since the epoch)."""
         return self._created
+
+    @property
+    def last_activity(self) -> float:
+        """When a message last went to or came from the kernel (seconds since the epoch)."""
+        return self._activity.last
 
     @property
     def events(self) -> EventLog:
@@ -408,6 +415,7 @@ class KernelSession:
         out = Outbox()
         self._state.from_client(channel, message, out)
         assert run is not None, "the state says a kernel runs"
+        self._activity.note()
         await run.deliver(out)
 
     async def execute(

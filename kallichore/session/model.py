@@ -164,6 +164,8 @@ class SessionSpec:
     # The session's id in the Jupyter Server kernels API: a UUID, as its clients require,
     # chosen once and kept in the session's record so it survives a restart of the daemon.
     kernel_id: str = attrs.field(factory=lambda: str(uuid.uuid4()), converter=validate_kernel_id)
+    # The kernelspec it was started from, by name, when it was (the Jupyter API's `name`).
+    kernel_name: str = ""
 
     @classmethod
     def from_kernelspec(cls, session_id: str, kernelspec: KernelSpec, **fields: Any) -> SessionSpec:
@@ -185,6 +187,7 @@ class SessionSpec:
             for name, value in kernelspec.env.items()
         )
         defaults: dict[str, Any] = {
+            "kernel_name": kernelspec.name,
             "display_name": kernelspec.display_name,
             "language": kernelspec.language,
             "env": env,
