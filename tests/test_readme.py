@@ -239,8 +239,12 @@ def run_to_the_end(command: list[str], directory: Path) -> tuple[int, str]:
 @pytest.mark.skipif(not OURS_READY, reason=OURS_MISSING)
 def test_jupyterlab_block(newcomer: Newcomer, tmp_path: Path) -> None:
     path = f"{gateway_bin()}{os.pathsep}{os.environ['PATH']}"
+    # CI runs as root, which JupyterLab refuses unless its configuration allows it.
+    config = tmp_path / "jupyter-config"
+    config.mkdir()
+    (config / "jupyter_server_config.json").write_text('{"ServerApp": {"allow_root": true}}')
     # (BROWSER: JupyterLab opens no browser on a desktop that runs the tests.)
-    env = newcomer_env() | {"PATH": path, "BROWSER": "true"}
+    env = newcomer_env() | {"PATH": path, "BROWSER": "true", "JUPYTER_CONFIG_DIR": str(config)}
     log = tmp_path / "jupyterlab.log"
     with log.open("wb") as output:
         lab = subprocess.Popen(
