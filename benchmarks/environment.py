@@ -4,6 +4,7 @@ and the processes the run starts (every one of them stopped by the end of the ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -170,22 +171,29 @@ def ensure_gateway_venv(cache_dir: Path) -> Path:
 
     Its ipykernel is pinned to ours (although the kernels it starts come from our kernelspec,
     so they run this interpreter's ipykernel). Returns the virtualenv's `bin` directory.
+    Processes that ask at once (the test suite's workers) take turns: the first builds it, the
+    others then find it made.
     """
     venv = cache_dir / "venvs" / "gateways"
     bin_dir = venv / "bin"
     marker = venv / "bench-requirements.json"
     requirements = gateway_requirements()
     wanted = {"python": sys.version, "requirements": requirements, "without": GATEWAY_WITHOUT}
-    ready = (bin_dir / "jupyter-kernelgateway").exists() and (bin_dir / "jupyter-server").exists()
-    if ready and marker.exists() and json.loads(marker.read_text()) == wanted:
-        return bin_dir
-    log(f"creating the servers' virtualenv in {venv} ({' '.join(requirements)})")
-    shutil.rmtree(venv, ignore_errors=True)
-    for command in _install_commands(venv, requirements):
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"could not install the servers:\n{done.stdout}\n{done.stderr}")
-    marker.write_text(json.dumps(wanted))
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with (venv.parent / "gateways.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ready = all(
+            (bin_dir / name).exists() for name in ("jupyter-kernelgateway", "jupyter-server")
+        )
+        if ready and marker.exists() and json.loads(marker.read_text()) == wanted:
+            return bin_dir
+        log(f"creating the servers' virtualenv in {venv} ({' '.join(requirements)})")
+        shutil.rmtree(venv, ignore_errors=True)
+        for command in _install_commands(venv, requirements):
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"could not install the servers:\n{done.stdout}\n{done.stderr}")
+        marker.write_text(json.dumps(wanted))
     return bin_dir
 
 

@@ -26,7 +26,7 @@ from kallichore.client import (
     execute_request,
     open_channels,
 )
-from tests.jupyter.servers import KERNEL_NAME, Server, jupyter_server, kernel_server
+from tests.jupyter.servers import KERNEL_NAME, Server, jupyter_server, kernel_server, stop
 
 GATEWAY_TOKEN = "gateway-token-0123456789"
 LAB_TOKEN = "lab-token-0123456789"
@@ -127,12 +127,14 @@ async def test_the_notebook_session_has_a_kernel_on_the_server(
     assert len(gateway.kernel_processes()) == 1
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_print_gives_42(lab: Server, notebook: dict[str, Any]) -> None:
     result = await execute(lab, notebook["kernel"]["id"], "print(6*7)")
     assert result.status == "ok"
     assert result.stdout == "42\n"
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_interrupt_stops_a_sleep(lab: Server, notebook: dict[str, Any]) -> None:
     kernel_id = notebook["kernel"]["id"]
     async with kernel_channels(lab, kernel_id) as channels, rest(lab) as http:
@@ -159,6 +161,7 @@ async def test_interrupt_stops_a_sleep(lab: Server, notebook: dict[str, Any]) ->
     assert reply.content["ename"] == "KeyboardInterrupt"
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_restart_clears_a_variable(lab: Server, notebook: dict[str, Any]) -> None:
     kernel_id = notebook["kernel"]["id"]
     assert (await execute(lab, kernel_id, "x = 1")).status == "ok"
@@ -172,6 +175,7 @@ async def test_restart_clears_a_variable(lab: Server, notebook: dict[str, Any]) 
     assert result.error.name == "NameError"
 
 
+@pytest.mark.usefixtures("needs_channels")
 async def test_the_kernel_runs_where_the_notebook_is(
     server_kind: str, lab: Server, root: Path, notebook: dict[str, Any]
 ) -> None:
@@ -194,5 +198,17 @@ async def test_deleting_the_session_stops_its_kernel(
         assert (await http.get(f"/api/kernels/{kernel_id}")).status_code == 404
     async with rest(gateway) as http:
         assert (await http.get(f"/api/kernels/{kernel_id}")).status_code == 404
+        assert (await http.get("/api/kernels")).json() == []
+    assert gateway.kernel_processes() == []
+
+
+async def test_stopping_jupyter_server_stops_its_kernels(lab: Server, gateway: Server) -> None:
+    """The module's last scenario: jupyter_server deletes the kernels it started when it stops."""
+    async with rest(lab) as http:
+        response = await http.post("/api/kernels", json={"name": KERNEL_NAME})
+    assert response.status_code == 201, response.text
+    assert len(gateway.kernel_processes()) == 1
+    await trio.to_thread.run_sync(stop, lab.process)
+    async with rest(gateway) as http:
         assert (await http.get("/api/kernels")).json() == []
     assert gateway.kernel_processes() == []

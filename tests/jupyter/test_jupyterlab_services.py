@@ -15,6 +15,8 @@ import pytest
 
 from tests.jupyter.servers import Server, kernel_server
 
+pytestmark = pytest.mark.usefixtures("needs_channels")
+
 JS_DIR = Path(__file__).resolve().parent.parent / "js"
 TOKEN = "services-token-0123456789"
 # A hang guard: the whole script takes about ten seconds.

@@ -19,6 +19,8 @@ import pytest
 
 from tests.jupyter.servers import Server, gateway_bin, kernel_server
 
+pytestmark = pytest.mark.usefixtures("needs_channels")
+
 RUN_NOTEBOOK = Path(__file__).resolve().parent / "run_notebook.py"
 # A hang guard: the run takes a few seconds.
 RUN_SECONDS = 180
