@@ -35,7 +35,7 @@ import pytest
 import trio
 
 from kallichore.client import open_channels
-from tests.jupyter.servers import OURS_MISSING, OURS_READY, gateway_bin, stop
+from tests.jupyter.servers import OURS_CHANNELS, OURS_NO_CHANNELS, gateway_bin, stop
 
 ROOT = Path(__file__).parent.parent
 README_PORT = 8182
@@ -236,7 +236,7 @@ def run_to_the_end(command: list[str], directory: Path) -> tuple[int, str]:
     return process.returncode, output
 
 
-@pytest.mark.skipif(not OURS_READY, reason=OURS_MISSING)
+@pytest.mark.skipif(not OURS_CHANNELS, reason=OURS_NO_CHANNELS)
 def test_jupyterlab_block(newcomer: Newcomer, tmp_path: Path) -> None:
     path = f"{gateway_bin()}{os.pathsep}{os.environ['PATH']}"
     # CI runs as root, which JupyterLab refuses unless its configuration allows it.

@@ -20,12 +20,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.jupyter.servers import KERNEL_NAME, Server, gateway_bin, jupyter_server, kernel_server
+from tests.jupyter.servers import (
+    KERNEL_NAME,
+    OURS_CHANNELS,
+    Server,
+    gateway_bin,
+    jupyter_server,
+    kernel_server,
+)
 
 DRIVE_LAB = Path(__file__).resolve().parent / "drive_lab.py"
 BROWSER_FILES = ["/usr/bin/chromium", "/usr/bin/chromedriver"]
-# The server JupyterLab's kernels run on: switching to our daemon is this line.
-BROWSER_SERVER = "kg"
+# The server JupyterLab's kernels run on: our daemon once its channels are merged (one browser
+# session in all: Kernel Gateway is the reference only until then).
+BROWSER_SERVER = "ours" if OURS_CHANNELS else "kg"
 GATEWAY_TOKEN = "gateway-token-0123456789"
 LAB_TOKEN = "lab-token-0123456789"
 NOTEBOOK = "browser.ipynb"
@@ -116,8 +124,13 @@ def test_the_kernel_menu_interrupts_the_running_cell(seen: dict[str, Any]) -> No
     assert "KeyboardInterrupt" in seen["interrupted"]
 
 
-def test_the_kernel_menu_restarts_the_kernel(seen: dict[str, Any]) -> None:
+def test_the_kernel_menu_restarts_the_kernel(seen: dict[str, Any], server_kind: str) -> None:
     """The cell that read `x` fails after the restart: the new kernel never ran the first."""
+    if not seen["back_after_restart"] and server_kind == "kg":
+        # Kernel Gateway 3 behind jupyter_server's gateway client, now and then: the page's new
+        # connection after the restart gets no answer. Ours must not.
+        pytest.xfail(f"through Kernel Gateway the page stayed {seen['kernel_line_after_restart']}")
+    assert seen["back_after_restart"], seen.get("kernel_line_after_restart")
     assert "NameError" in seen["after_restart"]
     assert "name 'x' is not defined" in seen["after_restart"]
 
