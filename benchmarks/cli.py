@@ -17,7 +17,14 @@ from typing import Any
 import trio
 
 from benchmarks import report
-from benchmarks.configs import CONFIGURATIONS, KEYS, Context, Session, needs_gateways
+from benchmarks.configs import (
+    CONFIGURATIONS,
+    DEFAULT_KEYS,
+    KEYS,
+    Context,
+    Session,
+    needs_gateways,
+)
 from benchmarks.environment import (
     DEFAULT_CACHE_DIR,
     REPO_DIR,
@@ -88,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def chosen_keys(only: str | None) -> list[str]:
     if not only:
-        return list(KEYS)
+        return list(DEFAULT_KEYS)
     wanted = {k.strip() for k in only.split(",") if k.strip()}
     unknown = wanted - set(KEYS)
     if unknown:

@@ -26,8 +26,16 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 from benchmarks.environment import KERNEL_NAME, Home, Processes, free_port, log
-from benchmarks.wsclient import QUIET_SECONDS, Connection, Execution, QuickAckStream, Tally
+from benchmarks.wsclient import (
+    QUIET_SECONDS,
+    Connection,
+    Execution,
+    QuickAckStream,
+    Tally,
+    V1Channels,
+)
 from kallichore import JupyterEvent, KernelSession, SessionSpec, Supervisor, open_supervisor
+from kallichore.channels.jupyter_framing import V1_SUBPROTOCOL
 from kallichore.client import Channels, KallichoreClient, open_channels
 from kallichore.jupyter.wire import Channel
 
@@ -377,10 +385,11 @@ class KallichoreUnix(KallichoreWebSocket):
 
 
 class JupyterServer:
-    """A tornado server with the kernels API: `jupyter kernelgateway` or `jupyter server`.
+    """A server with the Jupyter Server kernels API: `jupyter kernelgateway` or `jupyter server`
+    (tornado), or kallichore's daemon (`python -m kallichore`, auth off).
 
-    IOPub rate limiting is turned off in both (it would drop most of the throughput workloads'
-    messages); everything else is as they come.
+    IOPub rate limiting is turned off in the tornado ones (it would drop most of the throughput
+    workloads' messages); everything else is as they come.
     """
 
     TOKEN = "benchmark-token"
@@ -400,9 +409,11 @@ class JupyterServer:
 
     async def start(self) -> None:
         bin_dir = self.context.gateway_bin
-        assert bin_dir is not None, "the servers' virtualenv is not set up"
         no_rate_limit = "--ZMQChannelsWebsocketConnection.limit_rate=False"
-        if self.kind == "kg":
+        if self.kind == "kallichore":
+            argv = [sys.executable, "-m", "kallichore", "--port", str(self.port), "--token", "none"]
+        elif self.kind == "kg":
+            assert bin_dir is not None, "the servers' virtualenv is not set up"
             argv = [
                 str(bin_dir / "jupyter-kernelgateway"),
                 "--KernelGatewayApp.ip=127.0.0.1",
@@ -411,6 +422,7 @@ class JupyterServer:
                 no_rate_limit,
             ]
         else:
+            assert bin_dir is not None, "the servers' virtualenv is not set up"
             argv = [
                 str(bin_dir / "jupyter-server"),
                 "--ServerApp.ip=127.0.0.1",
@@ -468,18 +480,27 @@ class JupyterServer:
         self.kernels.add(kernel_id)
         return kernel_id
 
-    async def channels(self, kernel_id: str, *, quickack: bool) -> Connection:
+    async def channels(self, kernel_id: str, *, quickack: bool, v1: bool = False) -> Connection:
+        """The kernel's channels WebSocket: legacy JSON frames, or with `v1` the v1 subprotocol
+        (which the server must accept)."""
         headers = list(self.headers.items())
         resource = f"/api/kernels/{kernel_id}/channels"
         host = f"127.0.0.1:{self.port}"
+        offered = [V1_SUBPROTOCOL] if v1 else []
 
         @asynccontextmanager
         async def connect() -> AsyncIterator[Channels]:
             stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", self.port)
             if quickack:
                 stream = QuickAckStream(cast(trio.SocketStream, stream))
-            async with open_channels(stream, host, resource, headers) as channels:
-                yield channels
+            async with open_channels(stream, host, resource, headers, offered) as channels:
+                if not v1:
+                    yield channels
+                    return
+                chosen = channels.websocket.subprotocol
+                if chosen != V1_SUBPROTOCOL:
+                    raise RuntimeError(f"{self.kind} answered subprotocol {chosen!r}, not v1")
+                yield V1Channels(channels.websocket)
 
         return await Connection.open(self.context.nursery, connect)
 
@@ -490,12 +511,18 @@ class JupyterServer:
 
 class GatewaySession(Session):
     def __init__(
-        self, server: JupyterServer, kernel_id: str, channels: Connection, quickack: bool
+        self,
+        server: JupyterServer,
+        kernel_id: str,
+        channels: Connection,
+        quickack: bool,
+        v1: bool = False,
     ) -> None:
         self.server = server
         self.kernel_id = kernel_id
         self.channels = channels
         self.quickack = quickack
+        self.v1 = v1
 
     async def execute(self, code: str) -> Execution:
         return await self.channels.execute(code)
@@ -506,13 +533,16 @@ class GatewaySession(Session):
 
     async def recover(self) -> None:
         await self.channels.aclose()
-        self.channels = await self.server.channels(self.kernel_id, quickack=self.quickack)
+        self.channels = await self.server.channels(
+            self.kernel_id, quickack=self.quickack, v1=self.v1
+        )
 
 
 class Gateway(Configuration):
     family = "gateway"
     kind = "kg"
     quickack = False
+    v1 = False
     server: JupyterServer
 
     async def setup(self) -> None:
@@ -528,10 +558,11 @@ class Gateway(Configuration):
     async def start_session(self, *, connect: bool = True) -> tuple[Session, float]:
         started = time.perf_counter()
         kernel_id = await self.server.create()
-        channels = await self.server.channels(kernel_id, quickack=self.quickack)
+        channels = await self.server.channels(kernel_id, quickack=self.quickack, v1=self.v1)
         await channels.kernel_info()
         elapsed = time.perf_counter() - started
-        return GatewaySession(self.server, kernel_id, channels, self.quickack), elapsed
+        session = GatewaySession(self.server, kernel_id, channels, self.quickack, self.v1)
+        return session, elapsed
 
     @property
     def server_pid(self) -> int | None:
@@ -564,18 +595,51 @@ class ServerQuickAck(Gateway):
     quickack = True
 
 
+class KernelGatewayV1(Gateway):
+    key = "kg-v1"
+    label = "Jupyter Kernel Gateway, WebSocket v1, client TCP_QUICKACK"
+    kind = "kg"
+    quickack = True
+    v1 = True
+
+
+class ServerV1(Gateway):
+    key = "server-v1"
+    label = "jupyter_server, WebSocket v1, client TCP_QUICKACK"
+    kind = "server"
+    quickack = True
+    v1 = True
+
+
+class KallichoreJupyter(Gateway):
+    """Our daemon's Jupyter Server kernels API (/api/kernels and its channels, v1), reached
+    exactly as the gateways are: same client, same calls."""
+
+    key = "jupyter-v1"
+    label = "kallichore daemon, Jupyter kernels API, WebSocket v1"
+    family = "kallichore"
+    kind = "kallichore"
+    v1 = True
+
+
 CONFIGURATIONS: list[type[Configuration]] = [
     Floor,
     Embedded,
     KallichoreTcp,
     KallichoreUnix,
+    KallichoreJupyter,
     KernelGateway,
     KernelGatewayQuickAck,
+    KernelGatewayV1,
     Server,
     ServerQuickAck,
+    ServerV1,
     FloorControl,
 ]
 KEYS = [c.key for c in CONFIGURATIONS]
+# What a run measures unless told otherwise (`--only`): all but our Jupyter kernels API until it
+# is on this branch (then this line goes).
+DEFAULT_KEYS = [key for key in KEYS if key != KallichoreJupyter.key]
 
 
 def needs_gateways(keys: list[str]) -> bool:

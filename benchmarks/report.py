@@ -13,8 +13,11 @@ from typing import Any
 from benchmarks.stats import Spread, paired_ratios, percentile, scaled, spread
 from benchmarks.wsclient import QUIET_SECONDS
 
-KALLICHORE = ["embedded", "ws-tcp", "ws-unix"]
-GATEWAYS = ["kg", "kg-quickack", "server", "server-quickack"]
+KALLICHORE = ["embedded", "ws-tcp", "ws-unix", "jupyter-v1"]
+GATEWAYS = ["kg", "kg-quickack", "kg-v1", "server", "server-quickack", "server-v1"]
+KERNEL_GATEWAY = ["kg", "kg-quickack", "kg-v1"]
+# Our Jupyter kernels API against our Kallichore channels: the round trip no slower than +5 %.
+JUPYTER_LATENCY_VS_CHANNELS = 1.05
 LATENCY_LIMITS = {"embedded": 1.00, "ws-tcp": 1.10, "ws-unix": 1.10}
 THROUGHPUT_MIN = 0.9
 START_MAX = 0.8
@@ -218,6 +221,7 @@ def targets(summary: dict[str, Any]) -> list[Target]:
         found += _below_gateways(
             f"throughput {workload}", rates, f"{unit} > best gateway", higher_is_better=True
         )
+    found += _jupyter_api_targets(summary)
     start = summary.get("start", {})
     if "floor" in start:
         for key in KALLICHORE:
@@ -247,6 +251,33 @@ def targets(summary: dict[str, Any]) -> list[Target]:
                 ),
             ):
                 found.append(Target("scale", "ws-tcp", what, a, b, a < b))
+    return found
+
+
+def _jupyter_api_targets(summary: dict[str, Any]) -> list[Target]:
+    """Our Jupyter kernels API (`jupyter-v1`): a round trip within +5 % of our Kallichore
+    channels' (`ws-tcp`), throughput at least Kernel Gateway's best, and no message lost in a
+    workload where Kernel Gateway loses some."""
+    key = "jupyter-v1"
+    found = []
+    latency = summary.get("latency", {})
+    if key in latency and "ws-tcp" in latency:
+        ratio = latency[key]["p50_ms"] / latency["ws-tcp"]["p50_ms"]
+        limit = JUPYTER_LATENCY_VS_CHANNELS
+        found.append(Target("latency", key, "p50 / ws-tcp p50", ratio, limit, ratio <= limit))
+    for workload, per_key in summary.get("throughput", {}).items():
+        if key not in per_key:
+            continue
+        measure = "msg_per_s" if workload == "small_messages" else "mb_per_s"
+        kg = [per_key[k][measure]["median"] for k in KERNEL_GATEWAY if k in per_key]
+        if kg:
+            ours, best = per_key[key][measure]["median"], max(kg)
+            what = f"{measure.replace('_per_s', '/s')} >= Kernel Gateway's best"
+            found.append(Target(f"throughput {workload}", key, what, ours, best, ours >= best))
+        if any(per_key[k]["runs_with_losses"] for k in KERNEL_GATEWAY if k in per_key):
+            lost = per_key[key]["most_lost"]
+            what = "messages lost (Kernel Gateway lost some)"
+            found.append(Target(f"throughput {workload}", key, what, lost, 0, lost == 0))
     return found
 
 
@@ -348,8 +379,12 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
         "(`--ZMQChannelsWebsocketConnection.limit_rate=False`): with it they drop most of the",
         "throughput workloads' output. Their `-quickack` rows use the same server with a client",
         "that sets `TCP_QUICKACK` on its socket before every read, which removes a ~40 ms",
-        "delayed-ACK stall. All WebSocket rows use the same client (trio-websocket, legacy JSON",
-        "frames, no compression).",
+        "delayed-ACK stall. All WebSocket rows use the same client (trio-websocket, no",
+        "compression), with legacy JSON frames except the `-v1` rows, which speak the Jupyter",
+        "servers' v1 subprotocol (binary frames, as JupyterLab 4 does). `jupyter-v1` is our",
+        "daemon's Jupyter Server kernels API (`/api/kernels` and its channels), reached exactly",
+        "as the gateways are; its targets: a round trip within +5 % of `ws-tcp`'s, throughput",
+        "at least Kernel Gateway's best, and no message lost where Kernel Gateway loses some.",
         "",
         f"## Last full run: {meta['date']}",
         "",
@@ -531,6 +566,9 @@ COLOURS = {
     "kg-quickack": "#e6550d",
     "server": "#756bb1",
     "server-quickack": "#756bb1",
+    "jupyter-v1": "#31a354",
+    "kg-v1": "#fd8d3c",
+    "server-v1": "#9e9ac8",
 }
 # The gateways as they come: dashed; with the client's TCP_QUICKACK: solid.
 STYLES = {"kg": "--", "server": "--"}

@@ -7,6 +7,11 @@ none`): `python` blocks as scripts with `.venv/bin/python`, `sh` blocks with `sh
 end with status 0 and print the result of its example, which is always `6*7`: its output must
 contain 42. A block in another language fails `test_every_block_has_a_rule` until this module
 gets a rule for it.
+
+The block of "Use JupyterLab with kallichore" is a server that runs until stopped: it runs
+with JupyterLab (from the servers' virtualenv, tests/jupyter/servers.py) first on PATH, and
+JupyterLab, once it serves, runs `print(6*7)` in a notebook's kernel, which the daemon lists;
+once JupyterLab is stopped, that kernel is gone.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +32,10 @@ import attrs
 import httpx
 import psutil
 import pytest
+import trio
+
+from kallichore.client import open_channels
+from tests.jupyter.servers import gateway_bin, stop
 
 ROOT = Path(__file__).parent.parent
 README_PORT = 8182
@@ -72,6 +83,9 @@ def readme_blocks() -> list[Block]:
 
 BLOCKS = readme_blocks()
 FIRST, OTHERS = BLOCKS[0], BLOCKS[1:]
+JUPYTERLAB_SECTION = "Use JupyterLab with kallichore"
+[JUPYTERLAB] = [block for block in OTHERS if block.section == JUPYTERLAB_SECTION]
+RUN_THROUGH = [block for block in OTHERS if block is not JUPYTERLAB]
 
 
 def test_every_block_has_a_rule() -> None:
@@ -188,7 +202,7 @@ def test_the_first_command_installs_and_serves(newcomer: Newcomer) -> None:
 
 
 @pytest.mark.parametrize(
-    "block", OTHERS, ids=[f"{b.section}-{i}" for i, b in enumerate(OTHERS, start=1)]
+    "block", RUN_THROUGH, ids=[f"{b.section}-{i}" for i, b in enumerate(RUN_THROUGH, start=1)]
 )
 def test_block(newcomer: Newcomer, block: Block) -> None:
     assert newcomer.shell.poll() is None, "the README's daemon is no longer running"
@@ -220,6 +234,65 @@ def run_to_the_end(command: list[str], directory: Path) -> tuple[int, str]:
             output, _ = process.communicate()
             pytest.fail(f"{command} did not end within {RUN_TIMEOUT} s:\n{output}")
     return process.returncode, output
+
+
+def test_jupyterlab_block(newcomer: Newcomer, tmp_path: Path) -> None:
+    path = f"{gateway_bin()}{os.pathsep}{os.environ['PATH']}"
+    # CI runs as root, which JupyterLab refuses unless its configuration allows it.
+    config = tmp_path / "jupyter-config"
+    config.mkdir()
+    (config / "jupyter_server_config.json").write_text('{"ServerApp": {"allow_root": true}}')
+    # (BROWSER: JupyterLab opens no browser on a desktop that runs the tests.)
+    env = newcomer_env() | {"PATH": path, "BROWSER": "true", "JUPYTER_CONFIG_DIR": str(config)}
+    log = tmp_path / "jupyterlab.log"
+    with log.open("wb") as output:
+        lab = subprocess.Popen(
+            ["sh", "-c", JUPYTERLAB.code],
+            cwd=newcomer.directory,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        host, port, token = jupyterlab_address(lab, log)
+        kernel_id, stdout = trio.run(run_in_a_notebook, host, port, token, "print(6*7)")
+        assert stdout == "42\n"
+        listed = httpx.get(f"{DAEMON_URL}/sessions/{kernel_id}", timeout=RUN_TIMEOUT).json()
+        assert listed["kernel_id"] == kernel_id
+    finally:
+        stop(lab)
+    gone = httpx.get(f"{DAEMON_URL}/api/kernels/{kernel_id}", timeout=RUN_TIMEOUT)
+    assert gone.status_code == 404, gone.text
+
+
+def jupyterlab_address(lab: subprocess.Popen[bytes], log: Path) -> tuple[str, int, str]:
+    """The host, port and token JupyterLab prints once it serves."""
+    pattern = re.compile(r"http://(127\.0\.0\.1|localhost):(\d+)/lab\?token=(\w+)")
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (found := pattern.search(log.read_text(errors="replace"))):
+        assert lab.poll() is None, f"JupyterLab ended with {lab.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"JupyterLab did not serve:\n{log.read_text()}"
+        time.sleep(0.2)
+    return found[1], int(found[2]), found[3]
+
+
+async def run_in_a_notebook(host: str, port: int, token: str, code: str) -> tuple[str, str]:
+    """As JupyterLab's page does: a notebook session with a kernel, then `code` over the
+    kernel's channels through JupyterLab; the kernel's id and what it printed."""
+    headers = {"Authorization": f"token {token}"}
+    url = f"http://{host}:{port}"
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=RUN_TIMEOUT) as http:
+        body = {"path": "readme.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        response = await http.post("/api/sessions", json=body)
+    assert response.status_code == 201, response.text
+    kernel_id: str = response.json()["kernel"]["id"]
+    stream = await trio.open_tcp_stream(host, port)
+    resource = f"/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4()}"
+    with trio.fail_after(RUN_TIMEOUT):
+        async with open_channels(stream, f"{host}:{port}", resource, list(headers.items())) as ws:
+            result = await ws.execute(code)
+    return kernel_id, result.stdout
 
 
 def test_the_second_command_is_what_ci_runs() -> None:

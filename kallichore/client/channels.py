@@ -148,8 +148,10 @@ async def open_channels(
     host: str,
     resource: str,
     headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
 ) -> AsyncIterator[Channels]:
-    """A channels connection over `stream` (which it closes), asking for `resource`.
+    """A channels connection over `stream` (which it closes), asking for `resource`, offering
+    `subprotocols` (the server's choice is `channels.websocket.subprotocol`).
 
     A refused handshake raises `ApiError` with the server's status and error object.
     """
@@ -162,6 +164,7 @@ async def open_channels(
                 host,
                 resource,
                 extra_headers=[(k.encode(), v.encode()) for k, v in headers],
+                subprotocols=list(subprotocols),
                 message_queue_size=MESSAGE_QUEUE,
                 max_message_size=MAX_MESSAGE_BYTES,
                 receive_buffer_size=RECEIVE_BUFFER_BYTES,

@@ -195,14 +195,26 @@ def kernel_server(
 
 @contextlib.contextmanager
 def jupyter_server(
-    gateway: Server, root: Path, token: str, *, wait: bool = True
+    gateway: Server, root: Path, token: str, *, wait: bool = True, lab: bool = False
 ) -> Iterator[Server]:
     """`jupyter server --gateway-url` at `gateway` with its token, itself with `token`, its
     notebooks under `root`; without the server extensions that come with JupyterLab (a few
-    seconds to load, and nothing the kernels API needs)."""
+    seconds to load, and nothing the kernels API needs). With `lab`, `jupyter lab` instead,
+    JupyterLab's extensions loaded and its calls to the Internet (news, updates) turned off."""
     port = free_port()
+    if lab:
+        app = [
+            str(gateway_bin() / "jupyter-lab"),
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ]
+    else:
+        app = [
+            str(gateway_bin() / "jupyter-server"),
+            f"--ServerApp.jpserver_extensions={NO_EXTENSIONS}",
+        ]
     argv = [
-        str(gateway_bin() / "jupyter-server"),
+        *app,
         "--ServerApp.ip=127.0.0.1",
         f"--ServerApp.port={port}",
         "--ServerApp.port_retries=0",
@@ -212,8 +224,8 @@ def jupyter_server(
         f"--IdentityProvider.token={token}",
         f"--gateway-url={gateway.url}",
         f"--GatewayClient.auth_token={gateway.token or ''}",
-        f"--ServerApp.jpserver_extensions={NO_EXTENSIONS}",
     ]
     url = f"http://127.0.0.1:{port}"
-    with running(argv, url, token, root, "jupyter-server", wait=wait) as server:
+    name = "jupyter-lab" if lab else "jupyter-server"
+    with running(argv, url, token, root, name, wait=wait) as server:
         yield server
