@@ -261,6 +261,11 @@ def test_jupyterlab_block(newcomer: Newcomer, tmp_path: Path) -> None:
         listed = httpx.get(f"{DAEMON_URL}/sessions/{kernel_id}", timeout=RUN_TIMEOUT).json()
         assert listed["kernel_id"] == kernel_id
     finally:
+        # SIGTERM to the shell's whole group: the shell does not pass it on to JupyterLab,
+        # which deletes its kernels on the daemon before it exits.
+        family = [psutil.Process(lab.pid), *psutil.Process(lab.pid).children(recursive=True)]
+        os.killpg(lab.pid, signal.SIGTERM)
+        psutil.wait_procs(family, timeout=RUN_TIMEOUT)
         stop(lab)
     gone = httpx.get(f"{DAEMON_URL}/api/kernels/{kernel_id}", timeout=RUN_TIMEOUT)
     assert gone.status_code == 404, gone.text
