@@ -530,6 +530,37 @@ async def interrupt_kernel(api: JupyterApi, kernel: KernelSession) -> None:
     await kernel.interrupt()
 
 
+_CHANNELS_DESCRIPTION = """A WebSocket upgrade (`?session_id=` names the client; the token
+may also come as `?token=`). With the `v1.kernel.websocket.jupyter.org` subprotocol offered,
+frames are binary both ways (little-endian uint64 offsets, then channel, header, parent header,
+metadata, content and buffers); otherwise the legacy framing: JSON text frames with the full
+message and top-level `channel`, `msg_id` and `msg_type`, binary frames (big-endian uint32
+offsets) for messages with buffers. A client frame without `channel` goes to shell.
+
+Many clients per kernel: each gets every iopub message, and the replies to its own requests
+only. When the last connection of a `session_id` closes, what follows is kept (within the
+session's buffer, a loss marked by a `stream` message on stderr) and replayed to the next
+connection with that `session_id`; another `session_id` discards it. The upgrade waits (up
+to 60 s) for a starting kernel to be ready. A plain GET is a 400."""
+
+
+@_route(
+    "GET",
+    "/api/kernels/{kernel_id}/channels",
+    operation_id="kernelChannels",
+    summary="Connect to a kernel's channels",
+    description=_CHANNELS_DESCRIPTION,
+    ok=Reply(Empty, "Never: the route is a WebSocket upgrade."),
+    replies={
+        101: Reply(Empty, "Switching to the WebSocket protocol."),
+        400: Reply(JupyterError, "A plain GET, not a WebSocket upgrade."),
+    },
+)
+async def kernel_channels(api: JupyterApi, kernel: KernelSession) -> None:
+    """Only a plain GET gets here: the front door takes the upgrades."""
+    raise refused(400, "the channels are a WebSocket upgrade (GET with Upgrade: websocket)")
+
+
 @_route(
     "POST",
     "/api/kernels/{kernel_id}/restart",

@@ -432,6 +432,8 @@ def test_bad_requests_are_refused_and_other_kernels_untouched(
         ("DELETE", f"/api/kernels/{missing}", {}, 404),
         ("POST", f"/api/kernels/{missing}/interrupt", {}, 404),
         ("POST", f"/api/kernels/{missing}/restart", {}, 404),
+        ("GET", f"/api/kernels/{missing}/channels", {}, 404),
+        ("GET", f"/api/kernels/{bystander['id']}/channels", {}, 400),  # not an upgrade
         ("GET", f"/api/sessions/{missing}", {}, 404),
         ("PATCH", f"/api/sessions/{missing}", {"json": {}}, 404),
         ("DELETE", f"/api/sessions/{missing}", {}, 404),
