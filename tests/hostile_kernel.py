@@ -20,7 +20,7 @@ from kallichore.client import Channels, KallichoreClient, KernelExited, message
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message, WireError, deserialize, serialize
 from kallichore.trio_zmq import TrioSocket
-from tests.conftest import new_session_body, served_client, stream_text
+from tests.conftest import TIMEOUT, new_session_body, served_client, stream_text
 
 KERNEL_INFO = {
     "status": "ok",
@@ -52,10 +52,6 @@ class HostileKernel:
             self.sockets[channel] = TrioSocket(sock)
         # The supervisor's shell identity, learnt from its first request.
         self.peer: bytes | None = None
-
-    def close(self) -> None:
-        for sock in self.sockets.values():
-            sock.close()
 
     async def serve(self) -> None:
         """Answer kernel_info and shutdown requests (shell and control) and heartbeats until
@@ -114,7 +110,7 @@ class HostileKernel:
         message = Message.build("stream", {"name": "stdout", "text": text}, session="hostile")
         await self.send_raw(Channel.IOPUB, serialize(message, self.signer))
 
-    async def published(self, channels: Channels, text: str, timeout: float = 10) -> bool:
+    async def published(self, channels: Channels, text: str, timeout: float = TIMEOUT) -> bool:
         """Publish `text` until the client sees it: true once it has, false after `timeout`.
 
         Publishing again covers ZeroMQ's slow joiner (a SUB's subscription takes a moment to
@@ -138,9 +134,12 @@ async def adopted_hostile_kernel(
     """A session of `client`'s server that has adopted a `HostileKernel`."""
     await client.create_session(**new_session_body(session_id, argv=[]))
     info = await client.connection_info(session_id)
+    # Destroyed whatever happens, the kernel's sockets with it: a context left to the garbage
+    # collector waits for ever on what its sockets still hold.
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    kernel = HostileKernel(context, info)
+    context.setsockopt(zmq.LINGER, 0)
     try:
+        kernel = HostileKernel(context, info)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kernel.serve)
             await client.adopt(session_id, info)
@@ -148,8 +147,7 @@ async def adopted_hostile_kernel(
             await shut_down(client, session_id)
             nursery.cancel_scope.cancel()
     finally:
-        kernel.close()
-        context.term()
+        context.destroy(linger=0)
 
 
 async def shut_down(client: KallichoreClient, session_id: str) -> None:
