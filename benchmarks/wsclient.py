@@ -135,6 +135,19 @@ class QuickAckStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+def v1_message(frame: bytes) -> dict[str, Any]:
+    """A v1 frame as the legacy JSON frame's dict (buffers as bytes)."""
+    channel, header, parent, metadata, content, *buffers = unpack_v1(frame)
+    return {
+        "channel": channel.decode(),
+        "header": json.loads(header),
+        "parent_header": json.loads(parent),
+        "metadata": json.loads(metadata),
+        "content": json.loads(content),
+        "buffers": buffers,
+    }
+
+
 class V1Channels(Channels):
     """A channels connection speaking the v1 subprotocol (`v1.kernel.websocket.jupyter.org`, as
     JupyterLab does): binary frames, each decoded into the legacy JSON frame's shape so the
@@ -142,15 +155,7 @@ class V1Channels(Channels):
 
     def _decode(self, frame: str | bytes) -> dict[str, Any]:
         assert isinstance(frame, bytes), "a v1 server sends binary frames"
-        channel, header, parent, metadata, content, *buffers = unpack_v1(frame)
-        return {
-            "channel": channel.decode(),
-            "header": json.loads(header),
-            "parent_header": json.loads(parent),
-            "metadata": json.loads(metadata),
-            "content": json.loads(content),
-            "buffers": buffers,
-        }
+        return v1_message(frame)
 
     async def send(self, frame: Mapping[str, Any]) -> str:
         parts = [frame["channel"].encode()]

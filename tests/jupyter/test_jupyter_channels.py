@@ -24,7 +24,8 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from kallichore.channels.jupyter_framing import pack_legacy, pack_v1, unpack_legacy, unpack_v1
+from benchmarks.wsclient import v1_message
+from kallichore.channels.jupyter_framing import pack_legacy, pack_v1, unpack_legacy
 from kallichore.client import KallichoreClient
 from kallichore.server.http import RunningServer
 from kallichore.session.events import EVENT_OVERHEAD_BYTES
@@ -83,15 +84,7 @@ class JupyterClient:
         frame = await self.ws.get_message()
         if self.v1:
             assert isinstance(frame, bytes)
-            channel, header, parent, metadata, content, *buffers = unpack_v1(frame)
-            return {
-                "channel": channel.decode(),
-                "header": json.loads(header),
-                "parent_header": json.loads(parent),
-                "metadata": json.loads(metadata),
-                "content": json.loads(content),
-                "buffers": buffers,
-            }
+            return v1_message(frame)
         if isinstance(frame, str):
             message: dict[str, Any] = json.loads(frame)
             return message
@@ -108,8 +101,13 @@ class JupyterClient:
                     return seen
 
     async def execute(self, code: str) -> list[dict[str, Any]]:
-        """Run `code`; the messages up to both its idle and its reply (in either order)."""
+        """Run `code`; the messages up to both its idle and its reply."""
         msg_id = await self.send("execute_request", {"code": code, "silent": False})
+        return await self.until_replied_and_idle(msg_id)
+
+    async def until_replied_and_idle(self, msg_id: str) -> list[dict[str, Any]]:
+        """The messages up to both the reply to `msg_id` and its idle status, in either order
+        (shell and iopub are not ordered with each other)."""
         seen: list[dict[str, Any]] = []
 
         def done(message: dict[str, Any]) -> bool:
@@ -305,17 +303,9 @@ async def test_loss_is_shown_past_the_bound(tmp_path: Path) -> None:
                     assert dropped > 0
                     assert notice["content"]["name"] == "stderr"
                     assert f"{dropped} kernel messages were lost" in notice["content"]["text"]
-                    # What is left of the buffer follows, the reply and the idle status included
-                    # (the reply may come before the last outputs: iopub and shell are not
-                    # ordered with each other; the idle status comes after every output).
-                    rest: list[dict[str, Any]] = []
-
-                    def replied_and_idle(message: dict[str, Any]) -> bool:
-                        rest.append(message)
-                        replied = any(m["header"]["msg_type"] == "execute_reply" for m in rest)
-                        return replied and any(is_idle(m, msg_id) for m in rest)
-
-                    await nb.until(replied_and_idle)
+                    # What is left of the buffer follows, up to the reply and the idle status
+                    # (the reply may come before the last outputs; the idle comes after all).
+                    rest = await nb.until_replied_and_idle(msg_id)
                     last = of_type(rest, "display_data")[-1]
                     assert last["content"]["data"]["text/plain"] == "499"
                 reading.cancel_scope.cancel()
