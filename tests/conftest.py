@@ -151,12 +151,15 @@ def kernel_events(frames: Iterable[dict[str, Any]], key: str) -> list[Any]:
 
 
 def stream_text(frames: Iterable[dict[str, Any]], name: str = "stdout") -> str:
+    """The text of the `name` stream messages among `frames` (a hostile kernel's `stream`
+    without a name or text is none of them)."""
     return "".join(
-        f["content"]["text"]
+        str(f["content"].get("text", ""))
         for f in frames
         if f.get("kind") == "jupyter"
         and f["header"]["msg_type"] == "stream"
-        and f["content"]["name"] == name
+        and isinstance(f["content"], dict)
+        and f["content"].get("name") == name
     )
 
 
