@@ -245,11 +245,17 @@ async def test_a_client_that_stops_reading_costs_at_most_the_sessions_buffer(
     grown, peaked = (held - baseline) / 2**20, (peak - baseline) / 2**20
     assert grown < 128, f"the daemon holds {grown:.0f} MiB more (peak: {peaked:.0f} MiB)"
     frames = before + after
-    [dropped] = kernel_events(frames, "eventsDropped")
-    gap = next(i for i, f in enumerate(frames) if "eventsDropped" in f)
-    older, newer = printed(frames[:gap]), printed(frames[gap:])
+    # Told once per gap (a loaded machine can make more than one: the client's socket takes a
+    # few frames between two drops).
+    dropped = kernel_events(frames, "eventsDropped")
+    assert dropped
+    assert all(count > 0 for count in dropped)
+    first_gap = next(i for i, f in enumerate(frames) if "eventsDropped" in f)
+    last_gap = max(i for i, f in enumerate(frames) if "eventsDropped" in f)
+    older, newer = printed(frames[:first_gap]), printed(frames[last_gap:])
     assert older == list(range(len(older)))
     assert newer == list(range(lines - len(newer), lines)), "the newest, in order"
+    seen = printed(frames)
+    assert seen == sorted(set(seen)), "in order, none twice"
     # What is missing is what was dropped (lines, and resource samples meanwhile).
-    assert dropped > 0
-    assert len(older) + len(newer) < lines
+    assert len(seen) < lines
