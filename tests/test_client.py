@@ -114,6 +114,26 @@ async def test_outputs_errors_and_requests(kallichore: KallichoreClient) -> None
         assert opened.buffers == (b"\x00\xff",)
 
 
+async def test_a_session_from_a_kernelspec(kallichore: KallichoreClient) -> None:
+    specs = await kallichore.kernelspecs()
+    assert specs["default"] == "python3"
+    assert specs["kernelspecs"]["python3"]["spec"]["language"] == "python"
+    session_id = await kallichore.start_kernelspec("python3")
+    assert session_id.startswith("python3-")
+    session = await kallichore.get_session(session_id)
+    assert (session["status"], session["language"]) == ("idle", "python")
+    # `python` in the kernelspec is the daemon's own interpreter.
+    assert session["argv"][0] == sys.executable
+    with pytest.raises(ApiError) as unknown:
+        await kallichore.start_kernelspec("cobol")
+    assert unknown.value.status == 400
+    assert "no kernelspec is named 'cobol'" in unknown.value.message
+    with pytest.raises(ApiError) as both:
+        await kallichore.create_session("both", IPYKERNEL_ARGV, kernel_name="python3")
+    assert both.value.status == 400
+    assert "either argv or kernel_name" in both.value.message
+
+
 async def test_restart_with_a_working_directory_and_env(
     kallichore: KallichoreClient, tmp_path: Path
 ) -> None:

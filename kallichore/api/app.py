@@ -29,9 +29,11 @@ from kallichore.api.jupyter import (
     JupyterSettings,
     KernelConnections,
     NoConnections,
+    kernelspecs,
 )
 from kallichore.api.models import (
     ActiveSession,
+    BodyError,
     ClientHeartbeat,
     ErrorBody,
     ExecutionQueueBody,
@@ -64,7 +66,7 @@ from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.session.kernel_session import KernelSession
-from kallichore.session.model import Status
+from kallichore.session.model import SessionSpec, Status
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,27 @@ def argv_problem(argv: list[str]) -> str | None:
     return None if shutil.which(program) else f"kernel program {program!r} was not found on PATH"
 
 
+def launching_kernelspec(spec: SessionSpec, name: str) -> SessionSpec:
+    """`spec` made to launch the kernelspec `name`: a client that knows a kernel by name need
+    not know the server's paths and interpreters (`python` in a kernelspec is the server's)."""
+    if spec.argv:
+        raise BodyError("give either argv or kernel_name, not both")
+    specs = kernelspecs()
+    kernelspec = specs.get(name.lower())
+    if kernelspec is None:
+        raise BodyError(f"no kernelspec is named {name!r}; there are: {', '.join(sorted(specs))}")
+    launched = SessionSpec.from_kernelspec(spec.session_id, kernelspec)
+    return attrs.evolve(
+        spec,
+        argv=launched.argv,
+        env=launched.env + spec.env,
+        interrupt_mode=launched.interrupt_mode,
+        kernel_name=launched.kernel_name,
+        display_name=spec.display_name or launched.display_name,
+        language=spec.language or launched.language,
+    )
+
+
 def server_status(supervisor: Supervisor, state: ServerState) -> ServerStatus:
     sessions = supervisor.sessions()
     now = time.monotonic()
@@ -293,12 +316,15 @@ async def list_sessions(api: KallichoreApi, authorized: bool) -> SessionList:
     failure=Failure(
         400,
         bad_body(NewSession) + ", the session id is invalid (`KS-9`), `argv[0]` was not found "
-        "(`KS-19`), or the id is taken (`KS-0`).",
+        "(`KS-19`), `kernel_name` names no kernelspec or comes with an `argv` (`400`), or the "
+        "id is taken (`KS-0`).",
     ),
 )
 async def new_session(api: KallichoreApi, body: NewSession) -> NewSessionReply:
     spec = body.to_spec()
-    if problem := argv_problem(body.argv):
+    if body.kernel_name is not None:
+        spec = launching_kernelspec(spec, body.kernel_name)
+    elif problem := argv_problem(body.argv):
         raise KallichoreError(ErrorCode.KERNEL_PATH_NOT_FOUND, problem)
     session = await api.supervisor.create_session(spec)
     return NewSessionReply(session.session_id)

@@ -70,6 +70,8 @@ class NewSession:
     startup_environment: StartupEnvironment | None = None
     startup_environment_arg: str | None = None
     run_in_shell: bool | None = None
+    # Our extension: launch this kernelspec (its argv, env and interrupt mode) instead of `argv`.
+    kernel_name: str | None = None
 
     def to_spec(self) -> SessionSpec:
         if self.connection_timeout <= 0:

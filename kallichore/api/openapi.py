@@ -169,6 +169,11 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         "startup_environment": "When absent, `run_in_shell` chooses `shell` or `none`.",
         "startup_environment_arg": "The command (`command`) or script path (`script`).",
         "run_in_shell": "The older form of `startup_environment: shell`.",
+        "kernel_name": (
+            "Our extension: the name of a kernelspec (as `GET /api/kernelspecs` lists them) "
+            "whose argv, environment and interrupt mode the session launches; `argv` must then "
+            "be empty. `display_name` and `language` default to the kernelspec's."
+        ),
     },
     models.RestartSession: {
         "working_directory": (

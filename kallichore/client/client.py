@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -108,6 +109,18 @@ class KallichoreClient:
         created: JSON = await self._call("PUT", "/sessions", body)
         return str(created["session_id"])
 
+    async def start_kernelspec(
+        self, kernel_name: str, session_id: str | None = None, **fields: Any
+    ) -> str:
+        """Create a session running the server's kernelspec `kernel_name` and start it; returns
+        the session id (by default the kernelspec's name and 8 random hex digits) once the kernel
+        answers. `fields` as in the API's NewSession; `StartupFailed` if it does not start."""
+        session_id = session_id or f"{kernel_name}-{secrets.token_hex(4)}"
+        body = {"session_id": session_id, "kernel_name": kernel_name, **fields}
+        created: JSON = await self._call("PUT", "/sessions", body)
+        await self.start(created["session_id"])
+        return str(created["session_id"])
+
     async def get_session(self, session_id: str) -> JSON:
         """Status, kernel_info, execution queue, resource usage, ..."""
         session: JSON = await self._call("GET", f"/sessions/{session_id}")
@@ -156,6 +169,12 @@ class KallichoreClient:
         return info
 
     # -- the server -------------------------------------------------------------------------
+
+    async def kernelspecs(self) -> JSON:
+        """The server's kernelspecs: `{"default": name, "kernelspecs": {name: {"name", "spec",
+        "resources"}}}`, as the Jupyter API's `GET /api/kernelspecs` gives them."""
+        specs: JSON = await self._call("GET", "/api/kernelspecs")
+        return specs
 
     async def status(self) -> JSON:
         status: JSON = await self._call("GET", "/status")
