@@ -86,9 +86,11 @@ class KallichoreClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: Any = None, *, timeout: Any = httpx.USE_CLIENT_DEFAULT
+    ) -> Any:
         """One request; the decoded JSON answer, or `ApiError`."""
-        response = await self.http.request(method, path, json=body)
+        response = await self.http.request(method, path, json=body, timeout=timeout)
         if not response.is_success:
             raise ApiError.from_response(response)
         return response.json() if response.content else None
@@ -168,6 +170,29 @@ class KallichoreClient:
         info: JSON = await self._call("PUT", path, connection_info.to_dict())
         return info
 
+    # -- the agent API ----------------------------------------------------------------------
+
+    async def execute(
+        self,
+        session_id: str,
+        code: str,
+        *,
+        silent: bool = False,
+        store_history: bool = True,
+        stop_on_error: bool = True,
+        timeout_seconds: float | None = None,
+    ) -> JSON:
+        """Run `code` and wait for its outcome: `status`, `execution_count`, `output` (the
+        items, in order), `data` (the execute_result's), `error_*` (see `/openapi.json`).
+
+        The request waits as long as the code runs: bound it with `timeout_seconds`, after
+        which the server interrupts the code (restarting the kernel if it must).
+        """
+        body = execute_body(code, silent, store_history, stop_on_error, timeout_seconds)
+        path = f"/sessions/{session_id}/execute"
+        outcome: JSON = await self._call("POST", path, body, timeout=None)
+        return outcome
+
     # -- the server -------------------------------------------------------------------------
 
     async def kernelspecs(self) -> JSON:
@@ -228,3 +253,22 @@ class KallichoreClient:
             resource += "?resume" if resume is True else f"?resume={resume}"
         async with open_channels(stream, host, resource, headers) as channels:
             yield channels
+
+
+def execute_body(
+    code: str,
+    silent: bool,
+    store_history: bool,
+    stop_on_error: bool,
+    timeout_seconds: float | None,
+) -> JSON:
+    """The body of `POST /sessions/{id}/execute`."""
+    body: JSON = {
+        "code": code,
+        "silent": silent,
+        "store_history": store_history,
+        "stop_on_error": stop_on_error,
+    }
+    if timeout_seconds is not None:
+        body["timeout_seconds"] = timeout_seconds
+    return body

@@ -214,6 +214,11 @@ class SessionState:
         """The kernel is being stopped to be started again, at `origin`'s request."""
         self._restart = origin
 
+    def withdraw(self, msg_id: str) -> bool:
+        """Take a held execution back before it reaches the kernel (it timed out in the
+        queue); False if it is not held."""
+        return self._queue.withdraw(msg_id)
+
     def drop_queue(self) -> None:
         """Discard the queued executions (the kernel is about to be killed)."""
         self._queue.clear()
