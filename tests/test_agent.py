@@ -4,7 +4,9 @@ ipykernel sessions, and `kallichore.client`'s methods for it."""
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import attrs
 import httpx
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from kallichore.client import (
     ApiError,
@@ -156,6 +159,8 @@ async def test_a_timeout_interrupts_and_the_next_call_works(agent: KallichoreCli
     fresh = await agent.execute("python-1", "'kept' in globals()")
     assert fresh["status"] == "ok"
     assert fresh["data"] == {"text/plain": "False"}
+    statuses = [entry["status"] for entry in await agent.history("python-1")]
+    assert statuses == ["ok", "timeout", "ok", "timeout", "ok"]
 
 
 async def test_concurrent_executes_are_serialised_and_seen_by_the_attached_client(
@@ -199,3 +204,86 @@ async def test_concurrent_executes_are_serialised_and_seen_by_the_attached_clien
     inputs = [e for e in seen if isinstance(e, KernelMessage) and e.msg_type == "execute_input"]
     assert [e.parent_msg_id for e in inputs] == finished
     assert [e.content["code"] for e in inputs] == [announced[m].code for m in finished]
+
+
+async def test_output_streams_as_it_comes(agent: KallichoreClient, tmp_path: Path) -> None:
+    gate = tmp_path / "go-on"
+    code = (
+        "import os, time\nprint('first', flush=True)\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+        "print('second')\n'done'"
+    )
+    with trio.fail_after(TIMEOUT):
+        async with agent.execute_stream("python-1", code) as stream:
+            first = await anext(stream)
+            # The code is still waiting: this item cannot have come at the end.
+            assert first == {"type": "stream", "stream_name": "stdout", "text": "first\n"}
+            gate.touch()
+            rest = [item async for item in stream]
+    assert rest[0] == {"type": "stream", "stream_name": "stdout", "text": "second\n"}
+    assert rest[1]["type"] == "execute_result"
+    result = rest[-1]
+    assert result["type"] == "result"
+    assert result["status"] == "ok"
+    assert result["data"] == {"text/plain": "'done'"}
+    assert "output" not in result
+    with pytest.raises(ApiError) as unknown:
+        async with agent.execute_stream("nobody", "1"):
+            pass
+    assert unknown.value.status == 404
+
+
+async def test_history_lists_api_and_client_executions(agent: KallichoreClient) -> None:
+    with trio.fail_after(TIMEOUT):
+        await agent.execute("python-1", "print('from the api')")
+        async with agent.channels("python-1") as channels:
+            await channels.execute("print('from positron')")
+        kernel_id = (await agent.get_session("python-1"))["kernel_id"]
+        url = f"ws://{agent.http.base_url.netloc.decode()}/api/kernels/{kernel_id}/channels"
+        async with open_websocket_url(f"{url}?token={TOKEN}&session_id=lab") as lab:
+            await lab.send_message(json.dumps(jupyter_execute_request("print('from lab')")))
+            while json.loads(await lab.get_message())["msg_type"] != "execute_reply":
+                pass
+        await agent.execute(
+            "python-1",
+            f"from IPython.display import Image, display\nprint('y' * 5000)\n"
+            f"display(Image(data={PNG!r}))",
+        )
+        history = await agent.history("python-1")
+    assert [(e["source"], e["code"]) for e in history[:3]] == [
+        ("api", "print('from the api')"),
+        ("client", "print('from positron')"),
+        ("client", "print('from lab')"),
+    ]
+    for entry, text in zip(
+        history, ["from the api\n", "from positron\n", "from lab\n"], strict=False
+    ):
+        assert entry["status"] == "ok"
+        assert entry["output"] == [{"type": "stream", "stream_name": "stdout", "text": text}]
+        assert entry["output_clipped"] is False
+        assert datetime.fromisoformat(entry["started"]).tzinfo is not None
+        assert entry["duration_ms"] >= 0
+    counts = [entry["execution_count"] for entry in history]
+    assert counts == list(range(counts[0], counts[0] + 4))
+    clipped = history[3]
+    assert clipped["output_clipped"] is True
+    assert len(clipped["output"][0]["text"]) < 5000
+    [shown] = [item for item in clipped["output"] if item["type"] == "display_data"]
+    assert shown["data"]["image/png"].startswith("[image/png omitted")
+    assert await agent.history("python-1", limit=2) == history[-2:]
+    for limit in ("0", "x", "101"):
+        bad = await agent.http.get(f"/sessions/python-1/history?limit={limit}")
+        assert bad.status_code == 400
+
+
+def jupyter_execute_request(code: str) -> dict[str, Any]:
+    """An execute_request as a Jupyter frontend sends it on the legacy JSON protocol."""
+    header = {"msg_id": "lab-1", "msg_type": "execute_request", "session": "lab", "version": "5.3"}
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {}}
+    return {
+        "header": header,
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": "shell",
+    }

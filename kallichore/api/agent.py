@@ -1,4 +1,5 @@
-"""The agent API: run code in one call and get its outcome (`/sessions/{id}/execute`).
+"""The agent API: run code in one call and get its outcome (`/sessions/{id}/execute`), and see
+what ran on a session lately, whoever ran it (`/sessions/{id}/history`).
 
 The routes are thin: `KernelSession.run_code` does the work (queue, timeout, interrupt,
 restart) and says what became of the execution; they parse the body, and answer with the
@@ -20,17 +21,19 @@ import trio
 from quart import Response, request
 from quart.wrappers.response import ResponseBody
 
-from kallichore.api.models import ExecuteCode
+from kallichore.api.models import ErrorBody, ExecuteCode
 from kallichore.api.routes import (
     Empty,
     Failure,
     NotFound,
     PathParameter,
+    Refused,
     Reply,
     RouteTable,
     bad_body,
 )
 from kallichore.errors import ErrorCode, KallichoreError
+from kallichore.session.history import MAX_EXECUTIONS, MAX_TEXT
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.outputs import ExecutionOutcome, Item
 from kallichore.supervisor import Supervisor
@@ -201,3 +204,75 @@ class StreamedExecution(ResponseBody):
                 )
                 return
             line({"type": "result", **outcome.to_json(with_output=False)})
+
+
+_HISTORY_ENTRY = {
+    "type": "object",
+    "description": (
+        "One execution: `started` is when it was asked for (ISO 8601, UTC), `duration_ms` how "
+        "long it ran at the kernel (null until it ended), `status` also `running`; `output` "
+        f"is clipped to {MAX_TEXT} characters of text, other MIME data (images) shown as a "
+        "placeholder (`output_clipped` says if anything was left out)."
+    ),
+    "required": [
+        "msg_id",
+        "code",
+        "status",
+        "execution_count",
+        "started",
+        "duration_ms",
+        "source",
+        "output",
+        "output_clipped",
+    ],
+    "properties": {
+        "msg_id": {"type": "string"},
+        "code": {"type": "string"},
+        "status": {"type": "string", "enum": ["ok", "error", "timeout", "aborted", "running"]},
+        "execution_count": {"type": "integer", "nullable": True},
+        "started": {"type": "string", "format": "date-time"},
+        "duration_ms": {"type": "integer", "nullable": True},
+        "source": {
+            "type": "string",
+            "description": "`api` (this API's execute) or `client` (over a channels API).",
+        },
+        "output": {"type": "array", "items": _ITEM},
+        "output_clipped": {"type": "boolean"},
+    },
+}
+
+
+@AGENT_ROUTES.route(
+    "GET",
+    "/sessions/{session_id}/history",
+    operation_id="executionHistory",
+    tag="agent",
+    summary="List the session's last executions",
+    description=(
+        f"The last executions (at most {MAX_EXECUTIONS} are kept), most recent last: those of "
+        "`execute` and those clients sent over the channels (both APIs)."
+    ),
+    protected=True,
+    ok=Reply({"type": "array", "items": _HISTORY_ENTRY}, "The executions, oldest first."),
+    replies={400: Reply(ErrorBody, f"`limit` is not an integer from 1 to {MAX_EXECUTIONS}.")},
+    extensions={
+        "parameters": [
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": "Only the last `limit` executions.",
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_EXECUTIONS},
+            }
+        ]
+    },
+)
+async def history(api: HasSupervisor, session: KernelSession) -> Any:
+    limit = request.args.get("limit")
+    if limit is None:
+        return session.history.entries()
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_EXECUTIONS:
+        raise Refused(
+            ErrorBody("400", f"limit must be an integer from 1 to {MAX_EXECUTIONS}, not {limit!r}")
+        )
+    return session.history.entries(int(limit))

@@ -25,6 +25,7 @@ from kallichore.client.events import JSON
 from kallichore.jupyter.connection import ConnectionInfo
 
 DEFAULT_URL = "http://127.0.0.1:8182"
+NDJSON = "application/x-ndjson"
 # Long enough for a start or a restart, which answer once the kernel does.
 TIMEOUT = 120.0
 # The host name requests carry over a Unix socket (the server ignores it).
@@ -193,6 +194,46 @@ class KallichoreClient:
         outcome: JSON = await self._call("POST", path, body, timeout=None)
         return outcome
 
+    @asynccontextmanager
+    async def execute_stream(
+        self,
+        session_id: str,
+        code: str,
+        *,
+        silent: bool = False,
+        store_history: bool = True,
+        stop_on_error: bool = True,
+        timeout_seconds: float | None = None,
+    ) -> AsyncIterator[AsyncIterator[JSON]]:
+        """Run `code`, its output items coming as the kernel sends them::
+
+            async with client.execute_stream("python-1", code) as items:
+                async for item in items:
+                    ...
+
+        Streams are not merged, and `{"type": "clear_output", "wait"}` says when to clear;
+        the last item is `{"type": "result", ...}`: `execute`'s outcome without `output`.
+        """
+        body = execute_body(code, silent, store_history, stop_on_error, timeout_seconds)
+        async with self.http.stream(
+            "POST",
+            f"/sessions/{session_id}/execute",
+            json=body,
+            headers={"Accept": NDJSON},
+            timeout=None,
+        ) as response:
+            if not response.is_success:
+                await response.aread()
+                raise ApiError.from_response(response)
+            yield _json_lines(response)
+
+    async def history(self, session_id: str, limit: int | None = None) -> list[JSON]:
+        """The session's last executions (`limit` of them), most recent last, whoever ran
+        them (`source`: `api` or `client`), with their output clipped."""
+        query = "" if limit is None else f"?limit={limit}"
+        executions: list[JSON] = await self._call("GET", f"/sessions/{session_id}/history{query}")
+        return executions
+
     # -- the server -------------------------------------------------------------------------
 
     async def kernelspecs(self) -> JSON:
@@ -272,3 +313,10 @@ def execute_body(
     if timeout_seconds is not None:
         body["timeout_seconds"] = timeout_seconds
     return body
+
+
+async def _json_lines(response: httpx.Response) -> AsyncIterator[JSON]:
+    async for line in response.aiter_lines():
+        if line:
+            item: JSON = json.loads(line)
+            yield item

@@ -33,6 +33,7 @@ from kallichore.session.events import (
     Subscription,
 )
 from kallichore.session.execution_queue import QueueSnapshot
+from kallichore.session.history import ExecutionHistory
 from kallichore.session.kernel_run import Activity, KernelRun, RunContext
 from kallichore.session.model import (
     InterruptMode,
@@ -155,6 +156,11 @@ class KernelSession:
     @property
     def kernel_info(self) -> JSONObject:
         return self._state.kernel_info
+
+    @property
+    def history(self) -> ExecutionHistory:
+        """The session's recent executions (the agent API's and its clients'), oldest first."""
+        return self._state.history
 
     @property
     def input_prompt(self) -> str:
@@ -438,13 +444,16 @@ class KernelSession:
         """
         await self._submit(channel, message, Outbox())
 
-    async def _submit(self, channel: Channel, message: Message, out: Outbox) -> None:
-        """Send `message` as `send` does, after the events already in `out`."""
+    async def _submit(
+        self, channel: Channel, message: Message, out: Outbox, source: str = "client"
+    ) -> None:
+        """Send `message` as `send` does, after the events already in `out`; an execution is
+        `source`'s in the history."""
         run = self._running_run()
         if run is not None and run.channels is None:
             raise KallichoreError(ErrorCode.SESSION_NOT_RUNNING, "the kernel is still starting")
         logger.debug("session %s: %s %s to the kernel", self.session_id, channel, message.msg_type)
-        self._state.from_client(channel, message, out)
+        self._state.from_client(channel, message, out, source=source)
         assert run is not None, "the state says a kernel runs"
         self._activity.note()
         await run.deliver(out)
@@ -539,7 +548,7 @@ class KernelSession:
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         with self._events.subscribe(backlog=False) as watch:
             announce = Outbox(events=[ExecutionRequestedEvent(msg_id, code, source)])
-            await self._submit(Channel.SHELL, request, announce)
+            await self._submit(Channel.SHELL, request, announce, source)
             ended = await self._follow(watch, msg_id, collector, on_item, deadline)
             if ended is not None:
                 return collector.outcome(None if ended == "done" else "aborted")
@@ -549,6 +558,7 @@ class KernelSession:
                 )
                 return collector.outcome("timeout")
             logger.info("session %s: execution %s timed out; interrupting", self.session_id, msg_id)
+            self._state.history.mark(msg_id, "timeout")
             with contextlib.suppress(KallichoreError):
                 await self.interrupt()
             grace = trio.current_time() + self._config.interrupt_grace
