@@ -49,6 +49,11 @@ async def agent(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Kallicho
         nursery.cancel_scope.cancel()
 
 
+def wait_for(gate: Path) -> str:
+    """Code that waits until the test creates `gate`: output before it cannot be the end's."""
+    return f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)"
+
+
 def items(outcome: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [item for item in outcome["output"] if item["type"] == kind]
 
@@ -208,11 +213,7 @@ async def test_concurrent_executes_are_serialised_and_seen_by_the_attached_clien
 
 async def test_output_streams_as_it_comes(agent: KallichoreClient, tmp_path: Path) -> None:
     gate = tmp_path / "go-on"
-    code = (
-        "import os, time\nprint('first', flush=True)\n"
-        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
-        "print('second')\n'done'"
-    )
+    code = "print('first', flush=True)\n" + wait_for(gate) + "\nprint('second')\n'done'"
     with trio.fail_after(TIMEOUT):
         async with agent.execute_stream("python-1", code) as stream:
             first = await anext(stream)
@@ -231,6 +232,22 @@ async def test_output_streams_as_it_comes(agent: KallichoreClient, tmp_path: Pat
         async with agent.execute_stream("nobody", "1"):
             pass
     assert unknown.value.status == 404
+
+
+async def test_a_caller_that_goes_away_leaves_the_session_usable(
+    agent: KallichoreClient, tmp_path: Path
+) -> None:
+    gate = tmp_path / "go-on"
+    code = "print('waiting', flush=True)\n" + wait_for(gate)
+    with trio.fail_after(TIMEOUT):
+        async with agent.execute_stream("python-1", code) as stream:
+            assert (await anext(stream))["text"] == "waiting\n"
+        # The execution goes on without its caller, and the next one waits its turn.
+        gate.touch()
+        after = await agent.execute("python-1", "6 * 7")
+    assert after["data"] == {"text/plain": "42"}
+    [first, second] = await agent.history("python-1")
+    assert (first["status"], second["status"]) == ("ok", "ok")
 
 
 async def test_history_lists_api_and_client_executions(agent: KallichoreClient) -> None:

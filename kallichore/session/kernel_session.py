@@ -496,7 +496,14 @@ class KernelSession:
         stop_on_error: bool = True,
     ) -> str:
         """Send an `execute_request` for `code`; returns its msg_id (the parent of its output)."""
-        request = self.message(
+        request = self._execute_request(code, silent, store_history, allow_stdin, stop_on_error)
+        await self.send(Channel.SHELL, request)
+        return request.msg_id
+
+    def _execute_request(
+        self, code: str, silent: bool, store_history: bool, allow_stdin: bool, stop_on_error: bool
+    ) -> Message:
+        return self.message(
             "execute_request",
             {
                 "code": code,
@@ -507,8 +514,6 @@ class KernelSession:
                 "stop_on_error": stop_on_error,
             },
         )
-        await self.send(Channel.SHELL, request)
-        return request.msg_id
 
     async def run_code(
         self,
@@ -532,17 +537,7 @@ class KernelSession:
         status is `timeout`. An execution whose kernel exited, or that an interrupt dropped
         from the queue, is `aborted`. Raises `KallichoreError` if no kernel is running.
         """
-        request = self.message(
-            "execute_request",
-            {
-                "code": code,
-                "silent": silent,
-                "store_history": store_history,
-                "user_expressions": {},
-                "allow_stdin": False,
-                "stop_on_error": stop_on_error,
-            },
-        )
+        request = self._execute_request(code, silent, store_history, False, stop_on_error)
         msg_id = request.msg_id
         collector = OutputCollector()
         deadline = math.inf if timeout is None else trio.current_time() + timeout
@@ -598,7 +593,11 @@ class KernelSession:
         reached_kernel = False
         with trio.move_on_at(deadline):
             while True:
-                for event in await watch.receive():
+                try:
+                    events = await watch.receive()
+                except trio.EndOfChannel:  # the session is gone
+                    return "done" if collector.reply is not None else "aborted"
+                for event in events:
                     if type(event) is ExitedEvent:
                         return "done" if collector.reply is not None else "aborted"
                     if type(event) is not JupyterEvent:
