@@ -36,7 +36,8 @@ INTERRUPT_GRACE = 1.0
 
 @pytest.fixture
 async def agent(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[KallichoreClient]:
-    """A client of a served supervisor (short interrupt grace) with session `python-1`."""
+    """A client of a served supervisor (short interrupt grace) with session `python-1` (as
+    Positron makes it: interrupted by `interrupt_request`)."""
     config = supervisor_config(tmp_path / "runtime")
     config = attrs.evolve(
         config, session=attrs.evolve(config.session, interrupt_grace=INTERRUPT_GRACE)
@@ -44,7 +45,7 @@ async def agent(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Kallicho
     async with open_supervisor(config) as supervisor:
         running = await serve(supervisor, nursery)
         async with KallichoreClient(running.url, token=TOKEN, timeout=TIMEOUT) as client:
-            await started_session(client, interrupt_mode="signal")
+            await started_session(client)
             yield client
         nursery.cancel_scope.cancel()
 

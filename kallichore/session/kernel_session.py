@@ -557,7 +557,8 @@ class KernelSession:
             with contextlib.suppress(KallichoreError):
                 await self.interrupt()
             grace = trio.current_time() + self._config.interrupt_grace
-            if await self._follow(watch, msg_id, collector, on_item, grace) is not None:
+            # At the kernel: an interrupt by message takes it out of the queue, not off the kernel.
+            if await self._follow(watch, msg_id, collector, on_item, grace, at_kernel=True):
                 return collector.outcome("timeout")
         logger.warning(
             "session %s: execution %s did not end when interrupted; restarting the kernel",
@@ -580,6 +581,8 @@ class KernelSession:
         collector: OutputCollector,
         on_item: Callable[[Item], None] | None,
         deadline: float,
+        *,
+        at_kernel: bool = False,
     ) -> Literal["done", "aborted"] | None:
         """Feed `collector` the execution's messages until it has ended (`done`), ended
         without a reply (`aborted`: dropped from the queue, or its kernel exited), or
@@ -588,9 +591,10 @@ class KernelSession:
         It has ended once it has left the execution queue (which advances on its idle) and
         its reply is in (shell and iopub race: the idle may come first). The queue is looked at
         when the watch has caught up with the log: the state changes and publishes at once, so
-        a caught-up watch has seen all there is of it.
+        a caught-up watch has seen all there is of it. `at_kernel`: it is known to have
+        reached the kernel (it will have a reply).
         """
-        reached_kernel = False
+        reached_kernel = at_kernel
         with trio.move_on_at(deadline):
             while True:
                 try:
