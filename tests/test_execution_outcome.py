@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from kallichore.jupyter.wire import Channel, Message
-from kallichore.session.history import MAX_TEXT, ExecutionHistory
+from kallichore.session.history import MAX_REQUEST_BYTES, MAX_TEXT, ExecutionHistory
 from kallichore.session.outputs import OutputCollector
 from kallichore.session.state import Outbox, SessionState
 from tests.test_state import Clock, busy, client, idle, kernel, ready_state
@@ -136,6 +136,12 @@ def test_an_exit_ends_what_was_running_and_the_history_is_bounded() -> None:
         history.requested(execute(str(n)), "client")
     assert [e["code"] for e in history.entries()] == ["1", "2"]
     assert len(history.open) == 2
+    # A huge cell is not kept whole, nor referenced: its code is, clipped.
+    huge = execute("x" * (MAX_REQUEST_BYTES + 1))
+    history.requested(huge, "api")
+    [entry] = history.entries(limit=1)
+    assert entry["code"] == "x" * MAX_REQUEST_BYTES
+    assert entry["msg_id"] == huge.msg_id
 
 
 def test_output_is_clipped_and_images_are_placeholders() -> None:

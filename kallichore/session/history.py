@@ -24,15 +24,19 @@ from kallichore.session.outputs import Item, OutcomeStatus, OutputCollector
 MAX_EXECUTIONS = 100
 # Bytes of the kernel's messages kept per execution (content and buffers as they came).
 MAX_KEPT_BYTES = 32 * 1024
-# Characters of output text shown per execution (code is shown whole).
+# Characters of output text shown per execution.
 MAX_TEXT = 4096
+# A request larger than this is not kept: its code is, clipped to this many characters.
+MAX_REQUEST_BYTES = 64 * 1024
 # MIME types shown as text (clipped); every other one becomes a placeholder.
 _TEXT_MIME = ("text/", "application/json")
 
 
 @attrs.define
 class _Execution:
-    request: Message
+    msg_id: str
+    # The request (decoded when asked), or the clipped code of a large one.
+    request: Message | str
     source: str
     requested: float
     # When it reached the kernel, and when it ended (monotonic seconds).
@@ -73,8 +77,11 @@ class ExecutionHistory:
 
     def requested(self, request: Message, source: str) -> None:
         """An `execute_request` was sent or queued on behalf of `source` (`api`, `client`)."""
-        execution = _Execution(request, source, self._wall_clock())
         msg_id = request.msg_id
+        kept: Message | str = request
+        if len(request.content_json) > MAX_REQUEST_BYTES:
+            kept = _code(request)[:MAX_REQUEST_BYTES]
+        execution = _Execution(msg_id, kept, source, self._wall_clock())
         self._executions[msg_id] = execution
         self.open[msg_id] = execution
         while len(self._executions) > self._max:
@@ -145,13 +152,11 @@ class ExecutionHistory:
         if status is None and execution.ended is not None and not execution.replied:
             status = "aborted"
         outcome = collector.outcome(status)
-        try:
-            code = str(execution.request.content.get("code", ""))
-        except WireError:
-            code = ""
+        request = execution.request
+        code = request if isinstance(request, str) else _code(request)
         output, clipped = _clipped(outcome.output)
         entry: JSONObject = {
-            "msg_id": execution.request.msg_id,
+            "msg_id": execution.msg_id,
             "code": code,
             "status": "running" if status is None and execution.ended is None else outcome.status,
             "execution_count": outcome.execution_count,
@@ -164,6 +169,13 @@ class ExecutionHistory:
         if execution.began is not None and execution.ended is not None:
             entry["duration_ms"] = round((execution.ended - execution.began) * 1000)
         return entry
+
+
+def _code(request: Message) -> str:
+    try:
+        return str(request.content.get("code", ""))
+    except WireError:
+        return ""
 
 
 def _clipped(output: list[Item]) -> tuple[list[Item], bool]:
