@@ -262,11 +262,18 @@ async def test_history_lists_api_and_client_executions(agent: KallichoreClient) 
             await lab.send_message(json.dumps(jupyter_execute_request("print('from lab')")))
             while json.loads(await lab.get_message())["msg_type"] != "execute_reply":
                 pass
-        await agent.execute(
-            "python-1",
-            f"from IPython.display import Image, display\nprint('y' * 5000)\n"
-            f"display(Image(data={PNG!r}))",
-        )
+            big = (
+                "from IPython.display import Image, display\nprint('y' * 5000)\n"
+                f"display(Image(data={PNG!r}))"
+            )
+            await agent.execute("python-1", big)
+            # A Jupyter client sees the agent's execution as it sees any other client's (its
+            # own execute_input may still come first: iopub and shell race).
+            inputs = []
+            while big not in inputs:
+                frame = json.loads(await lab.get_message())
+                if frame["msg_type"] == "execute_input":
+                    inputs.append(frame["content"]["code"])
         history = await agent.history("python-1")
     assert [(e["source"], e["code"]) for e in history[:3]] == [
         ("api", "print('from the api')"),
