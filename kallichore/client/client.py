@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 import trio
@@ -30,6 +30,16 @@ NDJSON = "application/x-ndjson"
 TIMEOUT = 120.0
 # The host name requests carry over a Unix socket (the server ignores it).
 SOCKET_HOST = "localhost"
+
+
+class ExecuteOptions(TypedDict, total=False):
+    """The options of an execution (the server's defaults for those left out)."""
+
+    silent: bool
+    store_history: bool
+    stop_on_error: bool
+    # After this many seconds the code is interrupted (its kernel restarted if it must be).
+    timeout_seconds: float
 
 
 class KallichoreClient:
@@ -173,37 +183,20 @@ class KallichoreClient:
 
     # -- the agent API ----------------------------------------------------------------------
 
-    async def execute(
-        self,
-        session_id: str,
-        code: str,
-        *,
-        silent: bool = False,
-        store_history: bool = True,
-        stop_on_error: bool = True,
-        timeout_seconds: float | None = None,
-    ) -> JSON:
+    async def execute(self, session_id: str, code: str, **options: Unpack[ExecuteOptions]) -> JSON:
         """Run `code` and wait for its outcome: `status`, `execution_count`, `output` (the
         items, in order), `data` (the execute_result's), `error_*` (see `/openapi.json`).
 
         The request waits as long as the code runs: bound it with `timeout_seconds`, after
         which the server interrupts the code (restarting the kernel if it must).
         """
-        body = execute_body(code, silent, store_history, stop_on_error, timeout_seconds)
         path = f"/sessions/{session_id}/execute"
-        outcome: JSON = await self._call("POST", path, body, timeout=None)
+        outcome: JSON = await self._call("POST", path, {"code": code, **options}, timeout=None)
         return outcome
 
     @asynccontextmanager
     async def execute_stream(
-        self,
-        session_id: str,
-        code: str,
-        *,
-        silent: bool = False,
-        store_history: bool = True,
-        stop_on_error: bool = True,
-        timeout_seconds: float | None = None,
+        self, session_id: str, code: str, **options: Unpack[ExecuteOptions]
     ) -> AsyncIterator[AsyncIterator[JSON]]:
         """Run `code`, its output items coming as the kernel sends them::
 
@@ -214,11 +207,10 @@ class KallichoreClient:
         Streams are not merged, and `{"type": "clear_output", "wait"}` says when to clear;
         the last item is `{"type": "result", ...}`: `execute`'s outcome without `output`.
         """
-        body = execute_body(code, silent, store_history, stop_on_error, timeout_seconds)
         async with self.http.stream(
             "POST",
             f"/sessions/{session_id}/execute",
-            json=body,
+            json={"code": code, **options},
             headers={"Accept": NDJSON},
             timeout=None,
         ) as response:
@@ -294,25 +286,6 @@ class KallichoreClient:
             resource += "?resume" if resume is True else f"?resume={resume}"
         async with open_channels(stream, host, resource, headers) as channels:
             yield channels
-
-
-def execute_body(
-    code: str,
-    silent: bool,
-    store_history: bool,
-    stop_on_error: bool,
-    timeout_seconds: float | None,
-) -> JSON:
-    """The body of `POST /sessions/{id}/execute`."""
-    body: JSON = {
-        "code": code,
-        "silent": silent,
-        "store_history": store_history,
-        "stop_on_error": stop_on_error,
-    }
-    if timeout_seconds is not None:
-        body["timeout_seconds"] = timeout_seconds
-    return body
 
 
 async def _json_lines(response: httpx.Response) -> AsyncIterator[JSON]:
