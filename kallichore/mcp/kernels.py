@@ -9,14 +9,15 @@ console, say) can be used, interrupted and restarted when named, never shut down
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
 from kallichore.client import ApiError, KallichoreClient
+from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.kernelspec import (
     PYTHON_KERNEL_NAME,
     KernelSpec,
@@ -85,13 +86,16 @@ class DaemonKernels:
         await self._client.start_kernelspec(kernel_name, session_id)
 
     async def execute(self, session_id: str, code: str, timeout: float | None) -> JSON:
-        return await self._client.execute(session_id, code, timeout_seconds=timeout)
+        with naming(session_id):
+            return await self._client.execute(session_id, code, timeout_seconds=timeout)
 
     async def interrupt(self, session_id: str) -> None:
-        await self._client.interrupt(session_id)
+        with naming(session_id):
+            await self._client.interrupt(session_id)
 
     async def restart(self, session_id: str) -> None:
-        await self._client.restart(session_id)
+        with naming(session_id):
+            await self._client.restart(session_id)
 
     async def shut_down_started(self) -> None:
         """Shut down (and remove) the sessions this server started, all at once, as the
@@ -109,6 +113,20 @@ class DaemonKernels:
         except ApiError as error:
             if error.status != 404:  # already gone is fine
                 logger.warning("could not shut down session %s: %s", session_id, error)
+
+
+@contextmanager
+def naming(session_id: str) -> Iterator[None]:
+    """The API's 404 (an empty body, as Kallichore answers) as the error that names the
+    session, as the embedded supervisor's is."""
+    try:
+        yield
+    except ApiError as error:
+        if error.status != 404:
+            raise
+        raise KallichoreError(
+            ErrorCode.SESSION_NOT_FOUND, f"session {session_id} not found"
+        ) from error
 
 
 @asynccontextmanager

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -43,6 +44,7 @@ SessionId = Annotated[
     str | None,
     Field(description="The session (see list_sessions); default: this server's own session."),
 ]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What the tools' errors are made of: refusals we expect, told to the model as they are.
 EXPECTED_ERRORS = (ApiError, KallichoreError, KernelSpecError, httpx.HTTPError)
 
@@ -173,14 +175,25 @@ def build_server(tools: KernelTools) -> MCPServer:
 async def serve(connection_file: Path | None) -> None:
     """Serve MCP on stdio: for the daemon that wrote `connection_file`, or else for a
     supervisor of our own, whose Python session starts at once (ready for the first call).
-    On the way out, the kernels this server started are shut down."""
-    kernels = daemon_kernels(connection_file) if connection_file else embedded_kernels()
-    async with kernels as backend, trio.open_nursery() as nursery:
-        tools = KernelTools(backend)
-        if connection_file is None:
-            nursery.start_soon(warm_up, tools)
-        await serve_stdio(build_server(tools))
-        nursery.cancel_scope.cancel()
+
+    Until stdin ends, or SIGTERM or SIGINT; then the kernels this server started are shut
+    down, with further signals ignored meanwhile (an MCP client signals a server that has not
+    exited a moment after stdin closed, and kills it a moment later)."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        kernels = daemon_kernels(connection_file) if connection_file else embedded_kernels()
+        async with kernels as backend, trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_on_signal, signals, nursery.cancel_scope)
+            tools = KernelTools(backend)
+            if connection_file is None:
+                nursery.start_soon(warm_up, tools)
+            await serve_stdio(build_server(tools))
+            nursery.cancel_scope.cancel()
+
+
+async def cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
 
 
 async def warm_up(tools: KernelTools) -> None:

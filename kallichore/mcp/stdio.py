@@ -1,25 +1,22 @@
-"""Serving MCP on stdio until stdin ends, or until SIGTERM or SIGINT.
+"""Serving MCP on stdio until stdin ends or we are cancelled.
 
-The SDK reads stdin in a worker thread, which no cancellation can stop: on a signal while the
-client keeps stdin open, the server would wait for the client's next line before it could
-stop, and with it the shutdown of its kernels. So the SDK reads a pipe of ours, and a trio task
-relays the real stdin into it: when the relay ends (the real stdin ended, or a signal came),
-the pipe's end is an end of file the SDK's thread sees at once.
+The SDK reads stdin in a worker thread, which no cancellation can stop: cancelled (on SIGTERM,
+say) while the client keeps stdin open, the server would wait for the client's next line
+before it could stop, and with it the shutdown of its kernels. So the SDK reads a pipe of
+ours, and a trio task relays the real stdin into it: when the relay ends (the real stdin ended,
+or we are cancelled), the pipe's end is an end of file the SDK's thread sees at once.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 
 import trio
 from mcp.server.mcpserver import MCPServer
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 async def serve_stdio(server: MCPServer) -> None:
-    """Serve `server` on this process's stdin and stdout until either ends or a signal."""
+    """Serve `server` on this process's stdin and stdout until either ends."""
     stdin = os.dup(0)
     blocking = os.get_blocking(0)
     read_end, write_end = os.pipe()
@@ -32,7 +29,6 @@ async def serve_stdio(server: MCPServer) -> None:
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(relay, source, sink)
-            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             await server.run_stdio_async()
             nursery.cancel_scope.cancel()
     finally:
@@ -51,10 +47,3 @@ async def relay(source: trio.lowlevel.FdStream, sink: trio.lowlevel.FdStream) ->
             await sink.send_all(chunk)
     finally:
         sink.close()
-
-
-async def stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
