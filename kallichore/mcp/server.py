@@ -35,10 +35,11 @@ INSTRUCTIONS = """\
 Runs code in Jupyter kernels supervised by kallichore. `execute_code` runs code in a session and
 returns what it printed and displayed (text, and images for PNG and JPEG displays) and the
 traceback of an error. Variables, imports and definitions persist between calls to the same
-session, as in a notebook. Without a session_id, code runs in this server's own Python session,
-started on first use. `list_sessions` shows every session (on a daemon, a person's consoles too:
-use those only when asked to), `start_session` starts another kernel, `interrupt` stops code that
-runs too long, `restart` gives a session a fresh kernel (its state is lost)."""
+session, as in a notebook. Without a session_id, code runs in this server's own session (of
+the default kernelspec, python3), started on first use. `list_sessions` shows every session
+(on a daemon, a person's consoles too: use those only when asked to), `start_session` starts
+another kernel, `interrupt` stops code that runs too long, `restart` gives a session a fresh
+kernel (its state is lost)."""
 
 SessionId = Annotated[
     str | None,
