@@ -31,9 +31,9 @@ from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 logger = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
-# How long the kernels this server started get to shut down when it stops: an MCP client
-# waits a few seconds after closing our stdin before it signals, then kills.
-SHUTDOWN_GRACE = 3.0
+# How long we wait for a daemon to shut down the kernels we started (a hang guard: an MCP
+# client kills a server that has not exited a few seconds after it closed its stdin anyway).
+SHUTDOWN_WAIT = 5.0
 
 
 class Kernels(Protocol):
@@ -139,7 +139,7 @@ async def daemon_kernels(connection_file: Path) -> AsyncIterator[DaemonKernels]:
         try:
             yield kernels
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE + 2):
+            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_WAIT):
                 await kernels.shut_down_started()
 
 
