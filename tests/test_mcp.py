@@ -115,8 +115,10 @@ async def test_on_a_daemon_it_uses_any_session_and_ends_only_its_own(tmp_path: P
         await person.create_session("person", IPYKERNEL_ARGV, display_name="Console")
         await person.start("person")
         async with mcp_server("--connection-file", str(connection_file)) as client:
-            # A person's session, named.
+            # A person's session, named: its state is theirs and ours.
             await call(client, "execute_code", session_id="person", code="shared = 6 * 7")
+            read = await call(client, "execute_code", session_id="person", code="print(shared)")
+            assert text(read) == "42\n"
             # Its own session, started at the first call that needs it.
             assert text(await call(client, "execute_code", code="print(6 * 7)")) == "42\n"
             own = (await call(client, "start_session", kernelspec="python3")).structured_content
