@@ -4,6 +4,7 @@ own kernels) and on a daemon (through its connection file); and how it ends."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import sys
@@ -55,11 +56,19 @@ async def kernel_pid(client: Client, session_id: str | None = None) -> int:
     return int(text(await call(client, "execute_code", code="import os; os.getpid()", **ids)))
 
 
-def gone(pid: int) -> bool:
+def running(process: psutil.Process) -> bool:
     try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
-        return True
+        return False
+
+
+async def until_gone(pid: int) -> None:
+    """(A process's end is seen a moment after what ended it.)"""
+    with contextlib.suppress(psutil.NoSuchProcess), trio.fail_after(TIMEOUT):
+        process = psutil.Process(pid)
+        while running(process):
+            await trio.sleep(0.05)
 
 
 async def test_embedded_a_python_session_that_keeps_its_state() -> None:
@@ -102,8 +111,8 @@ async def test_embedded_a_python_session_that_keeps_its_state() -> None:
             "python",
         )
         pid = await kernel_pid(client)
-    # The client closed our stdin and waited for us to exit: our kernel went with us.
-    assert gone(pid)
+    # The client closed our stdin and waited for us to exit: our kernel goes with us.
+    await until_gone(pid)
 
 
 async def test_on_a_daemon_it_uses_any_session_and_ends_only_its_own(tmp_path: Path) -> None:
@@ -122,7 +131,6 @@ async def test_on_a_daemon_it_uses_any_session_and_ends_only_its_own(tmp_path: P
             # Its own session, started at the first call that needs it.
             assert text(await call(client, "execute_code", code="print(6 * 7)")) == "42\n"
             own = (await call(client, "start_session", kernelspec="python3")).structured_content
-            own_pid = await kernel_pid(client, own["session_id"])
             listed = (await call(client, "list_sessions")).structured_content["sessions"]
             assert {s["session_id"]: s["started_here"] for s in listed} == {
                 "person": False,
@@ -135,6 +143,7 @@ async def test_on_a_daemon_it_uses_any_session_and_ends_only_its_own(tmp_path: P
             lost = await call(client, "execute_code", session_id=own["session_id"], code="x")
             assert lost.is_error
             assert "NameError" in text(lost)
+            own_kernel = psutil.Process(await kernel_pid(client, own["session_id"]))
             missing = await call(client, "interrupt", session_id="nobody")
             assert missing.is_error
             assert "nobody" in text(missing)
@@ -142,11 +151,9 @@ async def test_on_a_daemon_it_uses_any_session_and_ends_only_its_own(tmp_path: P
             # SIGTERM, with stdin still open: the server ends its own sessions and exits.
             [server] = [p for p in psutil.Process().children() if "mcp" in p.cmdline()[2:4]]
             server.send_signal(signal.SIGTERM)
-            with trio.fail_after(TIMEOUT):
-                while server.is_running() and server.status() != psutil.STATUS_ZOMBIE:
-                    await trio.sleep(0.05)
+            await until_gone(server.pid)
         assert [s["session_id"] for s in await person.list_sessions()] == ["person"]
-        assert gone(own_pid)
+        assert not running(own_kernel)
         # The person's kernel, untouched.
         assert (await person.get_session("person"))["status"] == "idle"
 
