@@ -7,7 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+import httpx
 import trio
+
+from kallichore.client import ApiError
 
 INSTALL_HINT = (
     "Error: `kallichore mcp` needs the MCP SDK, version 2 (the `mcp` package), which is not "
@@ -58,7 +61,9 @@ def main(argv: list[str]) -> int:
     )
     try:
         trio.run(serve, args.connection_file)
-    except (OSError, ValueError) as error:
-        print(f"Error: {error}", file=sys.stderr)
+    except (OSError, ValueError, httpx.HTTPError, ApiError) as error:
+        # Mostly before serving: the connection file cannot be read, or its daemon reached.
+        where = f"{args.connection_file}: " if args.connection_file else ""
+        print(f"Error: {where}{error}", file=sys.stderr)
         return 1
     return 0
