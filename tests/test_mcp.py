@@ -169,3 +169,11 @@ def test_without_the_sdk_it_says_how_to_install_it(
     assert main(["mcp"]) == 1
     assert capsys.readouterr().err.strip() == INSTALL_HINT
     assert "pip install 'kallichore[mcp]'" in INSTALL_HINT
+
+
+def test_a_connection_file_it_cannot_use_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.json"
+    assert main(["mcp", "--connection-file", str(missing)]) == 1
+    assert capsys.readouterr().err.startswith(f"Error: {missing}: [Errno 2] No such file")
