@@ -7,6 +7,7 @@ import base64
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -177,3 +178,10 @@ def test_a_connection_file_it_cannot_use_is_an_error(
     missing = tmp_path / "missing.json"
     assert main(["mcp", "--connection-file", str(missing)]) == 1
     assert capsys.readouterr().err.startswith(f"Error: {missing}: [Errno 2] No such file")
+
+
+def test_the_rest_of_kallichore_runs_without_the_sdk() -> None:
+    """The daemon (and `import kallichore`) never import the SDK: it is an optional extra."""
+    check = "import sys, kallichore.cli, kallichore.client; assert 'mcp' not in sys.modules"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=TIMEOUT)
