@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import trio
 
-from kallichore.client import ApiError, KallichoreClient
+from kallichore.client import ApiError, ExecuteOptions, KallichoreClient
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.kernelspec import (
     PYTHON_KERNEL_NAME,
@@ -86,8 +86,9 @@ class DaemonKernels:
         await self._client.start_kernelspec(kernel_name, session_id)
 
     async def execute(self, session_id: str, code: str, timeout: float | None) -> JSON:
+        options: ExecuteOptions = {} if timeout is None else {"timeout_seconds": timeout}
         with naming(session_id):
-            return await self._client.execute(session_id, code, timeout_seconds=timeout)
+            return await self._client.execute(session_id, code, **options)
 
     async def interrupt(self, session_id: str) -> None:
         with naming(session_id):
