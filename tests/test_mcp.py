@@ -111,6 +111,10 @@ async def test_embedded_a_python_session_that_keeps_its_state() -> None:
             True,
             "python",
         )
+        unknown = await call(client, "start_session", kernelspec="cobol")
+        assert unknown.is_error
+        assert "no kernelspec named 'cobol'; there are: " in text(unknown)
+        assert "python3" in text(unknown).split("there are: ")[1].split(", ")
         pid = await kernel_pid(client)
     # The client closed our stdin and waited for us to exit: our kernel goes with us.
     await until_gone(pid)

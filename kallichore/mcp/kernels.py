@@ -21,6 +21,8 @@ from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.kernelspec import (
     PYTHON_KERNEL_NAME,
     KernelSpec,
+    KernelSpecError,
+    find_kernelspecs,
     get_kernelspec,
     python_kernelspec,
 )
@@ -192,7 +194,11 @@ def kernelspec(name: str | None) -> KernelSpec:
     python3 kernelspec is installed, as Jupyter offers it."""
     if name is None or name.lower() == PYTHON_KERNEL_NAME:
         return python_kernelspec()
-    return get_kernelspec(name)
+    try:
+        return get_kernelspec(name)
+    except KernelSpecError as error:
+        there_are = ", ".join(sorted({PYTHON_KERNEL_NAME, *find_kernelspecs()}))
+        raise KernelSpecError(f"{error}; there are: {there_are}") from error
 
 
 @asynccontextmanager
