@@ -59,7 +59,7 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
         epilog=(
             "Without --transport, the API is served on TCP, or on a Unix socket when "
             "--unix-socket, --connection-file or --handshake-socket is given. "
-            f"Commands for a running daemon: {prog} ls | run | kernelspecs | attach "
+            f"Commands for a running daemon: {prog} ls | start | run | kernelspecs | attach "
             f"(see {prog} COMMAND --help)."
         ),
     )

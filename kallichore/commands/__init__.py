@@ -1,7 +1,7 @@
-"""The subcommands of `kallichore` that talk to a running daemon: `ls`, `run`, `kernelspecs`,
-`attach` (`kallichore.commands.main`). `kallichore` without one of them is the daemon itself,
-with kcserver's flags (`kallichore.cli`), so that whatever launches kcserver launches us
-unchanged.
+"""The subcommands of `kallichore` that talk to a running daemon: `ls`, `start`, `run`,
+`kernelspecs`, `attach` (`kallichore.commands.main`). `kallichore` without one of them is the
+daemon itself, with kcserver's flags (`kallichore.cli`), so that whatever launches kcserver
+launches us unchanged.
 
 Each subcommand is a client of the daemon's API (`kallichore.client`); where the daemon is, is
 `daemon_address`'s business. A refusal or an unreachable daemon is one `Error: ...` line on
@@ -9,4 +9,4 @@ stderr and status 1, as the daemon's own usage errors are. This package's top im
 so that the daemon does not pay for the client at start.
 """
 
-NAMES = ("ls", "run", "kernelspecs", "attach")
+NAMES = ("ls", "start", "run", "kernelspecs", "attach")

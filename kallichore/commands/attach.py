@@ -25,7 +25,7 @@ import trio_websocket
 from kallichore.client import Channels, KallichoreClient, execute_request, message
 from kallichore.client.events import JSON
 from kallichore.commands.errors import CommandError
-from kallichore.commands.session_choice import NOT_RUNNING, choose_session
+from kallichore.commands.sessions import NOT_RUNNING, choose_session
 from kallichore.commands.terminal import Terminal
 
 # How long the console waits for the kernel to say whether a statement is complete (a kernel

@@ -15,17 +15,22 @@ from kallichore.commands.attach import attach
 from kallichore.commands.daemon_address import add_address_arguments, open_client
 from kallichore.commands.errors import CommandError
 from kallichore.commands.listing import list_kernelspecs, list_sessions
+from kallichore.commands.run import run
+from kallichore.commands.sessions import start as start_session
 from kallichore.commands.terminal import Terminal
 
 Command = Callable[[KallichoreClient, argparse.Namespace, Terminal], Awaitable[int]]
 COMMANDS: dict[str, Command] = {
     "ls": list_sessions,
+    "start": start_session,
+    "run": run,
     "kernelspecs": list_kernelspecs,
     "attach": attach,
 }
 SUMMARY = (
     "commands for a running daemon (kallichore COMMAND --help):\n"
     "  ls           the daemon's sessions, as a table\n"
+    "  start [NAME] start a session from a kernelspec, print its id\n"
     "  run CODE|-   run code in a session, print its outputs (status 1 on an error)\n"
     "  kernelspecs  the kernels the daemon can start\n"
     "  attach [ID]  a line console on a session, beside its other clients"
@@ -48,7 +53,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "is connected, and when it started.",
     )
     ls.add_argument("--json", action="store_true", help="the API's session objects as JSON")
-    run = commands.add_parser(
+    run_parser = commands.add_parser(
         "run",
         help="run code and print its outputs",
         description="Run CODE in a session through the execution queue it shares with its other "
@@ -59,20 +64,32 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         epilog="Without --session: the only running session, or, when none runs, a new one "
         "from the daemon's default kernelspec (said on stderr; it stays for the next run).",
     )
-    run.add_argument("code", metavar="CODE", help="the code, or - to read it from stdin")
-    run.add_argument("-s", "--session", metavar="ID", help="the session to run it in")
-    run.add_argument(
+    run_parser.add_argument("code", metavar="CODE", help="the code, or - to read it from stdin")
+    run_parser.add_argument("-s", "--session", metavar="ID", help="the session to run it in")
+    run_parser.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
         help="interrupt the code after this long (the kernel is restarted if it does not stop: "
         "its state is then gone); default: no limit",
     )
-    run.add_argument(
+    run_parser.add_argument(
         "--json",
         action="store_true",
         help="print the output items as the API streams them, one JSON object a line, the "
         'last one {"type": "result", ...} (images whole, base64)',
+    )
+    start = commands.add_parser(
+        "start",
+        help="start a session",
+        description="Start a session running a kernelspec and print its id once the kernel "
+        "answers. It runs until the daemon stops or a client shuts it down.",
+    )
+    start.add_argument(
+        "kernelspec", nargs="?", help="its name (default: the daemon's default kernelspec)"
+    )
+    start.add_argument(
+        "-s", "--session", metavar="ID", help="the session's id (default: NAME-<8 hex digits>)"
     )
     kernelspecs = commands.add_parser(
         "kernelspecs",
@@ -93,7 +110,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         epilog="Without ID: the only running session, or a new one from the default kernelspec.",
     )
     attach_parser.add_argument("session", nargs="?", metavar="ID", help="the session")
-    for subparser in (ls, run, kernelspecs, attach_parser):
+    for subparser in (ls, start, run_parser, kernelspecs, attach_parser):
         add_address_arguments(subparser)
     return parser
 
