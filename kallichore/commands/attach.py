@@ -1,12 +1,14 @@
 """`kallichore attach`: a line console on a session that its other clients go on using.
 
-The console is one more client of the kernel's Jupyter channels, which fan out: the session's
-Kallichore channels client (a person's Positron) is never displaced, and what any client runs
-shows here as it runs, under `In [n] (another client):`. A statement goes to the kernel once
-the kernel says it is complete (`is_complete_request`; a blank line ends a block anyway); the
-code's `input()` reads the next line typed; Ctrl-C interrupts the kernel (at the prompt, it
-drops the statement being typed); end of input (Ctrl-D), `exit` or `quit` detaches,
-leaving the session running.
+On TCP the console is one more client of the kernel's Jupyter channels, which fan out: the
+session's Kallichore channels client (a person's Positron) is never displaced, and what any
+client runs shows here as it runs, under `In [n] (another client):`. A statement goes to the
+kernel once the kernel says it is complete (`is_complete_request`; a blank line ends a block
+anyway); the code's `input()` reads the next line typed. Where the Jupyter channels are not
+served (the API on a Unix socket), statements run through `POST /execute` instead.
+
+Ctrl-C interrupts the kernel (at the prompt, it drops the statement being typed); end of input
+(Ctrl-D), `exit` or `quit` detaches, leaving the session running.
 """
 
 from __future__ import annotations
@@ -46,46 +48,45 @@ async def attach(client: KallichoreClient, args: argparse.Namespace, terminal: T
     session_id = session["session_id"]
     if session["status"] in NOT_RUNNING:
         raise CommandError(f"session {session_id} is {session['status']}: no kernel runs there")
-    if client.socket_path is not None:
-        raise CommandError("attach needs the daemon's API on TCP (--url or a connection file)")
     send_line, lines = trio.open_memory_channel[str | None](math.inf)
+    prompts = stdin.isatty()
+    terminal.note(
+        f"attached to {session_id} ({session['display_name']}): Ctrl-C interrupts the "
+        "kernel, Ctrl-D detaches (the session goes on)"
+    )
+    if client.socket_path is not None:
+        console: Console = ExecuteConsole(client, session_id, terminal, lines, prompts)
+        return await console.run(stdin, send_line)
     async with client.jupyter_channels(session["kernel_id"]) as channels:
-        console = Console(client, session_id, channels, terminal, lines, prompts=stdin.isatty())
-        terminal.note(
-            f"attached to {session_id} ({session['display_name']}): Ctrl-C interrupts the "
-            "kernel, Ctrl-D detaches (the session goes on)"
-        )
+        console = ChannelsConsole(client, session_id, terminal, lines, prompts, channels=channels)
         return await console.run(stdin, send_line)
 
 
 class Console:
-    """The console's state: the requests it waits on, and what the user is doing."""
+    """The user's side of a console: statements typed, prompts, Ctrl-C. How a statement runs,
+    and what else the kernel shows, is the subclass's."""
 
     def __init__(
         self,
         client: KallichoreClient,
         session_id: str,
-        channels: Channels,
         terminal: Terminal,
         lines: Lines,
-        *,
         prompts: bool,
     ) -> None:
         self.client = client
         self.session_id = session_id
-        self.channels = channels
         self.terminal = terminal
         self.lines = lines
         self.prompts = prompts
-        # Our requests' msg_ids -> where the messages answering them go.
-        self._waiting: dict[str, trio.MemorySendChannel[tuple[str, JSON]]] = {}
-        self._executing = False
+        self.executing = False
         # Cancelled by Ctrl-C: reading a statement at the prompt, or an answer to `input()`.
-        self._typing: trio.CancelScope | None = None
-        self._asking: trio.CancelScope | None = None
-        self._next_count: int | None = None
+        self.typing: trio.CancelScope | None = None
+        self.asking: trio.CancelScope | None = None
+        self.next_count: int | None = None
 
     async def run(self, stdin: TextIO, send_line: trio.MemorySendChannel[str | None]) -> int:
+        """Until the input ends or `exit` (0), or the daemon ends the connection (1)."""
         status = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_lines, stdin, send_line)
@@ -93,7 +94,7 @@ class Console:
 
             async def follow() -> None:
                 nonlocal status
-                await self._follow_kernel()
+                await self.follow()
                 self.terminal.note("the daemon closed the connection")
                 status = 1
                 nursery.cancel_scope.cancel()
@@ -103,9 +104,98 @@ class Console:
             nursery.cancel_scope.cancel()
         return status
 
-    # -- the kernel's side ------------------------------------------------------------------
+    async def follow(self) -> None:
+        """Show what the kernel sends besides answers; return when the connection ends."""
+        await trio.sleep_forever()
 
-    async def _follow_kernel(self) -> None:
+    async def completeness(self, code: str) -> str:
+        """`complete`, `incomplete` (a block goes on), `invalid` or `unknown`."""
+        raise NotImplementedError
+
+    async def execute(self, code: str) -> str:
+        """Run `code`, its outputs shown as they come; `exit` if the kernel asks to detach."""
+        raise NotImplementedError
+
+    def counted(self, count: object) -> None:
+        """An execution got this number: the next prompt's is one more."""
+        if isinstance(count, int):
+            self.next_count = count + 1
+
+    async def _interrupt_on_ctrl_c(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                if self.executing:
+                    if self.asking is not None:
+                        self.asking.cancel()
+                    await self.client.interrupt(self.session_id)
+                elif self.typing is not None:
+                    self.typing.cancel()
+
+    async def _converse(self) -> None:
+        """Statements, read and run one after the other, until the input ends or `exit`."""
+        while True:
+            code: str | None = ""
+            with trio.CancelScope() as self.typing:
+                code = await self._statement()
+            if self.typing.cancelled_caught and self.prompts:
+                self.terminal.out.write("\n")  # Ctrl-C at a prompt: a fresh one
+            self.typing = None
+            if code is None or code.strip() in DETACH:
+                return
+            if code.strip():
+                self.executing = True
+                try:
+                    if await self.execute(code) == "exit":
+                        return
+                finally:
+                    self.executing = False
+
+    async def _statement(self) -> str | None:
+        """The next complete statement typed (None at the end of the input)."""
+        typed: list[str] = []
+        while True:
+            line = await self._line(self._prompt(continuing=bool(typed)))
+            if line is None:
+                return None
+            typed.append(line)
+            code = "\n".join(typed)
+            if not code.strip() or (len(typed) > 1 and not line.strip()):
+                return code
+            if await self.completeness(code) != "incomplete":
+                return code
+
+    def _prompt(self, *, continuing: bool) -> str:
+        count = "" if self.next_count is None else str(self.next_count)
+        prompt = f"In [{count}]: "
+        return " " * (len(prompt) - 5) + "...: " if continuing else prompt
+
+    async def _line(self, prompt: str) -> str | None:
+        if self.prompts:
+            self.terminal.out.write(prompt)
+            self.terminal.out.flush()
+        line = await self.lines.receive()
+        return None if line is None else line.rstrip("\n")
+
+
+class ChannelsConsole(Console):
+    """A console on the kernel's Jupyter channels (the daemon's API on TCP)."""
+
+    def __init__(
+        self,
+        client: KallichoreClient,
+        session_id: str,
+        terminal: Terminal,
+        lines: Lines,
+        prompts: bool,
+        *,
+        channels: Channels,
+    ) -> None:
+        super().__init__(client, session_id, terminal, lines, prompts)
+        self.channels = channels
+        # Our requests' msg_ids -> where the messages answering them go.
+        self._waiting: dict[str, trio.MemorySendChannel[tuple[str, JSON]]] = {}
+
+    async def follow(self) -> None:
         """Show what the kernel sends, and pass our requests' answers on, until the end."""
         while True:
             try:
@@ -133,69 +223,16 @@ class Console:
                 for each in self._waiting.values():
                     each.send_nowait(("lost", frame))
         elif msg_type == "execute_input":
-            count = content.get("execution_count")
-            if isinstance(count, int):
-                self._next_count = count + 1
+            self.counted(content.get("execution_count"))
             if waiting is None:
-                self.terminal.note(f"In [{count}] (another client): {content.get('code', '')}")
+                code = content.get("code", "")
+                self.terminal.note(
+                    f"In [{content.get('execution_count')}] (another client): {code}"
+                )
         elif msg_type in OUTPUTS:
             self.terminal.show(output_item(msg_type, content), numbered=True)
 
-    async def _interrupt_on_ctrl_c(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT) as signals:
-            async for _ in signals:
-                if self._executing:
-                    if self._asking is not None:
-                        self._asking.cancel()
-                    await self.client.interrupt(self.session_id)
-                elif self._typing is not None:
-                    self._typing.cancel()
-
-    # -- the user's side --------------------------------------------------------------------
-
-    async def _converse(self) -> None:
-        """Statements, read and run one after the other, until the input ends or `exit`."""
-        while True:
-            code: str | None = ""
-            with trio.CancelScope() as self._typing:
-                code = await self._statement()
-            if self._typing.cancelled_caught and self.prompts:
-                self.terminal.out.write("\n")  # Ctrl-C at a prompt: a fresh one
-            self._typing = None
-            if code is None:
-                return
-            if code.strip() in DETACH:
-                return
-            if code.strip() and await self._execute(code) == "exit":
-                return
-
-    async def _statement(self) -> str | None:
-        """The next complete statement typed (None at the end of the input)."""
-        typed: list[str] = []
-        while True:
-            line = await self._line(self._prompt(continuing=bool(typed)))
-            if line is None:
-                return None
-            typed.append(line)
-            code = "\n".join(typed)
-            if not code.strip() or (len(typed) > 1 and not line.strip()):
-                return code
-            if await self._completeness(code) != "incomplete":
-                return code
-
-    def _prompt(self, *, continuing: bool) -> str:
-        count = "" if self._next_count is None else str(self._next_count)
-        prompt = f"In [{count}]: "
-        return " " * (len(prompt) - 5) + "...: " if continuing else prompt
-
-    async def _line(self, prompt: str) -> str | None:
-        if self.prompts:
-            self.terminal.out.write(prompt)
-            self.terminal.out.flush()
-        line = await self.lines.receive()
-        return None if line is None else line.rstrip("\n")
-
-    async def _completeness(self, code: str) -> str:
+    async def completeness(self, code: str) -> str:
         """The kernel's `is_complete` status for `code` (`unknown` if it does not say soon)."""
         request = message("is_complete_request", {"code": code})
         with trio.move_on_after(IS_COMPLETE_SECONDS):
@@ -205,31 +242,23 @@ class Console:
                         return str(frame["content"].get("status"))
         return "unknown"
 
-    async def _execute(self, code: str) -> str:
-        """Run `code`, its outputs shown as they come; `exit` if the kernel asks to detach."""
-        request = execute_request(code, allow_stdin=True)
+    async def execute(self, code: str) -> str:
         reply: JSON | None = None
         idle = False
-        self._executing = True
-        try:
-            async with self._answers(request) as answers:
-                async for msg_type, frame in answers:
-                    if msg_type == "execute_reply":
-                        reply = frame["content"]
-                    elif msg_type == "idle":
-                        idle = True
-                    elif msg_type == "input_request":
-                        await self._answer_input(frame)
-                    elif msg_type == "lost":
-                        return "lost"
-                    if reply is not None and idle:
-                        break
-        finally:
-            self._executing = False
+        async with self._answers(execute_request(code, allow_stdin=True)) as answers:
+            async for msg_type, frame in answers:
+                if msg_type == "execute_reply":
+                    reply = frame["content"]
+                elif msg_type == "idle":
+                    idle = True
+                elif msg_type == "input_request":
+                    await self._answer_input(frame)
+                elif msg_type == "lost":
+                    return "lost"
+                if reply is not None and idle:
+                    break
         assert reply is not None
-        count = reply.get("execution_count")
-        if isinstance(count, int):
-            self._next_count = count + 1
+        self.counted(reply.get("execution_count"))
         payloads = reply.get("payload") or []
         return "exit" if any(p.get("source") == "ask_exit" for p in payloads) else "done"
 
@@ -237,7 +266,7 @@ class Console:
         """The code called `input()`: the next line typed is its answer."""
         self.terminal.out.write(request["content"].get("prompt", ""))
         self.terminal.out.flush()
-        with trio.CancelScope() as self._asking:
+        with trio.CancelScope() as self.asking:
             line = await self.lines.receive()
             reply = message(
                 "input_reply",
@@ -246,7 +275,7 @@ class Console:
                 parent_header=request["header"],
             )
             await self.channels.send(reply)
-        self._asking = None
+        self.asking = None
 
     @asynccontextmanager
     async def _answers(self, request: JSON) -> AsyncIterator[Answers]:
@@ -260,6 +289,26 @@ class Console:
             yield receive
         finally:
             del self._waiting[msg_id]
+
+
+class ExecuteConsole(Console):
+    """A console where the Jupyter channels are not served (the daemon's API on a Unix socket):
+    each statement runs through the streamed `POST /execute`, and only the console's own
+    executions show. With no kernel to ask, a line ending in `:` or `\\` opens a block that a
+    blank line ends."""
+
+    async def completeness(self, code: str) -> str:
+        opens = any(line.rstrip().endswith((":", "\\")) for line in code.splitlines())
+        return "incomplete" if opens else "complete"
+
+    async def execute(self, code: str) -> str:
+        async with self.client.execute_stream(self.session_id, code) as items:
+            async for item in items:
+                if item.get("type") == "result":
+                    self.counted(item.get("execution_count"))
+                else:
+                    self.terminal.show(item, numbered=True)
+        return "done"
 
 
 def output_item(msg_type: str, content: JSON) -> JSON:
