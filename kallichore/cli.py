@@ -21,7 +21,6 @@ import trio
 from kallichore import __version__
 from kallichore.api import models
 from kallichore.api.jupyter import JupyterSettings
-from kallichore.commands import NAMES as COMMAND_NAMES
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
 from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
 from kallichore.state_dir import StateDirError, saved_token
@@ -286,14 +285,7 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A subcommand for a running daemon if the first argument names one, else the daemon."""
-    argv = sys.argv[1:] if argv is None else argv
-    prog = program_name(sys.argv[0])
-    if argv and argv[0] in COMMAND_NAMES:
-        from kallichore.commands.main import run_command  # noqa: PLC0415 (the daemon needs none)
-
-        return run_command(argv, prog)
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(program_name(sys.argv[0])).parse_args(argv)
     try:
         options = options_from(args)
         return trio.run(run_daemon, options)

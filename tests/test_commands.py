@@ -3,6 +3,7 @@ run as a user runs it, a subprocess, against one real daemon on TCP with a real 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -19,6 +20,10 @@ import trio
 
 from kallichore.client import KallichoreClient
 from tests.conftest import IPYKERNEL_ARGV, TIMEOUT, TOKEN, daemon_command
+from tests.conftest import daemon as socket_daemon
+from tests.test_public_surface import imports_of
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\xffnot really"
 
 
 @attrs.frozen
@@ -97,16 +102,18 @@ def test_help_says_what_each_command_does() -> None:
         assert flag in attach_help.stdout
 
 
+def test_the_command_line_knows_only_the_client() -> None:
+    for name, imported in imports_of("kallichore.commands").items():
+        ours = {m for m in imported if m.startswith("kallichore")}
+        assert all(m.startswith(("kallichore.client", "kallichore.commands")) for m in ours), name
+
+
 def test_kernelspecs(daemon: Daemon) -> None:
-    listed = kallichore("kernelspecs", "--connection-file", str(daemon.connection_file))
+    listed = kallichore("kernelspecs", "--url", daemon.url, env={"KALLICHORE_TOKEN": TOKEN})
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
     assert header.split() == ["NAME", "LANGUAGE", "DISPLAY", "NAME"]
     assert any(row.split()[:3] == ["python3", "*", "python"] for row in rows)
-    as_json = kallichore(
-        "kernelspecs", "--json", "--url", daemon.url, env={"KALLICHORE_TOKEN": TOKEN}
-    )
-    assert json.loads(as_json.stdout)["default"] == "python3"
 
 
 def test_ls_and_where_the_daemon_is(daemon: Daemon) -> None:
@@ -123,9 +130,37 @@ def test_ls_and_where_the_daemon_is(daemon: Daemon) -> None:
     refused = kallichore("kernelspecs", "--url", daemon.url, "--token", "wrong")
     assert refused.returncode == 1
     assert refused.stderr.startswith("Error: the daemon refused: HTTP 401")
-    missing = kallichore("ls", "--connection-file", "/nonexistent/kallichore.json")
-    assert missing.returncode == 1
-    assert "cannot read the connection file" in missing.stderr
+
+
+def test_start_then_run(daemon: Daemon) -> None:
+    address = ("--connection-file", str(daemon.connection_file))
+    started = kallichore("start", "--session", "scratch", *address)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout == "scratch\n"
+    assert "started session scratch (kernelspec python3)" in started.stderr
+    ambiguous = kallichore("run", "1", *address)
+    assert ambiguous.returncode == 1
+    assert "2 sessions are running" in ambiguous.stderr
+    code = "import sys; print('out'); print('err', file=sys.stderr); x = 6; x * 7"
+    printed = kallichore("run", "--session", "scratch", code, *address)
+    assert (printed.returncode, printed.stdout, printed.stderr) == (0, "out\n42\n", "err\n")
+    failed = kallichore("run", "-s", "scratch", "-", *address, stdin="print(x)\n1 / 0\n")
+    assert failed.returncode == 1
+    assert failed.stdout == "6\n"
+    assert "ZeroDivisionError: division by zero" in failed.stderr
+    assert "\x1b[" not in failed.stderr  # no colours but on a terminal
+    show = f"from IPython.display import Image, display; display(Image(data={PNG!r}, format='png'))"
+    as_json = kallichore("run", "--json", "-s", "scratch", show, *address)
+    assert as_json.returncode == 0, as_json.stderr
+    *outputs, result = [json.loads(line) for line in as_json.stdout.splitlines()]
+    [display] = outputs
+    assert base64.b64decode(display["data"]["image/png"]) == PNG
+    assert (result["type"], result["status"]) == ("result", "ok")
+    timed_out = kallichore(
+        "run", "-s", "scratch", "--timeout", "1", "import time; time.sleep(30)", *address
+    )
+    assert timed_out.returncode == 1
+    assert "timed out after 1 s: the kernel was interrupted" in timed_out.stderr
 
 
 class Console:
@@ -151,12 +186,13 @@ class Console:
 
 
 @asynccontextmanager
-async def attached(daemon: Daemon, *args: str) -> AsyncIterator[Console]:
+async def attached(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Console]:
     process = await trio.lowlevel.open_process(
-        daemon_command("attach", "--connection-file", str(daemon.connection_file), *args),
+        daemon_command("attach", *args),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=None if env is None else os.environ | env,
     )
     console = Console(process)
     async with trio.open_nursery() as nursery:
@@ -179,7 +215,7 @@ async def test_attach_beside_the_sessions_own_client(daemon: Daemon) -> None:
     async with (
         KallichoreClient.from_connection_file(daemon.connection_file) as client,
         client.channels("shared") as positron,
-        attached(daemon, "shared") as console,
+        attached("shared", "--connection-file", str(daemon.connection_file)) as console,
     ):
         await console.until("Ctrl-D detaches", "stderr")
         await console.type("for i in range(2):\n    print('line', i)\n\n")
@@ -204,3 +240,22 @@ async def test_attach_beside_the_sessions_own_client(daemon: Daemon) -> None:
             assert await console.process.wait() == 0
         # Positron was never displaced: its connection still works.
         assert (await positron.execute("print('still here')")).stdout == "still here\n"
+
+
+async def test_attach_where_the_jupyter_channels_are_not_served(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    """The API on a Unix socket (found through the variables): no Jupyter channels, so the
+    console runs each statement through the streamed /execute, on the session it starts."""
+    api = short_dir / "api.sock"
+    async with socket_daemon(tmp_path, "--unix-socket", str(api)) as running:
+        env = {"KALLICHORE_UNIX_SOCKET": str(api), "KALLICHORE_TOKEN": str(running.token)}
+        async with attached(env=env) as console:
+            await console.until("Ctrl-D detaches", "stderr")
+            assert "started session python3-" in console.stderr
+            await console.type("for i in range(2):\n    print('line', i)\n\nx = 6\nx * 7\n")
+            await console.until("line 0\nline 1\n42\n")
+            assert console.process.stdin is not None
+            await console.process.stdin.aclose()
+            with trio.fail_after(TIMEOUT):
+                assert await console.process.wait() == 0

@@ -1,0 +1,22 @@
+"""The `kallichore` and `kcserver` commands: a subcommand for a running daemon when the first
+argument names one (`kallichore.commands`), else the daemon with kcserver's flags
+(`kallichore.cli`), exactly as before there were subcommands.
+
+Each side imports only what it needs: a subcommand starts without the server's modules, the
+daemon without the client's.
+"""
+
+import sys
+
+from kallichore.commands import NAMES
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv and argv[0] in NAMES:
+        from kallichore.commands.main import run_command  # noqa: PLC0415
+
+        return run_command(argv)
+    from kallichore.cli import main as run_daemon  # noqa: PLC0415
+
+    return run_daemon(argv)
