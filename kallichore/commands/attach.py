@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TextIO
 
+import attrs
 import trio
 import trio_websocket
 
@@ -62,28 +63,21 @@ async def attach(client: KallichoreClient, args: argparse.Namespace, terminal: T
         return await console.run(stdin, send_line)
 
 
+@attrs.define
 class Console:
     """The user's side of a console: statements typed, prompts, Ctrl-C. How a statement runs,
     and what else the kernel shows, is the subclass's."""
 
-    def __init__(
-        self,
-        client: KallichoreClient,
-        session_id: str,
-        terminal: Terminal,
-        lines: Lines,
-        prompts: bool,
-    ) -> None:
-        self.client = client
-        self.session_id = session_id
-        self.terminal = terminal
-        self.lines = lines
-        self.prompts = prompts
-        self.executing = False
-        # Cancelled by Ctrl-C: reading a statement at the prompt, or an answer to `input()`.
-        self.typing: trio.CancelScope | None = None
-        self.asking: trio.CancelScope | None = None
-        self.next_count: int | None = None
+    client: KallichoreClient
+    session_id: str
+    terminal: Terminal
+    lines: Lines
+    prompts: bool
+    executing: bool = attrs.field(init=False, default=False)
+    # Cancelled by Ctrl-C: reading a statement at the prompt, or an answer to `input()`.
+    typing: trio.CancelScope | None = attrs.field(init=False, default=None)
+    asking: trio.CancelScope | None = attrs.field(init=False, default=None)
+    next_count: int | None = attrs.field(init=False, default=None)
 
     async def run(self, stdin: TextIO, send_line: trio.MemorySendChannel[str | None]) -> int:
         """Until the input ends or `exit` (0), or the daemon ends the connection (1)."""
@@ -177,23 +171,15 @@ class Console:
         return None if line is None else line.rstrip("\n")
 
 
+@attrs.define
 class ChannelsConsole(Console):
     """A console on the kernel's Jupyter channels (the daemon's API on TCP)."""
 
-    def __init__(
-        self,
-        client: KallichoreClient,
-        session_id: str,
-        terminal: Terminal,
-        lines: Lines,
-        prompts: bool,
-        *,
-        channels: Channels,
-    ) -> None:
-        super().__init__(client, session_id, terminal, lines, prompts)
-        self.channels = channels
-        # Our requests' msg_ids -> where the messages answering them go.
-        self._waiting: dict[str, trio.MemorySendChannel[tuple[str, JSON]]] = {}
+    channels: Channels = attrs.field(kw_only=True)
+    # Our requests' msg_ids -> where the messages answering them go.
+    _waiting: dict[str, trio.MemorySendChannel[tuple[str, JSON]]] = attrs.field(
+        init=False, factory=dict
+    )
 
     async def follow(self) -> None:
         """Show what the kernel sends, and pass our requests' answers on, until the end."""

@@ -20,9 +20,6 @@ async def list_sessions(
 ) -> int:
     """The daemon's sessions, one a row (`--json`: as the API gives them)."""
     sessions = await client.list_sessions()
-    if args.json:
-        terminal.out.write(json.dumps(sessions, indent=2) + "\n")
-        return 0
     rows = [
         (
             s["session_id"],
@@ -35,11 +32,10 @@ async def list_sessions(
         )
         for s in sessions
     ]
-    if rows:
-        terminal.out.write(table(SESSION_COLUMNS, rows))
-    else:
-        terminal.note("no sessions (start one: kallichore run CODE, or any client of the daemon)")
-    return 0
+    if not (rows or args.json):
+        terminal.note("no sessions (start one: kallichore start, or any client of the daemon)")
+        return 0
+    return _show(terminal, sessions if args.json else None, SESSION_COLUMNS, rows)
 
 
 async def list_kernelspecs(
@@ -47,9 +43,6 @@ async def list_kernelspecs(
 ) -> int:
     """The kernelspecs the daemon can start, its default marked with `*`."""
     specs = await client.kernelspecs()
-    if args.json:
-        terminal.out.write(json.dumps(specs, indent=2) + "\n")
-        return 0
     default = specs.get("default")
     rows = [
         (
@@ -59,7 +52,17 @@ async def list_kernelspecs(
         )
         for name, entry in sorted(specs["kernelspecs"].items())
     ]
-    terminal.out.write(table(KERNELSPEC_COLUMNS, rows))
+    return _show(terminal, specs if args.json else None, KERNELSPEC_COLUMNS, rows)
+
+
+def _show(
+    terminal: Terminal, answer: object, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> int:
+    """The API's `answer` as JSON if there is one, else the table."""
+    if answer is not None:
+        terminal.out.write(json.dumps(answer, indent=2) + "\n")
+    else:
+        terminal.out.write(table(columns, rows))
     return 0
 
 
