@@ -131,8 +131,8 @@ class Console:
             code: str | None = ""
             with trio.CancelScope() as self.typing:
                 code = await self._statement()
-            if self.typing.cancelled_caught and self.prompts:
-                self.terminal.out.write("\n")  # Ctrl-C at a prompt: a fresh one
+            if (self.typing.cancelled_caught or code is None) and self.prompts:
+                self.terminal.out.write("\n")  # Ctrl-C at a prompt (a fresh one), or Ctrl-D
             self.typing = None
             if code is None or code.strip() in DETACH:
                 return
@@ -159,7 +159,7 @@ class Console:
                 return code
 
     def _prompt(self, *, continuing: bool) -> str:
-        count = "" if self.next_count is None else str(self.next_count)
+        count = " " if self.next_count is None else str(self.next_count)
         prompt = f"In [{count}]: "
         return " " * (len(prompt) - 5) + "...: " if continuing else prompt
 
