@@ -60,7 +60,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "clients (whoever watches the session sees it run), printing outputs as they come: "
         "stdout to stdout, stderr and tracebacks to stderr, a result or display as its plain "
         "text. The exit status is 0 if the code ran without error, 1 otherwise (an error, a "
-        "timeout, an execution aborted). The kernel's state stays for the next run.",
+        "timeout, an execution aborted). The kernel's state stays for the next run. Ctrl-C "
+        "interrupts the kernel.",
         epilog="Without --session: the only running session, or, when none runs, a new one "
         "from the daemon's default kernelspec (said on stderr; it stays for the next run).",
     )
@@ -106,7 +107,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "Positron keeps its console). A statement runs once the kernel says it is complete "
         "(a blank line ends a block); the code's input() reads the next line. Ctrl-C "
         "interrupts the kernel, whatever it runs; Ctrl-D (end of input), exit or quit "
-        "detach and leave the session running. Needs the daemon's API on TCP.",
+        "detach and leave the session running. Where the daemon serves no Jupyter channels (its "
+        "API on a Unix socket), statements run through POST /execute, and only the console's "
+        "own show.",
         epilog="Without ID: the only running session, or a new one from the default kernelspec.",
     )
     attach_parser.add_argument("session", nargs="?", metavar="ID", help="the session")
