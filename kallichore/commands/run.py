@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from kallichore.client import KallichoreClient
+from kallichore.client import ExecuteOptions, KallichoreClient
 from kallichore.commands.sessions import choose_session
 from kallichore.commands.terminal import Terminal
 
@@ -28,8 +28,8 @@ async def run(client: KallichoreClient, args: argparse.Namespace, terminal: Term
     error_shown = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_interrupt_on_ctrl_c, client, session_id)
-        stream = client.execute_stream(session_id, code, timeout_seconds=args.timeout)
-        async with stream as items:
+        options: ExecuteOptions = {} if args.timeout is None else {"timeout_seconds": args.timeout}
+        async with client.execute_stream(session_id, code, **options) as items:
             async for item in items:
                 if args.json:
                     terminal.out.write(json.dumps(item) + "\n")
