@@ -1,14 +1,17 @@
-"""The TCP front door: channels WebSockets are served here, every other request by hypercorn.
+"""The TCP front door: every request is read here, once, with h11.
 
 The channels WebSocket is the hot path of every kernel's output. Behind hypercorn each frame
 costs two trips through the scheduler, permessage-deflate is negotiated whenever a client
 offers it, and the app cannot see pongs, so a hung client is never noticed. The front door
 therefore reads each request head with h11: a WebSocket upgrade of `/sessions/<id>/channels`
 is answered here (`kallichore.channels.websocket`, the same shell as the per-session Unix
-sockets); any other request is relayed, with its body, to hypercorn on a private Unix socket,
-and its response relayed back, after which the connection goes on to its next request. The
-decision is per request, so a client that keeps its connection alive may upgrade it after any
-number of plain requests. The API keeps one port, as Kallichore's clients expect.
+sockets); any other request is handed, in the same task, to the ASGI app
+(`kallichore.server.asgi_bridge`), after which the connection goes on to its next request.
+The decision is per request, so a client that keeps its connection alive may upgrade it after
+any number of plain requests. The API keeps one port, as Kallichore's clients expect.
+
+An earlier shape relayed plain requests to hypercorn on a private Unix socket: two parses,
+two more sockets and hypercorn's own tasks per request made a `GET /status` cost ~3 ms of CPU.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from pathlib import Path
-from types import TracebackType
 from urllib.parse import parse_qs, unquote
 
 import h11
 import trio
+from hypercorn.typing import ASGIFramework
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
@@ -38,7 +40,8 @@ from kallichore.channels.websocket import (
     serve_channels,
 )
 from kallichore.errors import ErrorCode, KallichoreError
-from kallichore.server.h11_stream import RECEIVE_BYTES, next_event, respond, server_connection
+from kallichore.server.asgi_bridge import serve_request
+from kallichore.server.h11_stream import next_event, respond, server_connection
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -48,9 +51,6 @@ HEAD_TIMEOUT_SECONDS = 10.0
 # How long a Jupyter channels upgrade waits for a starting kernel (jupyter_server's
 # `kernel_info_timeout`).
 KERNEL_READY_TIMEOUT_SECONDS = 60.0
-# hypercorn closes a connection left idle for its keep_alive_timeout (5 s): a connection to it
-# idle for longer than this is replaced rather than reused, so no request races that close.
-BACKEND_REUSE_SECONDS = 2.0
 
 
 class FrontDoor:
@@ -61,7 +61,7 @@ class FrontDoor:
         supervisor: Supervisor,
         state: ServerState,
         broker: ChannelBroker,
-        backend: Path,
+        app: ASGIFramework,
         *,
         hubs: JupyterHubs | None = None,
         ping_interval: float = PING_INTERVAL_SECONDS,
@@ -70,15 +70,15 @@ class FrontDoor:
         self._state = state
         self._broker = broker
         self._hubs = hubs or JupyterHubs()
-        self._backend = backend
+        self._app = app
         self._ping_interval = ping_interval
-        # Requests being relayed: a shutdown lets them finish (its own answer among them).
-        self._relaying = 0
+        # Requests being answered: a shutdown lets them finish (its own answer among them).
+        self._answering = 0
         self._settled = trio.Event()
         self._settled.set()
 
     async def settled(self) -> None:
-        """Return once no request is being relayed."""
+        """Return once no request is being answered."""
         await self._settled.wait()
 
     async def serve(
@@ -92,8 +92,7 @@ class FrontDoor:
     async def _handle(self, stream: trio.SocketStream) -> None:
         client = server_connection()
         try:
-            async with _Backend(self._backend) as backend:
-                await self._serve_requests(stream, client, backend)
+            await self._serve_requests(stream, client)
         except* h11.RemoteProtocolError as errors:
             # Not HTTP/1.1: tell the client, if no response has begun, and hang up.
             error = errors.exceptions[0]
@@ -111,10 +110,8 @@ class FrontDoor:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_requests(
-        self, stream: trio.SocketStream, client: h11.Connection, backend: _Backend
-    ) -> None:
-        """Request after request, until the client or hypercorn ends the connection."""
+    async def _serve_requests(self, stream: trio.SocketStream, client: h11.Connection) -> None:
+        """Request after request, until the client or a response ends the connection."""
         while True:
             event: h11.Event | type[h11.PAUSED] | None = None
             with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
@@ -129,14 +126,14 @@ class FrontDoor:
             if kernel_id is not None:
                 await self._serve_jupyter_channels(stream, client, event, kernel_id)
                 return
-            if not self._relaying:
+            if not self._answering:
                 self._settled = trio.Event()
-            self._relaying += 1
+            self._answering += 1
             try:
-                await backend.relay(event, stream, client)
+                await serve_request(self._app, event, stream, client)
             finally:
-                self._relaying -= 1
-                if not self._relaying:
+                self._answering -= 1
+                if not self._answering:
                     self._settled.set()
             if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
                 return  # `Connection: close`, or a request body left unread
@@ -286,114 +283,3 @@ def _jupyter_channels_kernel(request: h11.Request) -> str | None:
     if parts[4] != b"channels":
         return None
     return unquote(parts[3].decode("ascii")) if parts[3] else None
-
-
-class _Backend:
-    """The connection to hypercorn that one client's requests are relayed on.
-
-    Opened on the first relayed request and reused while both sides of h11 agree that it can
-    be (and while it is fresh); otherwise closed and replaced for the next request.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._stream: trio.SocketStream | None = None
-        self._connection = h11.Connection(h11.CLIENT)
-        self._idle_since = 0.0
-
-    async def __aenter__(self) -> _Backend:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        if self._stream is not None:
-            await trio.aclose_forcefully(self._stream)
-            self._stream = None
-
-    async def _connect(self) -> trio.SocketStream:
-        if self._stream is not None and (
-            trio.current_time() - self._idle_since > BACKEND_REUSE_SECONDS
-        ):
-            await self._close()
-        if self._stream is None:
-            self._stream = await trio.open_unix_socket(str(self._path))
-            self._connection = h11.Connection(h11.CLIENT)
-        return self._stream
-
-    async def relay(
-        self, request: h11.Request, client_stream: trio.SocketStream, client: h11.Connection
-    ) -> None:
-        """Send `request` and its body to hypercorn, and its response back to the client."""
-        stream = await self._connect()
-        backend = self._connection
-        head = h11.Request(
-            method=request.method, target=request.target, headers=request.headers.raw_items()
-        )
-        await stream.send_all(backend.send(head) or b"")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_relay_body, client_stream, client, stream, backend)
-            await _relay_response(stream, backend, client_stream, client)
-        if backend.our_state is h11.DONE and backend.their_state is h11.DONE:
-            backend.start_next_cycle()
-            self._idle_since = trio.current_time()
-        else:
-            await self._close()
-
-
-async def _relay_body(
-    client_stream: trio.SocketStream,
-    client: h11.Connection,
-    stream: trio.SocketStream,
-    backend: h11.Connection,
-) -> None:
-    """The client's request body to hypercorn. Should hypercorn hang up first (it answered
-    without reading it all), the rest is read and dropped, so the connection can go on."""
-    forwarding = True
-    while True:
-        event = await next_event(client_stream, client)
-        if not isinstance(event, h11.Data | h11.EndOfMessage):
-            return  # the client hung up: the connection ends after the response
-        if forwarding:
-            try:
-                await stream.send_all(backend.send(event) or b"")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                forwarding = False
-        if isinstance(event, h11.EndOfMessage):
-            return
-
-
-async def _relay_response(
-    stream: trio.SocketStream,
-    backend: h11.Connection,
-    client_stream: trio.SocketStream,
-    client: h11.Connection,
-) -> None:
-    """hypercorn's response to the client, written as it arrives, in as few writes as it
-    arrives in."""
-    pending = b""
-    while True:
-        try:
-            event = backend.next_event()
-        except h11.RemoteProtocolError as error:
-            raise trio.BrokenResourceError(f"hypercorn's response: {error}") from error
-        if event is h11.NEED_DATA:
-            if pending:
-                await client_stream.send_all(pending)
-                pending = b""
-            backend.receive_data(await stream.receive_some(RECEIVE_BYTES))
-            continue
-        if not isinstance(
-            event, h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
-        ):
-            raise trio.BrokenResourceError("hypercorn closed the connection mid-response")
-        pending += client.send(event) or b""
-        if isinstance(event, h11.EndOfMessage):
-            await client_stream.send_all(pending)
-            return

@@ -1,18 +1,17 @@
-"""Serve the Kallichore API: hypercorn for the HTTP routes, our WebSocket shell for the channels.
+"""Serve the Kallichore API: the HTTP routes (a Quart-Trio app) and the channels.
 
-On TCP, a `FrontDoor` owns the port and hands everything but channel WebSockets to hypercorn on
-a private Unix socket. On the Unix-socket transport, hypercorn serves the API socket itself and
-the channels have per-session sockets of their own.
+On TCP, a `FrontDoor` owns the port: it reads every request itself and serves channel
+WebSockets with our WebSocket shell and everything else with the app, in the same task. On the
+Unix-socket transport, hypercorn serves the API socket and the channels have per-session
+sockets of their own.
 
-Shutdown order matters: channel clients are told first (a 1001 close), then hypercorn stops
-accepting and drains.
+Shutdown order matters: channel clients are told first (a 1001 close), then the requests being
+answered finish, then the listener stops.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,8 @@ CLIENTS_CLOSE_SECONDS = 2.0
 class HypercornLog(hypercorn.logging.Logger):
     """hypercorn's own news, demoted: its info lines are debug detail to our users.
 
-    Its startup banner names the private Unix socket the front door relays to, an address no
-    client can use, which on a TCP daemon only misleads. Its warnings and errors keep their level.
+    Its startup banner repeats the socket we announce ourselves. Its warnings and errors keep
+    their level.
     """
 
     async def info(self, message: str, *args: Any, **kwargs: Any) -> None:
@@ -90,39 +89,26 @@ async def serve_api(
     lifetime = lifetime or ServerLifetime()
     broker = broker or ChannelBroker()
     hubs = JupyterHubs()
-    config = Config()
-    config.accesslog = None
-    # Our handlers, not a second stderr handler of hypercorn's own.
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.logger_class = HypercornLog
-    config.graceful_timeout = 2.0
-    private_dir = None
-    if unix_socket is None:
-        private_dir = Path(tempfile.mkdtemp(prefix="kallichore-api-"))
-        supervisor.footprint.add_path(private_dir)
-        backend = private_dir / "api.sock"
-    else:
-        backend = unix_socket
-    config.bind = [f"unix:{backend}"]
+    app = create_app(supervisor, state, lifetime, sockets, connections=hubs)
     stop_http = trio.Event()
     front_scope = trio.CancelScope()
     running: RunningServer | None = None
     front: FrontDoor | None = None
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    hypercorn.trio.serve,
-                    create_app(supervisor, state, lifetime, sockets, connections=hubs),
-                    config,
-                    shutdown_trigger=stop_http.wait,
-                )
-            )
             if unix_socket is None:
-                front = FrontDoor(supervisor, state, broker, backend, hubs=hubs)
+                front = FrontDoor(supervisor, state, broker, app, hubs=hubs)
                 bound: int = await nursery.start(_serve_front, front, port, front_scope)
                 url = f"http://{HOST}:{bound}"
             else:
+                await nursery.start(
+                    partial(
+                        hypercorn.trio.serve,
+                        app,
+                        hypercorn_config(unix_socket),
+                        shutdown_trigger=stop_http.wait,
+                    )
+                )
                 url = f"unix:{unix_socket}"
             running = RunningServer(url, state, broker, lifetime, hubs)
             task_status.started(running)
@@ -136,18 +122,27 @@ async def serve_api(
                 with trio.move_on_after(CLIENTS_CLOSE_SECONDS):
                     await broker.wait_detached()
                     await hubs.wait_detached()
-                    # Answers being relayed go out first: `POST /shutdown`'s own, when no
-                    # kernel kept the shutdown busy long enough for it to leave by itself.
+                    # Answers being made go out first: `POST /shutdown`'s own, when no kernel
+                    # kept the shutdown busy long enough for it to leave by itself.
                     if front is not None:
                         await front.settled()
                 stop_http.set()
                 front_scope.cancel()
     finally:
-        if private_dir is not None:
-            shutil.rmtree(private_dir, ignore_errors=True)
-            supervisor.footprint.discard_path(private_dir)
         if running is not None:
             running.finished.set()
+
+
+def hypercorn_config(unix_socket: Path) -> Config:
+    """hypercorn serving the API on `unix_socket`, logging through our handlers."""
+    config = Config()
+    config.accesslog = None
+    # Our handlers, not a second stderr handler of hypercorn's own.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.logger_class = HypercornLog
+    config.graceful_timeout = 2.0
+    config.bind = [f"unix:{unix_socket}"]
+    return config
 
 
 async def _serve_front(
