@@ -32,9 +32,14 @@ from kallichore.server.h11_stream import RECEIVE_BYTES, next_event
 class _Exchange:
     """The ASGI `receive` and `send` of one request on an h11 connection."""
 
-    def __init__(self, stream: trio.SocketStream, connection: h11.Connection) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, connection: h11.Connection, method: bytes
+    ) -> None:
         self._stream = stream
         self._connection = connection
+        self._method = method
+        # HEAD, 204 and 304 answers have no body, whatever the app sends (h11 refuses one).
+        self._bodiless = False
         self._head: h11.Response | None = None
         self._pending = b""
         # A response that says how long it is goes out in one write, however it is sent.
@@ -72,6 +77,7 @@ class _Exchange:
             headers = [(bytes(name), bytes(value)) for name, value in message["headers"]]
             self._sized = any(name.lower() == b"content-length" for name, _ in headers)
             self._head = h11.Response(status_code=message["status"], headers=headers)
+            self._bodiless = self._method == b"HEAD" or message["status"] in (204, 304)
             return
         if message["type"] != "http.response.body" or self._head is None:
             return  # nothing else (trailers, pushes) is asked of an HTTP/1.1 server here
@@ -79,7 +85,7 @@ class _Exchange:
             self.responded = True
             self._pending = connection.send(self._head) or b""
         body = message.get("body", b"")
-        if body:
+        if body and not self._bodiless:
             self._pending += connection.send(h11.Data(data=body)) or b""
         more = message.get("more_body", False)
         if not more:
@@ -110,7 +116,7 @@ async def serve_request(
         "state": ConnectionState({}),
         "extensions": {},
     }
-    exchange = _Exchange(stream, connection)
+    exchange = _Exchange(stream, connection, request.method)
     await app(scope, exchange.receive, exchange.send)
     if not exchange.responded:
         raise trio.BrokenResourceError("the app ended without a response")
