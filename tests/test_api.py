@@ -1032,3 +1032,41 @@ async def test_connection_close_or_a_protocol_error_ends_the_connection(
         assert received.startswith(f"HTTP/1.1 {status} ".encode())
     else:
         assert received == b""
+
+
+async def test_pipelined_requests_are_answered_in_order(server: RunningServer) -> None:
+    """Requests sent back to back in one write, before any answer, each get theirs."""
+    heads = b"".join(
+        f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        for path in ("/status", "/sessions/nope", "/status")
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(heads)
+        received = b""
+        statuses = []
+        for _ in range(3):
+            status, _, received = await read_response(stream, received)
+            statuses.append(status)
+    assert statuses == [200, 404, 200]
+
+
+async def test_a_client_waiting_for_100_continue_gets_it_then_the_answer(
+    server: RunningServer,
+) -> None:
+    body = b'{"process_id": null}'
+    head = (
+        "POST /client_heartbeat HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(head)
+        received = b""
+        with trio.fail_after(TIMEOUT):
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some()
+        interim, _, received = received.partition(b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        await stream.send_all(body)
+        status, answer, _ = await read_response(stream, received)
+    assert (status, answer) == (200, b"null")
