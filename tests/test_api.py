@@ -1054,19 +1054,36 @@ async def test_a_client_waiting_for_100_continue_gets_it_then_the_answer(
     server: RunningServer,
 ) -> None:
     body = b'{"process_id": null}'
-    head = (
-        "POST /client_heartbeat HTTP/1.1\r\nHost: localhost\r\n"
-        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
-    ).encode()
+    head = h11.Request(
+        method="POST",
+        target="/client_heartbeat",
+        headers=[
+            ("Host", "localhost"),
+            ("Authorization", f"Bearer {TOKEN}"),
+            ("Content-Length", str(len(body))),
+            ("Expect", "100-continue"),
+        ],
+    )
+    client = h11.Connection(h11.CLIENT)
+    events: list[h11.Event] = []
     async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
-        await stream.send_all(head)
-        received = b""
+        await stream.send_all(client.send(head) or b"")
         with trio.fail_after(TIMEOUT):
-            while b"\r\n\r\n" not in received:
-                received += await stream.receive_some()
-        interim, _, received = received.partition(b"\r\n\r\n")
-        assert interim.startswith(b"HTTP/1.1 100 ")
-        await stream.send_all(body)
-        status, answer, _ = await read_response(stream, received)
-    assert (status, answer) == (200, b"null")
+            while not events or not isinstance(events[-1], h11.EndOfMessage):
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some())
+                    continue
+                assert isinstance(event, h11.Event)
+                events.append(event)
+                if isinstance(event, h11.InformationalResponse):
+                    # Only now does the body go out.
+                    await stream.send_all(client.send(h11.Data(data=body)) or b"")
+                    await stream.send_all(client.send(h11.EndOfMessage()) or b"")
+    interim, response, data = events[:3]
+    assert isinstance(interim, h11.InformationalResponse)
+    assert interim.status_code == 100
+    assert isinstance(response, h11.Response)
+    assert response.status_code == 200
+    assert isinstance(data, h11.Data)
+    assert data.data == b"null"
