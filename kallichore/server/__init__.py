@@ -1,1 +1,1 @@
-"""Serving the APIs: hypercorn in the supervisor's nursery, and its transports."""
+"""Serving the APIs: the TCP front door, hypercorn on the Unix socket, and the daemon."""
