@@ -66,9 +66,12 @@ class _Exchange:
     async def _disconnected(self) -> ASGIReceiveEvent:
         """Wait for the client to hang up (the app cancels this once it has answered).
 
-        A pipelined next request is left with h11, which holds it until the next cycle."""
-        while data := await self._stream.receive_some(RECEIVE_BYTES):
+        A pipelined next request is left with h11, which holds it until the next cycle; the
+        client is not read further meanwhile, so what it may send ahead stays bounded."""
+        data = await self._stream.receive_some(RECEIVE_BYTES)
+        if data:
             self._connection.receive_data(data)
+            await trio.sleep_forever()
         return {"type": "http.disconnect"}
 
     async def send(self, message: ASGISendEvent) -> None:
