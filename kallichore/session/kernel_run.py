@@ -265,10 +265,12 @@ class KernelRun:
             command = build_command(
                 argv, mode, spec.startup_environment_arg, working_directory=cwd, shell=self._shell
             )
-            write_json_file(path, contents)
+            # Not synced: the kernel reads it at once, and a crash of the machine ends the
+            # kernel too; an fsync here held up every other start when many began at once.
+            write_json_file(path, contents, fsync=False)
             self.process = await kernel_process.launch(command, env, cwd)
             self._identity = kernel_process.identify(self.process.pid)
-            ctx.footprint.kernel_started(
+            await ctx.footprint.kernel_started(
                 self.process.pid, detached=not ctx.config.tied_to_daemon, paths=[path]
             )
             logger.info("session %s: kernel started (pid %d)", spec.session_id, self.process.pid)
@@ -540,7 +542,7 @@ class KernelRun:
             logger.info("session %s: the adopted kernel is gone", self._ctx.spec.session_id)
         self._release()
         if process is not None:
-            self._ctx.footprint.kernel_exited(process.pid)
+            await self._ctx.footprint.kernel_exited(process.pid)
         out = Outbox()
         self._ctx.state.exited(self.exit_code, reason, out)
         self.publish(out)
