@@ -14,7 +14,7 @@ import secrets
 import stat
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, get_args
 
 import trio
 
@@ -22,6 +22,7 @@ from kallichore import __version__
 from kallichore.api import models
 from kallichore.api.jupyter import JupyterSettings
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
+from kallichore.session.model import KernelTransport
 from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
 from kallichore.state_dir import StateDirError, saved_token
 
@@ -129,6 +130,14 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
         help="MiB of events each session keeps for its clients: the backlog of a client that "
         "does not read and the replay window after a drop; the oldest are dropped beyond it "
         "(default: %(default)s)",
+    )
+    behave.add_argument(
+        "--kernel-transport",
+        choices=get_args(KernelTransport),
+        default="ipc",
+        help="how the daemon reaches the kernels it starts: Unix sockets in a private "
+        "directory, or loopback TCP ports (default: %(default)s; adopted kernels are reached "
+        "as their connection info says)",
     )
     jupyter = parser.add_argument_group("the Jupyter Server kernels API (/api/...)")
     jupyter.add_argument(
@@ -277,6 +286,7 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
         resource_sample_interval_ms=args.resource_sample_interval,
         shutdown_grace=args.shutdown_grace,
         session_buffer_bytes=args.session_buffer_mb * 2**20,
+        kernel_transport=args.kernel_transport,
         log_level=log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
         state_dir=args.state_dir.absolute() if args.state_dir else None,

@@ -34,7 +34,7 @@ from kallichore.server.idle_shutdown import IdleShutdown
 from kallichore.server.lifetime import ServerLifetime
 from kallichore.server.private_dir import private_socket_dir, socket_base
 from kallichore.server.session_sockets import MAX_SOCKET_PATH_BYTES, SessionSockets
-from kallichore.session.model import SessionConfig
+from kallichore.session.model import KernelTransport, SessionConfig
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class DaemonOptions:
     resource_sample_interval_ms: int = 1000
     shutdown_grace: float = 10.0
     session_buffer_bytes: int = SessionConfig().event_buffer_bytes
+    kernel_transport: KernelTransport = SessionConfig().kernel_transport
     log_level: str = "info"
     log_file: Path | None = None
     state_dir: Path | None = None
@@ -134,7 +135,9 @@ async def run_daemon(options: DaemonOptions) -> int:
     footprint = Footprint.open()
     config = SupervisorConfig(
         session=SessionConfig(
-            shutdown_grace=grace, event_buffer_bytes=options.session_buffer_bytes
+            shutdown_grace=grace,
+            event_buffer_bytes=options.session_buffer_bytes,
+            kernel_transport=options.kernel_transport,
         ),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
         footprint=footprint,
