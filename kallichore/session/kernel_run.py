@@ -290,11 +290,13 @@ class KernelRun:
             write_json_file(path, contents, fsync=False)
             self.process = await kernel_process.launch(command, env, cwd)
             self._identity = kernel_process.identify(self.process.pid)
-            await ctx.footprint.kernel_started(
-                self.process.pid,
-                detached=not ctx.config.tied_to_daemon,
-                paths=[path] if self._ipc_directory is None else [path, self._ipc_directory],
-            )
+            # Shielded: a cancellation here, before `run` owns the process, would leak it.
+            with trio.CancelScope(shield=True):
+                await ctx.footprint.kernel_started(
+                    self.process.pid,
+                    detached=not ctx.config.tied_to_daemon,
+                    paths=[path] if self._ipc_directory is None else [path, self._ipc_directory],
+                )
             logger.info("session %s: kernel started (pid %d)", spec.session_id, self.process.pid)
             ctx.on_record()
         except BaseException as exc:
