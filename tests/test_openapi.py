@@ -18,9 +18,8 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from kallichore import __version__
-from kallichore.api import jupyter_models, models
-from kallichore.api.app import ROUTES, ServerState, create_app
-from kallichore.api.jupyter import JUPYTER_ROUTES
+from kallichore.api import jupyter_models, models, single_kernel_models
+from kallichore.api.app import API_TABLES, ServerState, create_app
 from kallichore.api.openapi import WIRE_MODELS, openapi_document
 from kallichore.channels.kallichore_framing import (
     FrameError,
@@ -58,7 +57,7 @@ BEARER: dict[str, list[str]] = {"bearerAuth": []}
 
 @pytest.fixture
 def document() -> dict[str, Any]:
-    return openapi_document(ROUTES, JUPYTER_ROUTES)
+    return openapi_document(*API_TABLES)
 
 
 def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -149,13 +148,13 @@ def test_every_wire_model_has_a_schema_with_its_fields(document: dict[str, Any])
     schemas = document["components"]["schemas"]
     wire = [
         value
-        for module in (models, jupyter_models)
+        for module in (models, jupyter_models, single_kernel_models)
         for value in vars(module).values()
         if isinstance(value, type) and attrs.has(value) and value.__module__ == module.__name__
     ]
     assert len(wire) >= 12
     # Core models the routes take or give straight are wire models too.
-    routes = [*ROUTES.routes, *JUPYTER_ROUTES.routes]
+    routes = [route for table in API_TABLES for route in table.routes]
     routed = {route.body for route in routes if route.body is not None} | {
         reply.model
         for route in routes

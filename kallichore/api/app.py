@@ -62,6 +62,12 @@ from kallichore.api.routes import (
     install,
     json_response,
 )
+from kallichore.api.single_kernel import (
+    SINGLE_KERNEL_ROUTES,
+    ConnectionFiles,
+    SingleKernelApi,
+    install_single_kernel,
+)
 from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import ConnectionInfo
@@ -646,6 +652,10 @@ async def set_configuration(api: KallichoreApi, body: ServerConfiguration) -> No
         )
 
 
+# Every API the app serves, in the order the OpenAPI document lists them.
+API_TABLES = (ROUTES, JUPYTER_ROUTES, SINGLE_KERNEL_ROUTES)
+
+
 @ROUTES.route(
     "GET",
     "/openapi.json",
@@ -655,7 +665,7 @@ async def set_configuration(api: KallichoreApi, body: ServerConfiguration) -> No
     ok=Reply({"type": "object"}, "This OpenAPI document."),
 )
 async def openapi(api: KallichoreApi) -> dict[str, Any]:
-    return openapi_document(ROUTES, JUPYTER_ROUTES)
+    return openapi_document(*API_TABLES)
 
 
 def create_app(
@@ -669,15 +679,20 @@ def create_app(
     socket paths; `connections` counts each kernel's Jupyter channel connections."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    connections = connections or NoConnections()
     kallichore = KallichoreApi(supervisor, state, control, sockets)
     install(app, ROUTES, kallichore, lambda: state.token)
     jupyter = JupyterApi(
-        supervisor,
-        state.jupyter,
-        connections or NoConnections(),
-        on_removed=kallichore.close_channel_socket,
+        supervisor, state.jupyter, connections, on_removed=kallichore.close_channel_socket
     )
     install(app, JUPYTER_ROUTES, jupyter, lambda: state.token)
+    single = SingleKernelApi(
+        supervisor,
+        describe=lambda session: active_session(session, sockets),
+        connections=connections,
+        files=ConnectionFiles(supervisor),
+    )
+    install_single_kernel(app, single, lambda: state.token)
 
     @app.before_request
     async def read_whole_body() -> None:
