@@ -95,6 +95,8 @@ def test_help_and_version() -> None:
         "--state-dir",
         "--version",
         "--session-buffer-mb",
+        "--host",
+        "--default-kernel",
     ):
         assert flag in help_text.stdout
     version = subprocess.run(
