@@ -132,6 +132,12 @@ async def test_health_is_open_and_names_the_running_kernel(
     assert debug["session_id"] == "default"
     assert debug["process_id"] == pid
     assert debug["kernel_info"]["language_info"]["name"] == "python"
+    async with (
+        KallichoreClient(sandbox.url, token=sandbox.token, timeout=TIMEOUT) as client,
+        client.channels("default"),
+    ):
+        status = await http.get("/kernel/status", headers=sandbox.auth)
+        assert status.json()["client_connected"] is True
 
 
 async def test_kernel_routes_need_the_token(sandbox: Sandbox, http: httpx.AsyncClient) -> None:
