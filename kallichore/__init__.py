@@ -12,6 +12,7 @@ from kallichore.session.events import (
     Event,
     EventsDropped,
     ExecutionQueuedEvent,
+    ExecutionRequestedEvent,
     ExitedEvent,
     HandshakeCompletedEvent,
     JupyterEvent,
@@ -30,6 +31,7 @@ from kallichore.session.model import (
     VarAction,
     VarActionType,
 )
+from kallichore.session.outputs import ExecutionOutcome
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 __version__ = "0.1.0"
@@ -39,7 +41,9 @@ __all__ = [
     "ErrorCode",
     "Event",
     "EventsDropped",
+    "ExecutionOutcome",
     "ExecutionQueuedEvent",
+    "ExecutionRequestedEvent",
     "ExitedEvent",
     "HandshakeCompletedEvent",
     "InterruptMode",

@@ -19,7 +19,7 @@ from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from kallichore import __version__
 from kallichore.api import jupyter_models, models, single_kernel_models
-from kallichore.api.app import API_TABLES, ServerState, create_app
+from kallichore.api.app import ROUTE_TABLES, ServerState, create_app
 from kallichore.api.openapi import WIRE_MODELS, openapi_document
 from kallichore.channels.kallichore_framing import (
     FrameError,
@@ -36,6 +36,7 @@ from kallichore.session.events import (
     Event,
     EventsDropped,
     ExecutionQueuedEvent,
+    ExecutionRequestedEvent,
     ExitedEvent,
     HandshakeCompletedEvent,
     JupyterEvent,
@@ -57,7 +58,7 @@ BEARER: dict[str, list[str]] = {"bearerAuth": []}
 
 @pytest.fixture
 def document() -> dict[str, Any]:
-    return openapi_document(*API_TABLES)
+    return openapi_document(*ROUTE_TABLES)
 
 
 def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -154,7 +155,7 @@ def test_every_wire_model_has_a_schema_with_its_fields(document: dict[str, Any])
     ]
     assert len(wire) >= 12
     # Core models the routes take or give straight are wire models too.
-    routes = [route for table in API_TABLES for route in table.routes]
+    routes = [route for table in ROUTE_TABLES for route in table.routes]
     routed = {route.body for route in routes if route.body is not None} | {
         reply.model
         for route in routes
@@ -276,6 +277,7 @@ def test_channel_frames_match_their_schemas(document: dict[str, Any]) -> None:
         StatusEvent(Status.BUSY, "execute_request"),
         OutputEvent("stderr", "warning\n"),
         ExecutionQueuedEvent("a"),
+        ExecutionRequestedEvent("a", "print(1)", "api"),
         ExitedEvent(-9),
         WorkingDirChangedEvent("/tmp"),
         ResourceUsageEvent(ResourceUsage(1, 2, 3, 4, 5)),

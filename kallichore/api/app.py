@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 
 from kallichore import __version__
 from kallichore.api import models
+from kallichore.api.agent import AGENT_ROUTES, SESSION_PARAMETER
 from kallichore.api.jupyter import (
     JUPYTER_ROUTES,
     JupyterApi,
@@ -50,9 +51,7 @@ from kallichore.api.openapi import openapi_document
 from kallichore.api.routes import (
     Empty,
     Failure,
-    NotFound,
     Null,
-    PathParameter,
     Refused,
     Reply,
     RouteTable,
@@ -260,26 +259,9 @@ def server_status(supervisor: Supervisor, state: ServerState) -> ServerStatus:
     )
 
 
-def _session(api: KallichoreApi, session_id: str) -> KernelSession:
-    try:
-        return api.supervisor.get(session_id)
-    except KallichoreError:
-        raise NotFound(session_id) from None
-
-
 # -- the routes --------------------------------------------------------------------------------
 
-ROUTES = RouteTable(
-    "kallichore",
-    parameters={
-        "session_id": PathParameter(
-            "session",
-            "The id the session was created with.",
-            _session,
-            missing=Reply(Empty, "There is no session with this id (empty body)."),
-        )
-    },
-)
+ROUTES = RouteTable("kallichore", parameters={"session_id": SESSION_PARAMETER})
 _KERNEL_INFO: dict[str, Any] = {
     "type": "object",
     "description": "The content of the kernel's `kernel_info_reply`.",
@@ -513,7 +495,8 @@ is answered with an `error` event, the connection kept. The server sends
 `ServerFrame`s, tagged by `kind`: `jupyter` (`JupyterFrame`, a kernel message, headers trimmed
 to `msg_id` and `msg_type`) or `kernel` (`KernelEventFrame`, an event of the supervisor under
 one key: `status`, `output`, `executionQueued`, `exited`, `workingDirChanged`, `resourceUsage`,
-`handshakeCompleted`, `clientDisconnected`, and our extensions `error` and `eventsDropped`).
+`handshakeCompleted`, `clientDisconnected`, and our extensions `error`, `eventsDropped` and
+`executionRequested`).
 The `x-websocket` extension of this operation references both schemas.
 
 One client per session: a new client displaces the old, which is sent `clientDisconnected` and
@@ -652,10 +635,6 @@ async def set_configuration(api: KallichoreApi, body: ServerConfiguration) -> No
         )
 
 
-# Every API the app serves, in the order the OpenAPI document lists them.
-API_TABLES = (ROUTES, JUPYTER_ROUTES, SINGLE_KERNEL_ROUTES)
-
-
 @ROUTES.route(
     "GET",
     "/openapi.json",
@@ -665,7 +644,11 @@ API_TABLES = (ROUTES, JUPYTER_ROUTES, SINGLE_KERNEL_ROUTES)
     ok=Reply({"type": "object"}, "This OpenAPI document."),
 )
 async def openapi(api: KallichoreApi) -> dict[str, Any]:
-    return openapi_document(*API_TABLES)
+    return openapi_document(*ROUTE_TABLES)
+
+
+# Every API the app serves, in the order the document lists them.
+ROUTE_TABLES = (ROUTES, AGENT_ROUTES, JUPYTER_ROUTES, SINGLE_KERNEL_ROUTES)
 
 
 def create_app(
@@ -682,6 +665,7 @@ def create_app(
     connections = connections or NoConnections()
     kallichore = KallichoreApi(supervisor, state, control, sockets)
     install(app, ROUTES, kallichore, lambda: state.token)
+    install(app, AGENT_ROUTES, kallichore, lambda: state.token)
     jupyter = JupyterApi(
         supervisor, state.jupyter, connections, on_removed=kallichore.close_channel_socket
     )

@@ -9,6 +9,7 @@ Unknown fields are ignored.
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -111,6 +112,22 @@ def check_env(actions: list[VarAction]) -> None:
     for action in actions:
         if not action.name or "=" in action.name:
             raise BodyError(f"env: {action.name!r} is not a valid variable name")
+
+
+@attrs.define
+class ExecuteCode:
+    """The body of the agent API's `execute`."""
+
+    code: str
+    silent: bool = False
+    store_history: bool = True
+    stop_on_error: bool = True
+    timeout_seconds: float | None = None
+
+    def check(self) -> None:
+        timeout = self.timeout_seconds
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise BodyError("timeout_seconds must be a positive number of seconds")
 
 
 @attrs.define
@@ -309,6 +326,13 @@ def _strict(
     return structure
 
 
+def _number(value: Any, _: type) -> float:
+    """A JSON number (an integer too, never a boolean) as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
 def _int32(value: int) -> None:
     if value not in INT32:
         raise BadValue(f"expected an integer between {INT32.start} and {INT32.stop - 1}")
@@ -333,6 +357,7 @@ def strict_converter() -> cattrs.Converter:
     converter.register_structure_hook(str, _strict(str, "a string", _os_safe))
     converter.register_structure_hook(int, _strict(int, "an integer", _int32))
     converter.register_structure_hook(bool, _strict(bool, "a boolean"))
+    converter.register_structure_hook(float, _number)
 
     def is_list(kind: Any) -> bool:
         return typing.get_origin(kind) is list

@@ -62,6 +62,11 @@ WIRE_MODELS: dict[type, tuple[str, str]] = {
         "the field out.",
     ),
     models.ClientHeartbeat: ("ClientHeartbeat", "A client's sign of life."),
+    models.ExecuteCode: (
+        "ExecuteCode",
+        "Code to run, with the `execute_request` options an agent may set; without "
+        "`timeout_seconds` the call waits as long as the code runs.",
+    ),
     models.ServerConfiguration: (
         "ServerConfiguration",
         "Changes to the server's configuration; a field left out is left as it is.",
@@ -541,6 +546,19 @@ def _frame_schemas() -> dict[str, Schema]:
             "type": "string",
             "description": "The `msg_id` of an `execute_request` held in the execution queue.",
         },
+        "executionRequested": {
+            "type": "object",
+            "description": (
+                "Code is about to run on behalf of `source` (`api`: `POST .../execute`), not "
+                "of the attached client; its messages follow as any execution's."
+            ),
+            "required": ["msg_id", "code", "source"],
+            "properties": {
+                "msg_id": {"type": "string"},
+                "code": {"type": "string"},
+                "source": {"type": "string"},
+            },
+        },
         "exited": {
             "type": "integer",
             "description": (
@@ -659,15 +677,16 @@ class _Dialect:
     security: list[dict[str, list[str]]]
 
 
-_BEARER = _Dialect(
+_KALLICHORE_DIALECT = _Dialect(
     ErrorBody,
     Reply(Empty, "The bearer token is missing or wrong (empty body)."),
     [{"bearerAuth": []}],
 )
-# By route table name; the single-kernel routes answer as the Kallichore API does.
 _DIALECTS = {
-    "kallichore": _BEARER,
-    "single": _BEARER,
+    "kallichore": _KALLICHORE_DIALECT,
+    # The agent and single-kernel routes answer as the Kallichore API does.
+    "agent": _KALLICHORE_DIALECT,
+    "single": _KALLICHORE_DIALECT,
     "jupyter": _Dialect(
         jupyter_models.JupyterError,
         Reply(jupyter_models.JupyterError, "The token is missing or wrong."),
@@ -777,6 +796,10 @@ def openapi_document(*tables: RouteTable) -> dict[str, Any]:
             {"name": "sessions", "description": "Sessions and their kernels."},
             {"name": "channels", "description": "The stream of a session's messages."},
             {"name": "server", "description": "The server itself."},
+            {
+                "name": "agent",
+                "description": "Run code and get its outcome in one call (for agents, scripts).",
+            },
             {
                 "name": "jupyter",
                 "description": (

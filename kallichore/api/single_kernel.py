@@ -22,9 +22,18 @@ from typing import Any
 import attrs
 from quart import Quart, Response, request
 
+from kallichore.api.agent import OUTCOME_SCHEMA, execute
 from kallichore.api.jupyter import KernelConnections
-from kallichore.api.models import ActiveSession, ErrorBody, StartupErrorBody
-from kallichore.api.routes import Failure, Refused, Reply, RouteTable, install, json_response
+from kallichore.api.models import ActiveSession, ErrorBody, ExecuteCode, StartupErrorBody
+from kallichore.api.routes import (
+    Failure,
+    Refused,
+    Reply,
+    RouteTable,
+    bad_body,
+    install,
+    json_response,
+)
 from kallichore.api.single_kernel_models import (
     Health,
     KernelAction,
@@ -171,6 +180,27 @@ async def health(api: SingleKernelApi) -> Response | Health:
         return Health("healthy", True, session.process_id)
     pid = session.process_id if session is not None else None
     return json_response(Health("unhealthy", False, pid), 503)
+
+
+@_route(
+    "POST",
+    "/kernel/execute",
+    operation_id="singleKernelExecute",
+    summary="Run code on the default kernel and get its outcome",
+    description=(
+        "As `POST /sessions/default/execute`: through the session's execution queue, with "
+        "its timeout, and an ndjson stream when asked with `Accept: application/x-ndjson`."
+    ),
+    body=ExecuteCode,
+    ok=Reply(OUTCOME_SCHEMA, "The execution's outcome (or its ndjson stream)."),
+    failure=Failure(
+        400,
+        bad_body(ExecuteCode) + ", `timeout_seconds` is not positive (code `400`), or the "
+        "kernel is not running or still starting (`KS-3`).",
+    ),
+)
+async def kernel_execute(api: SingleKernelApi, body: ExecuteCode) -> Any:
+    return await execute(api, api.session(), body)
 
 
 @_route(

@@ -26,6 +26,7 @@ from kallichore.session.events import (
     Event,
     EventsDropped,
     ExecutionQueuedEvent,
+    ExecutionRequestedEvent,
     ExitedEvent,
     HandshakeCompletedEvent,
     JupyterEvent,
@@ -97,6 +98,10 @@ def encode_event(event: Event) -> bytes:
             return kernel_event("output", [stream, text])
         case ExecutionQueuedEvent(msg_id=msg_id):
             return kernel_event("executionQueued", msg_id)
+        case ExecutionRequestedEvent(msg_id=msg_id, code=code, source=source):
+            return kernel_event(
+                "executionRequested", {"msg_id": msg_id, "code": code, "source": source}
+            )
         case ExitedEvent(exit_code=exit_code):
             return kernel_event("exited", exit_code)
         case WorkingDirChangedEvent(path=path):

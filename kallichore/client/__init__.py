@@ -6,18 +6,20 @@
         await client.start("py")
         async with client.channels("py") as channels:
             result = await channels.execute("print(6*7)")
+        outcome = await client.execute("py", "6 * 7")  # the agent API: one request
 
 It talks only the API (httpx, trio-websocket), never the server's internals.
 """
 
 from kallichore.client.channels import Channels, open_channels
-from kallichore.client.client import KallichoreClient
+from kallichore.client.client import ExecuteOptions, KallichoreClient
 from kallichore.client.errors import ApiError, StartupFailed
 from kallichore.client.events import (
     ChannelEvent,
     ClientDisconnected,
     EventsDropped,
     ExecutionQueued,
+    ExecutionRequested,
     HandshakeCompleted,
     KernelExited,
     KernelMessage,
@@ -40,9 +42,11 @@ __all__ = [
     "Channels",
     "ClientDisconnected",
     "EventsDropped",
+    "ExecuteOptions",
     "ExecuteResult",
     "ExecutionError",
     "ExecutionQueued",
+    "ExecutionRequested",
     "ExecutionTracker",
     "HandshakeCompleted",
     "KallichoreClient",

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 import trio
@@ -25,10 +25,21 @@ from kallichore.client.events import JSON
 from kallichore.jupyter.connection import ConnectionInfo
 
 DEFAULT_URL = "http://127.0.0.1:8182"
+NDJSON = "application/x-ndjson"
 # Long enough for a start or a restart, which answer once the kernel does.
 TIMEOUT = 120.0
 # The host name requests carry over a Unix socket (the server ignores it).
 SOCKET_HOST = "localhost"
+
+
+class ExecuteOptions(TypedDict, total=False):
+    """The options of an execution (the server's defaults for those left out)."""
+
+    silent: bool
+    store_history: bool
+    stop_on_error: bool
+    # After this many seconds the code is interrupted (its kernel restarted if it must be).
+    timeout_seconds: float
 
 
 class KallichoreClient:
@@ -86,9 +97,11 @@ class KallichoreClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: Any = None, *, timeout: Any = httpx.USE_CLIENT_DEFAULT
+    ) -> Any:
         """One request; the decoded JSON answer, or `ApiError`."""
-        response = await self.http.request(method, path, json=body)
+        response = await self.http.request(method, path, json=body, timeout=timeout)
         if not response.is_success:
             raise ApiError.from_response(response)
         return response.json() if response.content else None
@@ -168,6 +181,51 @@ class KallichoreClient:
         info: JSON = await self._call("PUT", path, connection_info.to_dict())
         return info
 
+    # -- the agent API ----------------------------------------------------------------------
+
+    async def execute(self, session_id: str, code: str, **options: Unpack[ExecuteOptions]) -> JSON:
+        """Run `code` and wait for its outcome: `status`, `execution_count`, `output` (the
+        items, in order), `data` (the execute_result's), `error_*` (see `/openapi.json`).
+
+        The request waits as long as the code runs: bound it with `timeout_seconds`, after
+        which the server interrupts the code (restarting the kernel if it must).
+        """
+        path = f"/sessions/{session_id}/execute"
+        outcome: JSON = await self._call("POST", path, {"code": code, **options}, timeout=None)
+        return outcome
+
+    @asynccontextmanager
+    async def execute_stream(
+        self, session_id: str, code: str, **options: Unpack[ExecuteOptions]
+    ) -> AsyncIterator[AsyncIterator[JSON]]:
+        """Run `code`, its output items coming as the kernel sends them::
+
+            async with client.execute_stream("python-1", code) as items:
+                async for item in items:
+                    ...
+
+        Streams are not merged, and `{"type": "clear_output", "wait"}` says when to clear;
+        the last item is `{"type": "result", ...}`: `execute`'s outcome without `output`.
+        """
+        async with self.http.stream(
+            "POST",
+            f"/sessions/{session_id}/execute",
+            json={"code": code, **options},
+            headers={"Accept": NDJSON},
+            timeout=None,
+        ) as response:
+            if not response.is_success:
+                await response.aread()
+                raise ApiError.from_response(response)
+            yield _json_lines(response)
+
+    async def history(self, session_id: str, limit: int | None = None) -> list[JSON]:
+        """The session's last executions (`limit` of them), most recent last, whoever ran
+        them (`source`: `api` or `client`), with their output clipped."""
+        query = "" if limit is None else f"?limit={limit}"
+        executions: list[JSON] = await self._call("GET", f"/sessions/{session_id}/history{query}")
+        return executions
+
     # -- the server -------------------------------------------------------------------------
 
     async def kernelspecs(self) -> JSON:
@@ -228,3 +286,10 @@ class KallichoreClient:
             resource += "?resume" if resume is True else f"?resume={resume}"
         async with open_channels(stream, host, resource, headers) as channels:
             yield channels
+
+
+async def _json_lines(response: httpx.Response) -> AsyncIterator[JSON]:
+    async for line in response.aiter_lines():
+        if line:
+            item: JSON = json.loads(line)
+            yield item

@@ -78,6 +78,16 @@ class ExecutionQueued(SupervisorEvent):
 
 
 @attrs.frozen
+class ExecutionRequested(SupervisorEvent):
+    """`executionRequested`: code is about to run on behalf of `source` (`api`: the agent
+    API's execute), not this client's."""
+
+    msg_id: str
+    code: str
+    source: str
+
+
+@attrs.frozen
 class WorkingDirChanged(SupervisorEvent):
     """`workingDirChanged`: the kernel's working directory after an execution."""
 
@@ -147,6 +157,7 @@ _SUPERVISOR_EVENTS: dict[str, Callable[[Any], SupervisorEvent]] = {
     "status": lambda p: StatusChanged(p["status"], p.get("reason")),
     "output": lambda p: KernelOutput(p[0], p[1]),
     "executionQueued": ExecutionQueued,
+    "executionRequested": lambda p: ExecutionRequested(p["msg_id"], p["code"], p["source"]),
     "workingDirChanged": WorkingDirChanged,
     "resourceUsage": lambda p: ResourceUsage(**p),
     "exited": KernelExited,

@@ -69,6 +69,16 @@ class ExecutionQueuedEvent:
 
 
 @attrs.frozen
+class ExecutionRequestedEvent:
+    """Code is about to run on somebody's behalf other than the attached client's (the agent
+    API's `execute`): whoever watches the session sees what was run, and by whom."""
+
+    msg_id: str
+    code: str
+    source: str
+
+
+@attrs.frozen
 class ExitedEvent:
     """The kernel process ended: its exit code, or minus the signal number that ended it;
     `restart` says who is restarting it, if this exit is part of a restart."""
@@ -109,6 +119,7 @@ Event = (
     | StatusEvent
     | OutputEvent
     | ExecutionQueuedEvent
+    | ExecutionRequestedEvent
     | ExitedEvent
     | WorkingDirChangedEvent
     | ResourceUsageEvent
@@ -127,6 +138,8 @@ def event_size(event: Event) -> int:
         return size
     if type(event) is OutputEvent:
         return EVENT_OVERHEAD_BYTES + len(event.text)
+    if type(event) is ExecutionRequestedEvent:
+        return EVENT_OVERHEAD_BYTES + len(event.code)
     return EVENT_OVERHEAD_BYTES
 
 

@@ -43,6 +43,14 @@ class ExecutionQueue:
         self.active = self.pending.popleft() if self.pending else None
         return self.active
 
+    def withdraw(self, msg_id: str) -> bool:
+        """Take a held request back before it reaches the kernel; False if it is not held."""
+        for request in self.pending:
+            if request.msg_id == msg_id:
+                self.pending.remove(request)
+                return True
+        return False
+
     def clear(self) -> None:
         self.active = None
         self.pending.clear()

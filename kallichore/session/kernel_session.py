@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import trio
 import zmq
@@ -22,10 +23,17 @@ import zmq
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
 from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, new_key
-from kallichore.jupyter.wire import Channel, JSONObject, Message, utc_now
+from kallichore.jupyter.wire import Channel, JSONObject, Message, WireError, utc_now
 from kallichore.session import process as kernel_process
-from kallichore.session.events import EventLog
+from kallichore.session.events import (
+    EventLog,
+    ExecutionRequestedEvent,
+    ExitedEvent,
+    JupyterEvent,
+    Subscription,
+)
 from kallichore.session.execution_queue import QueueSnapshot
+from kallichore.session.history import ExecutionHistory
 from kallichore.session.kernel_run import Activity, KernelRun, RunContext
 from kallichore.session.model import (
     InterruptMode,
@@ -35,6 +43,7 @@ from kallichore.session.model import (
     Status,
     VarAction,
 )
+from kallichore.session.outputs import ExecutionOutcome, Item, OutputCollector
 from kallichore.session.record import ProcessIdentity, SessionRecord
 from kallichore.session.resources import ResourceUsage, SampleInterval
 from kallichore.session.state import Outbox, SessionState
@@ -149,6 +158,11 @@ class KernelSession:
         return self._state.kernel_info
 
     @property
+    def history(self) -> ExecutionHistory:
+        """The session's recent executions (the agent API's and its clients'), oldest first."""
+        return self._state.history
+
+    @property
     def input_prompt(self) -> str:
         return self._state.input_prompt
 
@@ -220,13 +234,15 @@ class KernelSession:
         env: Sequence[VarAction] | None = None,
         *,
         origin: RestartOrigin = RestartOrigin.KALLICHORE,
+        grace: float | None = None,
     ) -> JSONObject:
         """Shut the kernel down (gracefully, then by force) and start it again.
 
         Keeps the session id and key. A new working directory and env action list apply to the
         new kernel; without a working directory the kernel's current one is kept. A session
         whose kernel is not running is simply started. The kernel's `ExitedEvent` carries
-        `origin`, the API that asked.
+        `origin`, the API that asked. `grace`: how long the kernel may take to shut down
+        before it is killed (by default the session config's `shutdown_grace`).
         """
         if self._lifecycle.locked():
             raise KallichoreError(
@@ -250,7 +266,9 @@ class KernelSession:
                 self._env_actions = tuple(env)
             if self._running_run() is not None:
                 self._state.restarting(origin)
-            await self._stop_kernel(restart=True, grace=self._config.shutdown_grace)
+            await self._stop_kernel(
+                restart=True, grace=self._config.shutdown_grace if grace is None else grace
+            )
             return await self._start_run()
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -424,12 +442,18 @@ class KernelSession:
         Raises `KallichoreError` if no kernel is running: a message for a kernel that is not
         there is refused, never kept for the next kernel.
         """
+        await self._submit(channel, message, Outbox())
+
+    async def _submit(
+        self, channel: Channel, message: Message, out: Outbox, source: str = "client"
+    ) -> None:
+        """Send `message` as `send` does, after the events already in `out`; an execution is
+        `source`'s in the history."""
         run = self._running_run()
         if run is not None and run.channels is None:
             raise KallichoreError(ErrorCode.SESSION_NOT_RUNNING, "the kernel is still starting")
         logger.debug("session %s: %s %s to the kernel", self.session_id, channel, message.msg_type)
-        out = Outbox()
-        self._state.from_client(channel, message, out)
+        self._state.from_client(channel, message, out, source=source)
         assert run is not None, "the state says a kernel runs"
         self._activity.note()
         await run.deliver(out)
@@ -472,7 +496,14 @@ class KernelSession:
         stop_on_error: bool = True,
     ) -> str:
         """Send an `execute_request` for `code`; returns its msg_id (the parent of its output)."""
-        request = self.message(
+        request = self._execute_request(code, silent, store_history, allow_stdin, stop_on_error)
+        await self.send(Channel.SHELL, request)
+        return request.msg_id
+
+    def _execute_request(
+        self, code: str, silent: bool, store_history: bool, allow_stdin: bool, stop_on_error: bool
+    ) -> Message:
+        return self.message(
             "execute_request",
             {
                 "code": code,
@@ -483,8 +514,121 @@ class KernelSession:
                 "stop_on_error": stop_on_error,
             },
         )
-        await self.send(Channel.SHELL, request)
-        return request.msg_id
+
+    async def run_code(
+        self,
+        code: str,
+        *,
+        silent: bool = False,
+        store_history: bool = True,
+        stop_on_error: bool = True,
+        timeout: float | None = None,
+        source: str = "api",
+        on_item: Callable[[Item], None] | None = None,
+    ) -> ExecutionOutcome:
+        """Run `code` and return what became of it: the agent API's one call.
+
+        The execution goes through the execution queue like any client's (so it never
+        interleaves with theirs), announced first by an `ExecutionRequestedEvent` naming
+        `source`; the kernel may not ask for input. `on_item` is called with each output
+        item as it comes (streams unmerged). After `timeout` seconds an execution still held
+        in the queue is withdrawn; one at the kernel is interrupted, and if it has not ended
+        `interrupt_grace` seconds later the kernel is restarted (`restarted`). Either way the
+        status is `timeout`. An execution whose kernel exited, or that an interrupt dropped
+        from the queue, is `aborted`. Raises `KallichoreError` if no kernel is running.
+        """
+        request = self._execute_request(code, silent, store_history, False, stop_on_error)
+        msg_id = request.msg_id
+        collector = OutputCollector()
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        with self._events.subscribe(backlog=False) as watch:
+            announce = Outbox(events=[ExecutionRequestedEvent(msg_id, code, source)])
+            await self._submit(Channel.SHELL, request, announce, source)
+            ended = await self._follow(watch, msg_id, collector, on_item, deadline)
+            if ended is not None:
+                return collector.outcome(None if ended == "done" else "aborted")
+            if self._state.withdraw(msg_id):
+                logger.info(
+                    "session %s: execution %s timed out in the queue", self.session_id, msg_id
+                )
+                return collector.outcome("timeout")
+            logger.info("session %s: execution %s timed out; interrupting", self.session_id, msg_id)
+            self._state.history.mark(msg_id, "timeout")
+            with contextlib.suppress(KallichoreError):
+                await self.interrupt()
+            grace = trio.current_time() + self._config.interrupt_grace
+            # At the kernel: an interrupt by message takes it out of the queue, not off the kernel.
+            if await self._follow(watch, msg_id, collector, on_item, grace, at_kernel=True):
+                return collector.outcome("timeout")
+        logger.warning(
+            "session %s: execution %s did not end when interrupted; restarting the kernel",
+            self.session_id,
+            msg_id,
+        )
+        outcome = collector.outcome("timeout")
+        try:
+            await self.restart(grace=0)
+        except KallichoreError as error:
+            logger.warning("session %s: could not restart the kernel: %s", self.session_id, error)
+        else:
+            outcome.restarted = True
+        return outcome
+
+    async def _follow(
+        self,
+        watch: Subscription,
+        msg_id: str,
+        collector: OutputCollector,
+        on_item: Callable[[Item], None] | None,
+        deadline: float,
+        *,
+        at_kernel: bool = False,
+    ) -> Literal["done", "aborted"] | None:
+        """Feed `collector` the execution's messages until it has ended (`done`), ended
+        without a reply (`aborted`: dropped from the queue, or its kernel exited), or
+        `deadline` passed (None).
+
+        It has ended once it has left the execution queue (which advances on its idle) and
+        its reply is in (shell and iopub race: the idle may come first). The queue is looked at
+        when the watch has caught up with the log: the state changes and publishes at once, so
+        a caught-up watch has seen all there is of it. `at_kernel`: it is known to have
+        reached the kernel (it will have a reply).
+        """
+        reached_kernel = at_kernel
+        with trio.move_on_at(deadline):
+            while True:
+                try:
+                    events = await watch.receive()
+                except trio.EndOfChannel:  # the session is gone
+                    return "done" if collector.reply is not None else "aborted"
+                for event in events:
+                    if type(event) is ExitedEvent:
+                        return "done" if collector.reply is not None else "aborted"
+                    if type(event) is not JupyterEvent:
+                        continue
+                    message = event.message
+                    if message.parent_msg_id != msg_id:
+                        continue
+                    reached_kernel = True
+                    if message.msg_type == "status":
+                        continue
+                    try:
+                        item = collector.feed(message.msg_type, message.content)
+                    except WireError:
+                        continue
+                    if item is not None and on_item is not None:
+                        on_item(item)
+                if watch.cursor < self._events.last_seq:
+                    continue
+                queue = self._state.execution_queue
+                if queue.active is not None and queue.active.msg_id == msg_id:
+                    reached_kernel = True
+                elif all(request.msg_id != msg_id for request in queue.pending):
+                    if collector.reply is not None:
+                        return "done"
+                    if not reached_kernel:
+                        return "aborted"
+        return None
 
     # -- runs --------------------------------------------------------------------------------
 

@@ -29,6 +29,9 @@ class SessionConfig:
     unattended_heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 5.0
     shutdown_grace: float = 10.0
+    # How long an execution that timed out (`KernelSession.run_code`) may take to end once
+    # interrupted before its kernel is restarted: a kernel stuck in C code ignores SIGINT.
+    interrupt_grace: float = 5.0
     # Kernels end with the daemon that started them (the default), or, when the daemon keeps a
     # state directory, outlive it so that the next daemon can re-adopt them. The one switch
     # for everything that ties a kernel to its daemon (`process.watch_parent`; the footprint

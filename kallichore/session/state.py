@@ -38,6 +38,7 @@ from kallichore.session.events import (
     WorkingDirChangedEvent,
 )
 from kallichore.session.execution_queue import ExecutionQueue, QueueSnapshot
+from kallichore.session.history import ExecutionHistory
 from kallichore.session.model import RestartOrigin, SessionSpec, Status
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class SessionState:
         self._idle_since: float | None = None
         self._busy_since: float | None = None
         self._queue = ExecutionQueue()
+        self._history = ExecutionHistory(clock=clock)
         self._kernel_info: JSONObject = {}
         self._input_prompt = spec.input_prompt
         self._continuation_prompt = spec.continuation_prompt
@@ -121,6 +123,11 @@ class SessionState:
     def execution_queue(self) -> QueueSnapshot:
         """The `execute_request` at the kernel and those held back."""
         return self._queue.snapshot()
+
+    @property
+    def history(self) -> ExecutionHistory:
+        """The session's recent executions, whoever asked for them."""
+        return self._history
 
     @property
     def kernel_info(self) -> JSONObject:
@@ -214,9 +221,17 @@ class SessionState:
         """The kernel is being stopped to be started again, at `origin`'s request."""
         self._restart = origin
 
+    def withdraw(self, msg_id: str) -> bool:
+        """Take a held execution back before it reaches the kernel (it timed out in the
+        queue); False if it is not held."""
+        if not self._queue.withdraw(msg_id):
+            return False
+        self._history.ended(msg_id, "timeout")
+        return True
+
     def drop_queue(self) -> None:
         """Discard the queued executions (the kernel is about to be killed)."""
-        self._queue.clear()
+        self._clear_queue()
 
     def working_directory_seen(self, path: str | None, out: Outbox) -> None:
         """The kernel's current directory, as the shell read it after an execution: a change
@@ -232,8 +247,12 @@ class SessionState:
 
     # -- messages ------------------------------------------------------------------------------
 
-    def from_client(self, channel: Channel, message: Message, out: Outbox) -> None:
+    def from_client(
+        self, channel: Channel, message: Message, out: Outbox, *, source: str = "client"
+    ) -> None:
         """A client's message for the kernel: sent (via `out`), queued, or refused.
+
+        An execution is recorded in the history as `source`'s (the agent API's is `api`).
 
         Raises `KallichoreError` if no kernel is running (a message for a kernel that is not
         there is refused, never kept for the next one), and ValueError for iopub/heartbeat.
@@ -247,16 +266,20 @@ class SessionState:
         if channel is Channel.STDIN and not self._ready:
             raise KallichoreError(ErrorCode.SESSION_NOT_RUNNING, "the kernel is still starting")
         if channel is Channel.SHELL and message.msg_type == "execute_request":
+            self._history.requested(message, source)
             if not self._queue.submit(message):
                 out.events.append(ExecutionQueuedEvent(message.msg_id))
                 return
+            self._history.began(message.msg_id)
         elif message.msg_type in _QUEUE_CLEARING:
-            self._queue.clear()
+            self._clear_queue()
         out.to_kernel.append((channel, message))
 
     def from_kernel(self, channel: Channel, message: Message, out: Outbox) -> None:
         """A message the kernel sent: follow it, and forward it unless it was ours."""
         parent = message.parent_msg_id
+        if parent in self._history.open:
+            self._history.note(message)
         if channel is Channel.IOPUB:
             self._iopub_alive = True
             if message.msg_type == "iopub_welcome" or parent in self._startup_requests:
@@ -308,6 +331,8 @@ class SessionState:
         """The kernel finished `request`: maybe rest, maybe send the next queued execution."""
         self._in_flight.discard(request)
         self._idle_due.pop(request, None)
+        if request_type == "execute_request":
+            self._history.ended(request)
         active = self._queue.active
         finished_active = active is not None and active.msg_id == request
         if not self._in_flight:
@@ -317,6 +342,7 @@ class SessionState:
         if finished_active:
             following = self._queue.advance()
             if following is not None:
+                self._history.began(following.msg_id)
                 out.to_kernel.append((Channel.SHELL, following))
 
     # -- heartbeat -----------------------------------------------------------------------------
@@ -349,12 +375,19 @@ class SessionState:
         self._idle_since = now if status in _RESTING else None
         self._busy_since = now if status is Status.BUSY else None
         if status is Status.EXITED:
-            self._queue.clear()
+            self._clear_queue()
+            self._history.end_all()
             self._in_flight.clear()
             self._idle_due.clear()
         if status in _RESTING:
             out.rested = True
         out.events.append(StatusEvent(status, reason))
+
+    def _clear_queue(self) -> None:
+        """Drop the held executions (they never reach the kernel) and the active one's place."""
+        for request in self._queue.pending:
+            self._history.ended(request.msg_id, "aborted")
+        self._queue.clear()
 
     def _store_kernel_info(self, reply: Message) -> None:
         try:
