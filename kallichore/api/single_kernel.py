@@ -22,18 +22,10 @@ from typing import Any
 import attrs
 from quart import Quart, Response, request
 
-from kallichore.api.agent import OUTCOME_SCHEMA, execute
+from kallichore.api.agent import AGENT_ROUTES, execute
 from kallichore.api.jupyter import KernelConnections
 from kallichore.api.models import ActiveSession, ErrorBody, ExecuteCode, StartupErrorBody
-from kallichore.api.routes import (
-    Failure,
-    Refused,
-    Reply,
-    RouteTable,
-    bad_body,
-    install,
-    json_response,
-)
+from kallichore.api.routes import Failure, Refused, Reply, RouteTable, install, json_response
 from kallichore.api.single_kernel_models import (
     Health,
     KernelAction,
@@ -182,6 +174,10 @@ async def health(api: SingleKernelApi) -> Response | Health:
     return json_response(Health("unhealthy", False, pid), 503)
 
 
+# The agent API's execute route, whose body, answers and handler `/kernel/execute` shares.
+_EXECUTE = next(route for route in AGENT_ROUTES.routes if route.handler is execute)
+
+
 @_route(
     "POST",
     "/kernel/execute",
@@ -191,13 +187,9 @@ async def health(api: SingleKernelApi) -> Response | Health:
         "As `POST /sessions/default/execute`: through the session's execution queue, with "
         "its timeout, and an ndjson stream when asked with `Accept: application/x-ndjson`."
     ),
-    body=ExecuteCode,
-    ok=Reply(OUTCOME_SCHEMA, "The execution's outcome (or its ndjson stream)."),
-    failure=Failure(
-        400,
-        bad_body(ExecuteCode) + ", `timeout_seconds` is not positive (code `400`), or the "
-        "kernel is not running or still starting (`KS-3`).",
-    ),
+    body=_EXECUTE.body,
+    ok=_EXECUTE.ok,
+    failure=_EXECUTE.failure,
 )
 async def kernel_execute(api: SingleKernelApi, body: ExecuteCode) -> Any:
     return await execute(api, api.session(), body)
