@@ -222,6 +222,17 @@ async def test_jupyter_client_shares_the_kernel_with_kernel_execute(
         client.stop_channels()
 
 
+async def test_kernel_execute_streams_when_asked(sandbox: Sandbox, http: httpx.AsyncClient) -> None:
+    headers = {**sandbox.auth, "Accept": "application/x-ndjson"}
+    code = "print('six', flush=True); print('seven', flush=True); 6 * 7"
+    async with http.stream("POST", "/kernel/execute", json={"code": code}, headers=headers) as r:
+        assert r.headers["content-type"] == "application/x-ndjson"
+        items = [json.loads(line) async for line in r.aiter_lines() if line]
+    assert "".join(i["text"] for i in items if i["type"] == "stream") == "six\nseven\n"
+    assert items[-1]["type"] == "result"
+    assert items[-1]["data"]["text/plain"] == "42"
+
+
 async def test_reset_gives_a_new_kernel_without_the_old_state(
     sandbox: Sandbox, http: httpx.AsyncClient
 ) -> None:
