@@ -19,7 +19,6 @@ import trio
 from benchmarks import report
 from benchmarks.configs import (
     CONFIGURATIONS,
-    DEFAULT_KEYS,
     KEYS,
     Context,
     Session,
@@ -41,6 +40,7 @@ from benchmarks.environment import (
 )
 from benchmarks.workloads import (
     Plan,
+    agent_rate,
     latency_batches,
     scale_jupyter_server,
     scale_kallichore,
@@ -48,7 +48,7 @@ from benchmarks.workloads import (
     throughput,
 )
 
-WORKLOADS = ["latency", "throughput", "start", "scale"]
+WORKLOADS = ["latency", "throughput", "start", "scale", "agent"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def chosen_keys(only: str | None) -> list[str]:
     if not only:
-        return list(DEFAULT_KEYS)
+        return list(KEYS)
     wanted = {k.strip() for k in only.split(",") if k.strip()}
     unknown = wanted - set(KEYS)
     if unknown:
@@ -191,6 +191,9 @@ async def run_workloads(
                                 context, sessions["floor"], plan, failures
                             )
                         timer.lap("scale")
+                    if "agent" in workloads and "execute-tcp" in keys:
+                        raw["agent"] = await agent_rate(context, plan, failures)
+                        timer.lap("agent")
                     log("workloads done; stopping everything")
             finally:
                 nursery.cancel_scope.cancel()

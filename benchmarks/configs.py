@@ -50,6 +50,9 @@ def new_id(prefix: str) -> str:
 class Session(ABC):
     """One running kernel, reached through one configuration."""
 
+    # Measured by the latency workload only (its executions hand back outcomes, not streams).
+    round_trips_only = False
+
     @abstractmethod
     async def execute(self, code: str) -> Execution: ...
 
@@ -347,6 +350,25 @@ class DaemonSession(Session):
         self.channels = await self.daemon.channels(self.session_id)
 
 
+class ExecuteSession(DaemonSession):
+    """Runs code with one `POST /sessions/{id}/execute` (the agent API): no channels at all."""
+
+    round_trips_only = True
+
+    async def execute(self, code: str) -> Execution:
+        started = time.perf_counter()
+        outcome = await self.daemon.client().execute(self.session_id, code)
+        seconds = time.perf_counter() - started
+        if outcome["status"] != "ok":
+            raise RuntimeError(f"{code!r} ended {outcome['status']}")
+        output = outcome["output"]
+        text = sum(len(item["text"]) for item in output if item["type"] == "stream")
+        return Execution(seconds, len(output), text)
+
+    async def recover(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
 class KallichoreWebSocket(Configuration):
     family = "kallichore"
     transport = "tcp"
@@ -379,6 +401,24 @@ class KallichoreUnix(KallichoreWebSocket):
     key = "ws-unix"
     label = "kallichore daemon, WebSocket over its Unix socket"
     transport = "socket"
+
+
+class KallichoreExecute(KallichoreWebSocket):
+    """The agent API's one-call execution, against the same daemon's channels (`ws-tcp`)."""
+
+    key = "execute-tcp"
+    label = "kallichore daemon, POST /sessions/{id}/execute over TCP (agent API)"
+    transport = "tcp"
+
+    async def setup(self) -> None:
+        self.daemon = Daemon(self.context, self.transport)
+        await self.daemon.start("kallichore-execute")
+
+    async def start_session(self, *, connect: bool = True) -> tuple[Session, float]:
+        session_id = new_id("execute")
+        started = time.perf_counter()
+        await self.daemon.create_and_start(session_id)
+        return ExecuteSession(self.daemon, session_id, None), time.perf_counter() - started
 
 
 # -- Jupyter Kernel Gateway and jupyter_server ---------------------------------------------
@@ -628,6 +668,7 @@ CONFIGURATIONS: list[type[Configuration]] = [
     KallichoreTcp,
     KallichoreUnix,
     KallichoreJupyter,
+    KallichoreExecute,
     KernelGateway,
     KernelGatewayQuickAck,
     KernelGatewayV1,
@@ -637,9 +678,6 @@ CONFIGURATIONS: list[type[Configuration]] = [
     FloorControl,
 ]
 KEYS = [c.key for c in CONFIGURATIONS]
-# What a run measures unless told otherwise (`--only`): all but our Jupyter kernels API until it
-# is on this branch (then this line goes).
-DEFAULT_KEYS = [key for key in KEYS if key != KallichoreJupyter.key]
 
 
 def needs_gateways(keys: list[str]) -> bool:

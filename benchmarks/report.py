@@ -18,6 +18,8 @@ GATEWAYS = ["kg", "kg-quickack", "kg-v1", "server", "server-quickack", "server-v
 KERNEL_GATEWAY = ["kg", "kg-quickack", "kg-v1"]
 # Our Jupyter kernels API against our Kallichore channels: the round trip no slower than +5 %.
 JUPYTER_LATENCY_VS_CHANNELS = 1.05
+# The agent API's one-call execution against the channels round trip of the same code.
+EXECUTE_LATENCY_VS_CHANNELS = 1.2
 LATENCY_LIMITS = {"embedded": 1.00, "ws-tcp": 1.10, "ws-unix": 1.10}
 THROUGHPUT_MIN = 0.9
 START_MAX = 0.8
@@ -124,6 +126,19 @@ def scale_summary(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def agent_summary(data: dict[str, Any]) -> dict[str, Any]:
+    calls = data["call_seconds"]
+    return {
+        "callers": data["callers"],
+        "sessions": data["sessions"],
+        "seconds": data["seconds"],
+        "executions": data["executions"],
+        "per_s": data["executions"] / data["seconds"],
+        "call_p50_ms": percentile(calls, 50) * 1e3 if calls else math.nan,
+        "call_p99_ms": percentile(calls, 99) * 1e3 if calls else math.nan,
+    }
+
+
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if "latency" in raw:
@@ -134,6 +149,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         summary["start"] = start_summary(raw["start"])
     if "scale" in raw:
         summary["scale"] = {name: scale_summary(data) for name, data in raw["scale"].items()}
+    if "agent" in raw:
+        summary["agent"] = agent_summary(raw["agent"])
     summary["failures"] = {
         key: {"count": len(reasons), "reasons": sorted(set(reasons))}
         for key, reasons in raw.get("failures", {}).items()
@@ -222,6 +239,11 @@ def targets(summary: dict[str, Any]) -> list[Target]:
             f"throughput {workload}", rates, f"{unit} > best gateway", higher_is_better=True
         )
     found += _jupyter_api_targets(summary)
+    if "execute-tcp" in latency and "ws-tcp" in latency:
+        ratio = latency["execute-tcp"]["p50_ms"] / latency["ws-tcp"]["p50_ms"]
+        limit = EXECUTE_LATENCY_VS_CHANNELS
+        what = "p50 / ws-tcp p50"
+        found.append(Target("latency", "execute-tcp", what, ratio, limit, ratio <= limit))
     start = summary.get("start", {})
     if "floor" in start:
         for key in KALLICHORE:
@@ -517,6 +539,23 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
                 f"{_ratio(entry['latency'].get('ratio_p50'))} | {verdict} |"
             )
         lines.append("")
+    agent = summary.get("agent")
+    if agent:
+        lines += [
+            "### Agent API",
+            "",
+            f"{agent['callers']} callers at once over {agent['sessions']} sessions of one fresh",
+            "daemon (TCP), each running `1` with `POST /sessions/{id}/execute` again and again",
+            f"for {plan['agent_seconds']:g} s (the same client as `execute-tcp`, httpx). The",
+            "one-call round trip itself is `execute-tcp` in the latency table; its target is",
+            f"at most {EXECUTE_LATENCY_VS_CHANNELS:g}x the channels' (`ws-tcp`) p50.",
+            "",
+            "| callers | sessions | executions | per second | call p50 ms | call p99 ms |",
+            "|---|---|---|---|---|---|",
+            f"| {agent['callers']} | {agent['sessions']} | {agent['executions']:,} | "
+            f"{agent['per_s']:.1f} | {agent['call_p50_ms']:.1f} | {agent['call_p99_ms']:.1f} |",
+            "",
+        ]
     failures = summary.get("failures")
     if failures:
         lines += [
@@ -569,6 +608,7 @@ COLOURS = {
     "jupyter-v1": "#31a354",
     "kg-v1": "#fd8d3c",
     "server-v1": "#9e9ac8",
+    "execute-tcp": "#74c476",
 }
 # The gateways as they come: dashed; with the client's TCP_QUICKACK: solid.
 STYLES = {"kg": "--", "server": "--"}

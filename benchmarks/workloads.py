@@ -4,7 +4,9 @@
 - throughput: many small display_data messages, and a stream of tens of MB;
 - start: "create session" to "kernel_info reply in hand", one start per configuration a round;
 - scale: 50 sessions at once in one server: time until all are ready, the server's own CPU and
-  RSS while they sit idle, and one session's latency meanwhile (interleaved with the floor).
+  RSS while they sit idle, and one session's latency meanwhile (interleaved with the floor);
+- agent: callers running `1` through the agent API's `POST /sessions/{id}/execute` at once,
+  spread over a few sessions of one daemon, for a while: executions per second.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from benchmarks.configs import (
     Context,
     Daemon,
     DaemonSession,
+    ExecuteSession,
     GatewaySession,
     JupyterServer,
     Session,
@@ -50,6 +53,9 @@ class Plan:
     scale_latency_rounds: int = 10
     scale_latency_per_batch: int = 30
     scale_jupyter_server: bool = True
+    agent_callers: int = 10
+    agent_sessions: int = 4
+    agent_seconds: float = 20.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -67,6 +73,7 @@ class Plan:
             scale_idle_seconds=2.0,
             scale_latency_rounds=2,
             scale_latency_per_batch=5,
+            agent_seconds=2.0,
         )
 
 
@@ -167,6 +174,7 @@ async def throughput(
     sessions: dict[str, Session], plan: Plan, failures: dict[str, list[str]]
 ) -> dict[str, Any]:
     """For each workload and configuration, one run a round."""
+    sessions = {key: session for key, session in sessions.items() if not session.round_trips_only}
     workloads = {
         "small_messages": small_messages_code(plan.small_messages),
         "stream": stream_code(plan.stream_mib, plan.stream_chunk_kib),
@@ -347,3 +355,48 @@ async def loaded_server_figures(
         "idle": idle,
         "latency": batches,
     }
+
+
+# -- agent ------------------------------------------------------------------------------------
+
+
+async def agent_rate(
+    context: Context, plan: Plan, failures: dict[str, list[str]]
+) -> dict[str, Any]:
+    """`plan.agent_callers` callers at once over `plan.agent_sessions` sessions of a fresh
+    daemon (TCP), each running `1` with `POST /sessions/{id}/execute` again and again for
+    `plan.agent_seconds`: the executions per second, and each call's seconds."""
+    daemon = Daemon(context, "tcp")
+    await daemon.start("kallichore-agent")
+    try:
+        ids = [new_id("agent") for _ in range(plan.agent_sessions)]
+        async with trio.open_nursery() as nursery:
+            for session_id in ids:
+                nursery.start_soon(daemon.create_and_start, session_id)
+        sessions = [ExecuteSession(daemon, session_id, None) for session_id in ids]
+        for session in sessions:
+            await attempt(session, LATENCY_CODE, "agent", failures)
+        calls: list[float] = []
+        deadline = time.perf_counter() + plan.agent_seconds
+
+        async def caller(session: Session) -> None:
+            while time.perf_counter() < deadline:
+                execution = await attempt(session, LATENCY_CODE, "agent", failures)
+                if execution is not None:
+                    calls.append(execution.seconds)
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for n in range(plan.agent_callers):
+                nursery.start_soon(caller, sessions[n % len(sessions)])
+        elapsed = time.perf_counter() - started
+        log(f"agent: {len(calls)} executions in {elapsed:.1f} s")
+        return {
+            "callers": plan.agent_callers,
+            "sessions": plan.agent_sessions,
+            "seconds": elapsed,
+            "executions": len(calls),
+            "call_seconds": calls,
+        }
+    finally:
+        await daemon.stop()

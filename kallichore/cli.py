@@ -335,6 +335,11 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mcp"]:
+        from kallichore.mcp.command import main as mcp  # noqa: PLC0415 (its SDK is optional)
+
+        return mcp(argv[1:])
     args = build_parser(program_name(sys.argv[0])).parse_args(argv)
     try:
         options = options_from(args)
