@@ -276,6 +276,7 @@ async def test_health_is_503_once_the_kernel_is_killed_and_reset_revives_it(
     sandbox: Sandbox, http: httpx.AsyncClient
 ) -> None:
     pid = (await http.get("/health")).json()["kernel_pid"]
+    handed_out = (await http.get("/kernel/connection", headers=sandbox.auth)).json()
     os.kill(pid, signal.SIGKILL)
     # A hang guard: the daemon is told of its child's death at once.
     with trio.fail_after(10):
@@ -287,6 +288,7 @@ async def test_health_is_503_once_the_kernel_is_killed_and_reset_revives_it(
     status = (await http.get("/kernel/status", headers=sandbox.auth)).json()
     assert (status["alive"], status["pid"], status["status"]) == (False, None, "exited")
     assert "connection_file" not in status
+    assert not Path(handed_out["connection_file"]).exists()
     connection = await http.get("/kernel/connection", headers=sandbox.auth)
     assert connection.status_code == 400
     assert connection.json()["code"] == "KS-3"

@@ -14,7 +14,6 @@ kernel of a daemon started with `--token none`. No route answers with CORS heade
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,6 @@ from kallichore.jupyter.kernelspec import KernelSpec
 from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import SessionSpec, Status
 from kallichore.supervisor import Supervisor
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_SESSION_ID = "default"
 # The statuses of a kernel that answers: `/health` is 200 for these alone.
@@ -69,19 +66,20 @@ async def start_default_kernel(
 class ConnectionFiles:
     """The connection files handed out by `/kernel/connection`: `kernel_name` and where the
     default kernel listens now, written 0600 in the supervisor's runtime directory (0700),
-    rewritten when a restart moved the kernel's ports, removed when the server stops."""
+    rewritten when a restart moved the kernel's ports, removed once the kernel is found gone
+    and when the server stops."""
 
     supervisor: Supervisor
     _written: dict[Path, dict[str, Any]] = attrs.field(factory=dict, init=False)
 
-    def write(self, session: KernelSession) -> tuple[Path, dict[str, Any]]:
+    def current(self, session: KernelSession) -> tuple[Path, dict[str, Any]] | None:
+        """The file of `session`'s kernel and what it holds; None while no kernel runs."""
+        path = self.supervisor.runtime_dir / f"connection-{session.session_id}.json"
         info = session.connection_info
         if info is None or not session.is_running:
-            raise KallichoreError(
-                ErrorCode.SESSION_NOT_RUNNING, f"session {session.session_id} is not running"
-            )
+            self._remove(path)
+            return None
         config = {**info.to_dict(), "kernel_name": session.spec.kernel_name}
-        path = self.supervisor.runtime_dir / f"connection-{session.session_id}.json"
         if self._written.get(path) != config:
             write_json_file(path, config)
             if path not in self._written:
@@ -89,17 +87,23 @@ class ConnectionFiles:
             self._written[path] = config
         return path, config
 
-    def of_running(self, session: KernelSession) -> Path | None:
-        """The file of `session`'s kernel (written if need be), None while none runs."""
-        if session.connection_info is None or not session.is_running:
-            return None
-        return self.write(session)[0]
+    def of_running(self, session: KernelSession) -> tuple[Path, dict[str, Any]]:
+        """As `current`, for a kernel that must be running (else `KS-3`)."""
+        found = self.current(session)
+        if found is None:
+            raise KallichoreError(
+                ErrorCode.SESSION_NOT_RUNNING, f"session {session.session_id} is not running"
+            )
+        return found
 
     def remove_all(self) -> None:
-        for path in self._written:
+        for path in list(self._written):
+            self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        if self._written.pop(path, None) is not None:
             path.unlink(missing_ok=True)
             self.supervisor.footprint.discard_path(path)
-        self._written.clear()
 
 
 @attrs.frozen
@@ -216,7 +220,7 @@ async def reset_kernel(api: SingleKernelApi) -> KernelReset:
     session = api.session()
     old_pid = session.process_id
     await session.restart()
-    path, _ = api.files.write(session)
+    path, _ = api.files.of_running(session)
     return KernelReset(
         "success",
         "the kernel was restarted: its variables and imports are gone",
@@ -259,7 +263,7 @@ async def interrupt_kernel(api: SingleKernelApi) -> KernelAction:
     failure=Failure(400, "The kernel is not running (`KS-3`)."),
 )
 async def kernel_connection(api: SingleKernelApi) -> KernelConnection:
-    path, config = api.files.write(api.session())
+    path, config = api.files.of_running(api.session())
     return KernelConnection(str(path), config)
 
 
@@ -276,13 +280,13 @@ async def kernel_connection(api: SingleKernelApi) -> KernelConnection:
 )
 async def kernel_status(api: SingleKernelApi) -> KernelStatus:
     session = api.session()
-    path = api.files.of_running(session)
+    found = api.files.current(session)
     return KernelStatus(
         alive=alive(session),
         pid=session.process_id,
         status=wire_status(session.status),
         client_connected=session.connected or api.connections.connections(session) > 0,
-        connection_file=None if path is None else str(path),
+        connection_file=None if found is None else str(found[0]),
     )
 
 
