@@ -370,6 +370,7 @@ def test_another_host_with_a_token(tmp_path: Path) -> None:
         ]
         assert [address.ip for address in listening] == ["0.0.0.0"]
         assert connection["base_path"] == f"http://127.0.0.1:{connection['port']}"
+        assert f"Listening at 0.0.0.0:{connection['port']}" in (tmp_path / "daemon.log").read_text()
         assert httpx.get(connection["base_path"] + "/status", timeout=TIMEOUT).status_code == 200
     finally:
         stop_daemon(process)

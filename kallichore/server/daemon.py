@@ -231,7 +231,8 @@ def announce(options: DaemonOptions, server: RunningServer, socket_path: Path | 
     if socket_path is not None:
         print(f"Listening on Unix socket: {socket_path}", flush=True)
     else:
-        print(f"Listening at {server.url.removeprefix('http://')}", flush=True)
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        print(f"Listening at {host}:{server.port}", flush=True)
     print(f"kallichore {__version__} (kcserver-compatible)", flush=True)
     if options.token and options.connection_file is None and options.handshake_socket is None:
         # The only way to learn a generated token here; never in the log, which may be shared.
