@@ -1,7 +1,7 @@
-"""`python -m kallichore` runs the daemon, exactly as the `kallichore` command does."""
+"""`python -m kallichore` is the `kallichore` command: the daemon, or a subcommand for one."""
 
 import sys
 
-from kallichore.cli import main
+from kallichore.entry import main
 
 sys.exit(main())

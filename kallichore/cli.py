@@ -60,7 +60,9 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
         ),
         epilog=(
             "Without --transport, the API is served on TCP, or on a Unix socket when "
-            "--unix-socket, --connection-file or --handshake-socket is given."
+            "--unix-socket, --connection-file or --handshake-socket is given. "
+            f"Commands for a running daemon: {prog} ls | start | run | kernelspecs | attach; "
+            f"the MCP server: {prog} mcp (see {prog} COMMAND --help)."
         ),
     )
     parser.add_argument("-V", "--version", action="version", version=f"{prog} {__version__}")
@@ -336,10 +338,6 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["mcp"]:
-        from kallichore.mcp.command import main as mcp  # noqa: PLC0415 (its SDK is optional)
-
-        return mcp(argv[1:])
     args = build_parser(program_name(sys.argv[0])).parse_args(argv)
     try:
         options = options_from(args)

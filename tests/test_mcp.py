@@ -20,7 +20,7 @@ import trio
 from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, ImageContent, TextContent
 
-from kallichore.cli import main
+from kallichore.entry import main
 from kallichore.mcp.command import INSTALL_HINT
 from tests.conftest import IPYKERNEL_ARGV, TIMEOUT, daemon
 

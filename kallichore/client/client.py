@@ -71,11 +71,16 @@ class KallichoreClient:
 
     @classmethod
     def from_connection_file(
-        cls, path: str | os.PathLike[str], *, timeout: float | None = TIMEOUT
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        token: str | None = None,
+        timeout: float | None = TIMEOUT,
     ) -> KallichoreClient:
-        """A client of the server that wrote this connection file (`--connection-file`)."""
+        """A client of the server that wrote this connection file (`--connection-file`), with
+        the file's token unless given another."""
         document = json.loads(Path(path).read_text())
-        token = document.get("bearer_token")
+        token = token or document.get("bearer_token")
         if document.get("socket_path"):
             return cls(token=token, socket_path=document["socket_path"], timeout=timeout)
         if document.get("base_path"):
@@ -270,22 +275,52 @@ class KallichoreClient:
         `resume_point`).
         """
         resource = f"/sessions/{session_id}/channels"
-        headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
         stream: trio.abc.Stream
         if self.socket_path is not None:
             path: str = await self._call("GET", resource)
             stream = await trio.open_unix_socket(path)
             host = SOCKET_HOST
         else:
-            url = self.http.base_url
-            port = url.port or (443 if url.scheme == "https" else 80)
-            stream = await trio.open_tcp_stream(url.host, port)
-            host = f"{url.host}:{port}"
-            resource = url.raw_path.decode().rstrip("/") + resource
+            stream, host, prefix = await self._open_tcp()
+            resource = prefix + resource
         if resume is not False:
             resource += "?resume" if resume is True else f"?resume={resume}"
-        async with open_channels(stream, host, resource, headers) as channels:
+        async with open_channels(stream, host, resource, self._bearer()) as channels:
             yield channels
+
+    @asynccontextmanager
+    async def jupyter_channels(
+        self, kernel_id: str, client_session: str | None = None
+    ) -> AsyncIterator[Channels]:
+        """A kernel's channels as the Jupyter API serves them (TCP only): one of many clients,
+        beside the session's Kallichore channels client, never displacing it. Iopub reaches every
+        such client, a reply only the one that sent the request.
+
+        `kernel_id` is the session's `kernel_id`; `client_session` is this client's Jupyter
+        `session_id` (a reconnection with the same one gets what it missed; default: a new
+        one). Frames are the legacy JSON framing: kernel messages without `kind`; one that
+        carries binary buffers arrives as a binary frame, which `Channels.receive` cannot
+        decode (it raises `ValueError`).
+        """
+        if self.socket_path is not None:
+            raise ValueError("the Jupyter channels are served on TCP only")
+        stream, host, prefix = await self._open_tcp()
+        query = f"?session_id={client_session or secrets.token_hex(16)}"
+        resource = f"{prefix}/api/kernels/{kernel_id}/channels{query}"
+        async with open_channels(stream, host, resource, self._bearer()) as channels:
+            yield channels
+
+    def _bearer(self) -> list[tuple[str, str]]:
+        """A WebSocket upgrade's headers: the token, if there is one."""
+        return [("Authorization", f"Bearer {self.token}")] if self.token else []
+
+    async def _open_tcp(self) -> tuple[trio.SocketStream, str, str]:
+        """A connection to the server for a WebSocket: the stream, the Host header, and the
+        base URL's path (without its last slash), which prefixes the resource."""
+        url = self.http.base_url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        stream = await trio.open_tcp_stream(url.host, port)
+        return stream, f"{url.host}:{port}", url.raw_path.decode().rstrip("/")
 
 
 async def _json_lines(response: httpx.Response) -> AsyncIterator[JSON]:
