@@ -60,6 +60,7 @@ from kallichore.api.routes import (
     empty,
     install,
     json_response,
+    refuse_cross_origin,
 )
 from kallichore.api.single_kernel import (
     SINGLE_KERNEL_ROUTES,
@@ -677,6 +678,7 @@ def create_app(
         files=ConnectionFiles(supervisor),
     )
     install_single_kernel(app, single, lambda: state.token)
+    refuse_cross_origin(app)
 
     @app.before_request
     async def read_whole_body() -> None:

@@ -22,7 +22,15 @@ import attrs
 from kallichore import __version__
 from kallichore.api import jupyter_models, models, single_kernel_models
 from kallichore.api.models import ErrorBody
-from kallichore.api.routes import Empty, Null, Reply, Route, RouteTable, bad_body
+from kallichore.api.routes import (
+    CROSS_ORIGIN_REFUSAL,
+    Empty,
+    Null,
+    Reply,
+    Route,
+    RouteTable,
+    bad_body,
+)
 from kallichore.channels.kallichore_framing import CLIENT_CHANNELS, wire_status
 from kallichore.errors import ErrorCode
 from kallichore.jupyter.connection import TRANSPORTS, ConnectionInfo
@@ -731,6 +739,9 @@ def _operation(table: RouteTable, route: Route) -> Schema:
             replies.setdefault(400, Reply(dialect.error, bad_body(route.body) + "."))
         replies[413] = _TOO_LARGE
     replies |= route.replies
+    replies[403] = Reply(
+        dialect.error, f"From a web page of another origin: {CROSS_ORIGIN_REFUSAL}."
+    )
     if route.protected:
         operation["security"] = dialect.security
         replies[401] = dialect.unauthorized

@@ -7,9 +7,9 @@ through every other API (a person's Positron, JupyterLab, a `jupyter console --e
 without it the routes act on a session somebody created with the id `default`, if any.
 
 What the sandboxes got wrong is not copied: every `/kernel/*` route needs the bearer token
-(`/health` alone is open, as a probe must be), and a request from a web page (one with an
-`Origin` header: browsers send it, agents do not) is refused, so that a page cannot drive the
-kernel of a daemon started with `--token none`. No route answers with CORS headers.
+(`/health` alone is open, as a probe must be), a request from a web page of another origin is
+refused (as by every route: `routes.refuse_cross_origin`), so that a page cannot drive the
+kernel of a daemon started with `--token none`, and no route answers with CORS headers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from quart import Quart, Response, request
+from quart import Quart, Response
 
 from kallichore.api.agent import AGENT_ROUTES, execute
 from kallichore.api.jupyter import KernelConnections
@@ -144,12 +144,11 @@ def alive(session: KernelSession | None) -> bool:
 SINGLE_KERNEL_ROUTES = RouteTable("single")
 
 _NO_SESSION = Reply(ErrorBody, "There is no session `default` (`KS-1`).")
-_FROM_A_PAGE = Reply(ErrorBody, "The request came from a web page (an `Origin` header; `403`).")
 
 
 def _route(method: str, path: str, **fields: Any) -> Callable[..., Any]:
     """A `/kernel/*` route: it needs the token, and may find no default session."""
-    replies = {404: _NO_SESSION, 403: _FROM_A_PAGE, **fields.pop("replies", {})}
+    replies = {404: _NO_SESSION, **fields.pop("replies", {})}
     return SINGLE_KERNEL_ROUTES.route(
         method, path, tag="single-kernel", protected=True, replies=replies, **fields
     )
@@ -305,16 +304,8 @@ async def kernel_debug(api: SingleKernelApi) -> ActiveSession:
 def install_single_kernel(
     app: Quart, api: SingleKernelApi, token: Callable[[], str | None]
 ) -> None:
-    """Serve the single-kernel routes on `app`; refuse `/kernel/*` to web pages."""
+    """Serve the single-kernel routes on `app`."""
     install(app, SINGLE_KERNEL_ROUTES, api, token)
-
-    @app.before_request
-    async def refuse_web_pages() -> Response | None:
-        if request.path.startswith("/kernel/") and "Origin" in request.headers:
-            return json_response(
-                ErrorBody("403", "the kernel routes do not answer requests from web pages"), 403
-            )
-        return None
 
     @app.after_serving
     async def remove_connection_files() -> None:
