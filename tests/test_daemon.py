@@ -96,6 +96,8 @@ def test_help_and_version() -> None:
         "--version",
         "--session-buffer-mb",
         "--kernel-transport",
+        "--host",
+        "--default-kernel",
     ):
         assert flag in help_text.stdout
     version = subprocess.run(
