@@ -96,7 +96,9 @@ class ClientProcess:
         return document
 
     def _log(self) -> str:
-        return self.processes.log_text(self.name)[-300:]
+        """The last line the client wrote to its log: the exception that ended it, if any."""
+        lines = self.processes.log_text(self.name).strip().splitlines()
+        return lines[-1] if lines else "(nothing in its log)"
 
     async def aclose(self) -> None:
         await self.processes.stop(self.process, grace=5.0)
