@@ -628,6 +628,7 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
             f"{agent['per_s']:.1f} | {agent['call_p50_ms']:.1f} | {agent['call_p99_ms']:.1f} |",
             "",
         ]
+    lines += client_stacks(summary)
     failures = summary.get("failures")
     if failures:
         lines += [
@@ -663,6 +664,46 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def client_stacks(summary: dict[str, Any]) -> list[str]:
+    """Our daemon's channels through each client stack, side by side: the latency and
+    throughput tables' figures for them, with the server's CPU and the failed executions."""
+    latency = summary.get("latency", {})
+    throughput = summary.get("throughput", {})
+    failures = summary.get("failures", {})
+    keys = [k for k in ["ws-tcp", "ws-unix", *CLIENT_STACKS] if k in latency or k in throughput]
+    if not any(k in CLIENT_STACKS for k in keys):
+        return []
+    lines = [
+        "### Client stacks",
+        "",
+        "Our daemon through each client (`ws-*`: ours), the figures of the tables above: the",
+        "round trip's p50 and its ratio to the floor, the daemon's CPU per round trip, small",
+        "messages and stream against the floor, the daemon's CPU per MB streamed, and the",
+        "executions that failed (see Failures).",
+        "",
+        "| configuration | p50 ms | p50 vs floor | CPU ms / round trip | small msg/s vs floor "
+        "| stream MB/s vs floor | CPU ms / MB | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        entry = latency.get(key)
+        small = throughput.get("small_messages", {}).get(key, {})
+        stream = throughput.get("stream", {}).get(key, {})
+        round_trip = (
+            f"{entry['p50_ms']:.2f} | {_ratio(entry.get('ratio_p50'))} | "
+            f"{_server_cpu_per_round_trip(entry)}"
+            if entry
+            else "- | - | -"
+        )
+        lines.append(
+            f"| `{key}` | {round_trip} | {_ratio(small.get('ratio_msg_per_s'))} | "
+            f"{_ratio(stream.get('ratio_mb_per_s'))} | {_cpu(stream.get('server_cpu'), 1)} | "
+            f"{failures.get(key, {}).get('count', 0)} |"
+        )
+    lines.append("")
+    return lines
 
 
 # -- charts -----------------------------------------------------------------------------------
