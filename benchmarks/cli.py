@@ -20,7 +20,6 @@ from benchmarks import report
 from benchmarks.configs import (
     CONFIGURATIONS,
     KEYS,
-    Configuration,
     Context,
     Session,
     needs_gateways,
@@ -152,24 +151,16 @@ async def run_workloads(
                     configurations = [cls(context) for cls in CONFIGURATIONS if cls.key in keys]
                     for configuration in configurations:
                         await configuration.setup()
-                    started: dict[str, Session] = {}
+                    sessions: dict[str, Session] = {}
                     long_lived = [
                         c
                         for c in configurations
                         if {"latency", "throughput"} & set(workloads) or c.key == "floor"
                     ]
-
-                    async def start_long_lived(configuration: Configuration) -> None:
+                    for configuration in long_lived:
                         session, _ = await configuration.start_session()
                         stack.push_async_callback(_close_quietly, session)
-                        started[configuration.key] = session
-
-                    # (At once: nothing is measured yet, and a dozen kernel starts add up.)
-                    async with trio.open_nursery() as starting:
-                        for configuration in long_lived:
-                            starting.start_soon(start_long_lived, configuration)
-                    # In the configurations' order, which is the rounds' order.
-                    sessions = {c.key: started[c.key] for c in long_lived}
+                        sessions[configuration.key] = session
                     log(f"sessions ready: {', '.join(sessions)}")
                     timer = _PhaseTimer(raw)
                     failures: dict[str, list[str]] = {}
