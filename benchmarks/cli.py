@@ -166,12 +166,14 @@ async def run_workloads(
                     failures: dict[str, list[str]] = {}
                     raw["failures"] = failures
                     if "latency" in workloads:
+                        raw["latency_server_cpu"] = {}
                         raw["latency"] = await latency_batches(
                             sessions,
                             plan.latency_rounds,
                             plan.latency_per_batch,
                             plan.latency_warmup,
                             failures,
+                            server_cpu=raw["latency_server_cpu"],
                         )
                         timer.lap("latency")
                     if "throughput" in workloads:

@@ -25,6 +25,7 @@ import trio
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
+from benchmarks.clients import ClientProcess, client_argv
 from benchmarks.environment import KERNEL_NAME, Home, Processes, free_port, log
 from benchmarks.wsclient import (
     QUIET_SECONDS,
@@ -63,6 +64,12 @@ class Session(ABC):
         """After a failed execution: get a working connection to the same kernel again."""
         await trio.lowlevel.checkpoint()
 
+    @property
+    def server_pid(self) -> int | None:
+        """The server process between client and kernel, whose CPU the workloads measure
+        (None: there is none, or it is this process)."""
+        return None
+
 
 @dataclass
 class Context:
@@ -83,6 +90,8 @@ class Configuration(ABC):
     label: str
     # What it is compared with: "floor", "kallichore" or "gateway".
     family: str
+    # Whether the start workload times it (not when another configuration starts the same way).
+    measures_starts = True
 
     def __init__(self, context: Context) -> None:
         self.context = context
@@ -328,11 +337,28 @@ class Daemon:
         await kallichore.delete_session(session_id)
 
 
+async def shared_daemon(context: Context, transport: str) -> Daemon:
+    """The run's daemon on `transport`, started by whichever configuration asks first: our
+    client and the clients on other stacks meet the same daemon."""
+    name = f"kallichore-{transport}"
+    async with context._lock:
+        if name not in context.servers:
+            daemon = Daemon(context, transport)
+            await daemon.start(name)
+            context.servers[name] = daemon
+    shared: Daemon = context.servers[name]
+    return shared
+
+
 class DaemonSession(Session):
     def __init__(self, daemon: Daemon, session_id: str, channels: Connection | None) -> None:
         self.daemon = daemon
         self.session_id = session_id
         self.channels = channels
+
+    @property
+    def server_pid(self) -> int | None:
+        return self.daemon.process.pid if self.daemon.process else None
 
     async def execute(self, code: str) -> Execution:
         if self.channels is None:
@@ -375,8 +401,7 @@ class KallichoreWebSocket(Configuration):
     daemon: Daemon
 
     async def setup(self) -> None:
-        self.daemon = Daemon(self.context, self.transport)
-        await self.daemon.start(f"kallichore-{self.transport}")
+        self.daemon = await shared_daemon(self.context, self.transport)
 
     async def start_session(self, *, connect: bool = True) -> tuple[Session, float]:
         session_id = new_id(f"ws-{self.transport}")
@@ -401,6 +426,89 @@ class KallichoreUnix(KallichoreWebSocket):
     key = "ws-unix"
     label = "kallichore daemon, WebSocket over its Unix socket"
     transport = "socket"
+
+
+class ClientSession(DaemonSession):
+    """A session of the daemon whose channels a client on another stack holds
+    (`benchmarks.clients`): our own client is not on the path."""
+
+    def __init__(self, daemon: Daemon, session_id: str, stack: str) -> None:
+        super().__init__(daemon, session_id, None)
+        self.stack = stack
+        self.client: ClientProcess | None = None
+
+    async def connect(self) -> None:
+        """Start a client process connected to the session's channels."""
+        resource = f"/sessions/{self.session_id}/channels"
+        kallichore = self.daemon.client()
+        if kallichore.socket_path is not None:
+            # (The daemon answers with the session's own socket.)
+            response = await kallichore.http.get(resource)
+            response.raise_for_status()
+            transport, address = "unix", str(response.json())
+        else:
+            url = kallichore.http.base_url
+            transport, address = "tcp", f"{url.host}:{url.port}"
+            resource = url.raw_path.decode().rstrip("/") + resource
+        argv = client_argv(self.stack, transport, address, resource)
+        processes = self.daemon.context.processes
+        self.client = await ClientProcess.start(processes, argv, f"client-{self.session_id}")
+
+    async def execute(self, code: str) -> Execution:
+        if self.client is None:
+            await self.connect()
+        assert self.client is not None
+        return await self.client.execute(code)
+
+    async def _disconnect(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    async def close(self) -> None:
+        await self._disconnect()
+        await self.daemon.kill(self.session_id)
+
+    async def recover(self) -> None:
+        await self._disconnect()
+        await self.connect()
+
+
+# The client stacks besides ours, as `benchmarks.clients` starts them.
+CLIENT_STACKS = {
+    "websockets-sync": "the websockets package's sync client",
+    "websockets-asyncio": "the websockets package's asyncio client",
+    "node-ws": "Node's ws (as Positron)",
+}
+
+
+class ClientStack(KallichoreWebSocket):
+    """The same daemon as `ws-tcp` or `ws-unix`, reached by a client on another stack; its
+    starts are `ws-tcp`'s and `ws-unix`'s, so the start workload leaves it out."""
+
+    stack: str
+    measures_starts = False
+
+    async def start_session(self, *, connect: bool = True) -> tuple[Session, float]:
+        session_id = new_id(self.key)
+        started = time.perf_counter()
+        await self.daemon.create_and_start(session_id)
+        elapsed = time.perf_counter() - started
+        session = ClientSession(self.daemon, session_id, self.stack)
+        if connect:
+            await session.connect()
+        return session, elapsed
+
+
+def client_stack(stack: str, transport: str) -> type[Configuration]:
+    over = "TCP" if transport == "tcp" else "its Unix socket"
+    attributes = {
+        "key": f"{stack}-{'tcp' if transport == 'tcp' else 'unix'}",
+        "label": f"kallichore daemon over {over}, client: {CLIENT_STACKS[stack]}",
+        "stack": stack,
+        "transport": transport,
+    }
+    return type(f"ClientStack-{attributes['key']}", (ClientStack,), attributes)
 
 
 class KallichoreExecute(KallichoreWebSocket):
@@ -571,6 +679,10 @@ class GatewaySession(Session):
         await self.channels.aclose()
         await self.server.delete(self.kernel_id)
 
+    @property
+    def server_pid(self) -> int | None:
+        return self.server.process.pid if self.server.process else None
+
     async def recover(self) -> None:
         await self.channels.aclose()
         self.channels = await self.server.channels(
@@ -667,6 +779,7 @@ CONFIGURATIONS: list[type[Configuration]] = [
     Embedded,
     KallichoreTcp,
     KallichoreUnix,
+    *(client_stack(stack, transport) for transport in ("tcp", "socket") for stack in CLIENT_STACKS),
     KallichoreJupyter,
     KallichoreExecute,
     KernelGateway,

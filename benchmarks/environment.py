@@ -228,14 +228,18 @@ class Processes:
     running: list[trio.Process] = field(default_factory=list)
     _log_files: list[IO[bytes]] = field(default_factory=list)
 
-    async def spawn(self, argv: list[str], name: str, cwd: Path | None = None) -> trio.Process:
+    async def spawn(
+        self, argv: list[str], name: str, cwd: Path | None = None, *, piped: bool = False
+    ) -> trio.Process:
+        """Start `argv`, its output to `<name>.log`; with `piped`, its stdin and stdout are
+        pipes (`process.stdin`, `process.stdout`) and only its stderr goes to the log."""
         output = (self.logs / f"{name}.log").open("ab")
         self._log_files.append(output)
         process = await trio.lowlevel.open_process(
             argv,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if piped else output,
+            stderr=output if piped else subprocess.STDOUT,
+            stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
             env=dict(self.env),
             cwd=str(cwd) if cwd else None,
             start_new_session=True,
@@ -268,6 +272,19 @@ class Processes:
                 await self.stop(process, grace=5.0)
             for output in self._log_files:
                 output.close()
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads together (ZeroMQ's I/O thread
+    included, and threads that have ended), its children left out: /proc/PID/stat's utime and
+    stime, in clock ticks (10 ms), so a figure wants many round trips behind it."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # (After the command name in parentheses, which may hold spaces: state, then field 4...)
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def descendants(pid: int) -> list[psutil.Process]:

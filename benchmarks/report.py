@@ -13,14 +13,27 @@ from typing import Any
 from benchmarks.stats import Spread, paired_ratios, percentile, scaled, spread
 from benchmarks.wsclient import QUIET_SECONDS
 
-KALLICHORE = ["embedded", "ws-tcp", "ws-unix", "jupyter-v1"]
+# Our daemon's channels through clients on other stacks (benchmarks.clients), beside ours.
+CLIENT_STACKS = [
+    f"{stack}-{transport}"
+    for transport in ("tcp", "unix")
+    for stack in ("websockets-sync", "websockets-asyncio", "node-ws")
+]
+KALLICHORE = ["embedded", "ws-tcp", "ws-unix", *CLIENT_STACKS, "jupyter-v1"]
 GATEWAYS = ["kg", "kg-quickack", "kg-v1", "server", "server-quickack", "server-v1"]
 KERNEL_GATEWAY = ["kg", "kg-quickack", "kg-v1"]
 # Our Jupyter kernels API against our Kallichore channels: the round trip no slower than +5 %.
 JUPYTER_LATENCY_VS_CHANNELS = 1.05
 # The agent API's one-call execution against the channels round trip of the same code.
 EXECUTE_LATENCY_VS_CHANNELS = 1.2
-LATENCY_LIMITS = {"embedded": 1.00, "ws-tcp": 1.10, "ws-unix": 1.10}
+LATENCY_LIMITS = {
+    "embedded": 1.00,
+    "ws-tcp": 1.10,
+    "ws-unix": 1.10,
+    **dict.fromkeys(CLIENT_STACKS, 1.10),
+}
+# The daemon's own CPU (all its threads) per channels round trip of `1`, in ms.
+SERVER_CPU_PER_ROUND_TRIP_MAX = 0.5
 THROUGHPUT_MIN = 0.9
 START_MAX = 0.8
 IDLE_CPU_MAX = 1.0  # % of one core
@@ -34,8 +47,13 @@ def median_of(batch: Sequence[float]) -> float:
     return percentile(batch, 50)
 
 
-def latency_summary(batches: dict[str, list[list[float]]]) -> dict[str, dict[str, Any]]:
-    """p50/p90/p99 over every round trip (ms), the spread of batch medians, and ratios."""
+def latency_summary(
+    batches: dict[str, list[list[float]]], server_cpu: dict[str, list[float]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """p50/p90/p99 over every round trip (ms), the spread of batch medians, and ratios; with
+    `server_cpu` (CPU seconds per batch), the server's CPU ms per round trip: all batches'
+    CPU over all their round trips (the clock ticks in 10 ms steps, too coarse for one batch
+    alone), with the spread of the batches' own figures."""
     floor_medians = [median_of(b) for b in batches.get("floor", [])]
     floor_all = [x for b in batches.get("floor", []) for x in b]
     summary: dict[str, dict[str, Any]] = {}
@@ -53,6 +71,12 @@ def latency_summary(batches: dict[str, list[list[float]]]) -> dict[str, dict[str
             entry["ratio_p50"] = spread(paired_ratios(medians, floor_medians))
             entry["ratio_p90"] = entry["p90_ms"] / (percentile(floor_all, 90) * 1e3)
             entry["ratio_p99"] = entry["p99_ms"] / (percentile(floor_all, 99) * 1e3)
+        cpu = (server_cpu or {}).get(key)
+        if cpu and samples:
+            entry["server_cpu_ms_per_round_trip"] = sum(cpu) / len(samples) * 1e3
+            entry["server_cpu_ms_per_round_trip_batches"] = spread(
+                [c / len(b) * 1e3 for c, b in zip(cpu, rounds, strict=False) if b]
+            )
         summary[key] = entry
     return summary
 
@@ -91,6 +115,9 @@ def throughput_summary(data: dict[str, Any]) -> dict[str, dict[str, dict[str, An
                 "runs_with_losses": sum(lost > 0 for lost in figures["lost"]),
                 "most_lost": max((x for x in figures["lost"] if not math.isnan(x)), default=0),
             }
+            cpu = server_cpu_per_output(workload, per_key[key])
+            if cpu is not None:
+                entry["server_cpu"] = cpu
             if floor is not None:
                 entry["ratio_msg_per_s"] = spread(
                     paired_ratios(figures["msg_per_s"], floor["msg_per_s"])
@@ -101,6 +128,17 @@ def throughput_summary(data: dict[str, Any]) -> dict[str, dict[str, dict[str, An
                     )
             summary[workload][key] = entry
     return summary
+
+
+def server_cpu_per_output(workload: str, runs: list[dict[str, Any]]) -> Spread | None:
+    """The server's CPU per unit of output over a configuration's runs: ms per MB streamed
+    (stream), us per message (small messages); None without a server."""
+    measured = [r for r in runs if not r.get("failed") and "server_cpu_seconds" in r]
+    if not measured:
+        return None
+    if workload == "stream":
+        return spread([r["server_cpu_seconds"] * 1e3 / (r["bytes"] / 1e6) for r in measured])
+    return spread([r["server_cpu_seconds"] * 1e6 / r["messages"] for r in measured])
 
 
 def start_summary(seconds: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
@@ -142,7 +180,7 @@ def agent_summary(data: dict[str, Any]) -> dict[str, Any]:
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if "latency" in raw:
-        summary["latency"] = latency_summary(raw["latency"])
+        summary["latency"] = latency_summary(raw["latency"], raw.get("latency_server_cpu"))
     if "throughput" in raw:
         summary["throughput"] = throughput_summary(raw["throughput"])
     if "start" in raw:
@@ -214,6 +252,12 @@ def targets(summary: dict[str, Any]) -> list[Target]:
             if key in latency:
                 ratio = latency[key]["ratio_p50"]["median"]
                 found.append(Target("latency", key, "p50 / floor", ratio, limit, ratio <= limit))
+        for key in LATENCY_LIMITS:
+            cpu = latency.get(key, {}).get("server_cpu_ms_per_round_trip")
+            if cpu is not None:
+                limit = SERVER_CPU_PER_ROUND_TRIP_MAX
+                what = "server CPU ms / round trip"
+                found.append(Target("latency", key, what, cpu, limit, cpu <= limit))
         p50 = {key: entry["p50_ms"] for key, entry in latency.items()}
         found += _below_gateways("latency", p50, "p50 ms < best gateway")
     for workload, per_key in summary.get("throughput", {}).items():
@@ -339,6 +383,19 @@ def _rate(s: Spread, digits: int = 0) -> str:
     return f"{s['median']:,.{digits}f} [{s['p25']:,.{digits}f}-{s['p75']:,.{digits}f}]"
 
 
+def _cpu(s: Spread | None, digits: int) -> str:
+    return "-" if s is None else _rate(s, digits)
+
+
+def _server_cpu_per_round_trip(entry: dict[str, Any]) -> str:
+    if "server_cpu_ms_per_round_trip" not in entry:
+        return "-"
+    batches = entry["server_cpu_ms_per_round_trip_batches"]
+    return (
+        f"{entry['server_cpu_ms_per_round_trip']:.2f} [{batches['p25']:.2f}-{batches['p75']:.2f}]"
+    )
+
+
 def _phrase(t: Target) -> str:
     mark = "met" if t.met else "**not met**"
     measure = t.what.split(" ")[0]
@@ -346,6 +403,8 @@ def _phrase(t: Target) -> str:
     if "best gateway" in t.what:
         side = "above" if ">" in t.what else "below"
         return f"{measure} {side} the gateways: {mark}"
+    if t.what.startswith("server CPU"):
+        return f"server CPU <= {t.limit:g} ms: {mark}"
     if "/ floor" in t.what:
         sign = ">=" if t.workload.startswith("throughput") else "<="
         return f"{measure} {sign} {t.limit:.2f}x floor: {mark}"
@@ -401,12 +460,17 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
         "(`--ZMQChannelsWebsocketConnection.limit_rate=False`): with it they drop most of the",
         "throughput workloads' output. Their `-quickack` rows use the same server with a client",
         "that sets `TCP_QUICKACK` on its socket before every read, which removes a ~40 ms",
-        "delayed-ACK stall. All WebSocket rows use the same client (trio-websocket, no",
-        "compression), with legacy JSON frames except the `-v1` rows, which speak the Jupyter",
-        "servers' v1 subprotocol (binary frames, as JupyterLab 4 does). `jupyter-v1` is our",
+        "delayed-ACK stall. The WebSocket rows but the other client stacks' (below) use one",
+        "client (ours: trio-websocket, no compression), with legacy JSON frames except the",
+        "`-v1` rows, which speak the Jupyter servers' v1 subprotocol (binary frames, as",
+        "JupyterLab 4 does). `jupyter-v1` is our",
         "daemon's Jupyter Server kernels API (`/api/kernels` and its channels), reached exactly",
         "as the gateways are; its targets: a round trip within +5 % of `ws-tcp`'s, throughput",
         "at least Kernel Gateway's best, and no message lost where Kernel Gateway loses some.",
+        "The `websockets-*` and `node-ws-*` rows are our daemon's channels (the same daemon as",
+        "`ws-tcp` and `ws-unix`, in the same rounds) through the clients people use instead of",
+        "ours: the `websockets` package's sync and asyncio clients and Node's `ws` (Positron's),",
+        "each in a process of its own with its defaults, timing its round trips itself.",
         "",
         f"## Last full run: {meta['date']}",
         "",
@@ -432,16 +496,21 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
             f"idle are in hand: {plan['latency_rounds']} rounds x {plan['latency_per_batch']} "
             f"round trips per configuration after {plan['latency_warmup']} warm-up ones.",
             "p50/p90/p99 over all round trips; the ratio is that of the batch medians.",
+            "*Server CPU* is the CPU time of the server process between client and kernel (all",
+            "its threads, ZeroMQ's I/O thread included; the kernel's not) over all the",
+            "batches, per round trip, from /proc/PID/stat (the batches' own figures in",
+            "brackets: they are coarse, the clock ticks in 10 ms steps).",
             "",
             "| configuration | p50 ms | p90 ms | p99 ms | batch median ms | p50 vs floor "
-            "| target |",
-            "|---|---|---|---|---|---|---|",
+            "| server CPU ms / round trip | target |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for key, entry in latency.items():
             lines.append(
                 f"| `{key}` | {entry['p50_ms']:.2f} | {entry['p90_ms']:.2f} | "
                 f"{entry['p99_ms']:.2f} | {_ms(entry['batch_median_ms'])} | "
-                f"{_ratio(entry.get('ratio_p50'))} | {_verdicts(found, 'latency', key)} |"
+                f"{_ratio(entry.get('ratio_p50'))} | {_server_cpu_per_round_trip(entry)} | "
+                f"{_verdicts(found, 'latency', key)} |"
             )
         if "latency" in charts:
             lines += ["", f"![latency distributions]({charts['latency']})"]
@@ -463,9 +532,11 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
             "subscriber (the server) has not taken once ZeroMQ's high-water marks are reached.",
             "Lost messages are shown next to the rate; when the final idle itself is lost, the",
             f"run ends {QUIET_SECONDS:g} s after the last message and is timed to that message.",
+            "Server CPU: as in the latency table, per message (small) and per MB (stream).",
             "",
-            "| configuration | small: msg/s | vs floor | stream: MB/s | vs floor | target |",
-            "|---|---|---|---|---|---|",
+            "| configuration | small: msg/s | vs floor | server CPU us / msg | stream: MB/s "
+            "| vs floor | server CPU ms / MB | target |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         small = throughput.get("small_messages", {})
         expected_small = document["raw"]["throughput"]["expected"]["small_messages"]["messages"]
@@ -481,9 +552,10 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
             )
             lines.append(
                 f"| `{key}` | {_rate(s['msg_per_s'])}{lost_note} | "
-                f"{_ratio(s.get('ratio_msg_per_s'))} | "
+                f"{_ratio(s.get('ratio_msg_per_s'))} | {_cpu(s.get('server_cpu'), 1)} | "
                 f"{_rate(b['mb_per_s'], 1) if b else '-'} | "
-                f"{_ratio(b.get('ratio_mb_per_s')) if b else '-'} | {verdict} |"
+                f"{_ratio(b.get('ratio_mb_per_s')) if b else '-'} | "
+                f"{_cpu(b.get('server_cpu'), 1) if b else '-'} | {verdict} |"
             )
         if "throughput" in charts:
             lines += ["", f"![throughput]({charts['throughput']})"]
@@ -556,6 +628,7 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
             f"{agent['per_s']:.1f} | {agent['call_p50_ms']:.1f} | {agent['call_p99_ms']:.1f} |",
             "",
         ]
+    lines += client_stacks(summary)
     failures = summary.get("failures")
     if failures:
         lines += [
@@ -593,6 +666,46 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def client_stacks(summary: dict[str, Any]) -> list[str]:
+    """Our daemon's channels through each client stack, side by side: the latency and
+    throughput tables' figures for them, with the server's CPU and the failed executions."""
+    latency = summary.get("latency", {})
+    throughput = summary.get("throughput", {})
+    failures = summary.get("failures", {})
+    keys = [k for k in ["ws-tcp", "ws-unix", *CLIENT_STACKS] if k in latency or k in throughput]
+    if not any(k in CLIENT_STACKS for k in keys):
+        return []
+    lines = [
+        "### Client stacks",
+        "",
+        "Our daemon through each client (`ws-*`: ours), the figures of the tables above: the",
+        "round trip's p50 and its ratio to the floor, the daemon's CPU per round trip, small",
+        "messages and stream against the floor, the daemon's CPU per MB streamed, and the",
+        "executions that failed (see Failures).",
+        "",
+        "| configuration | p50 ms | p50 vs floor | CPU ms / round trip | small msg/s vs floor "
+        "| stream MB/s vs floor | CPU ms / MB | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        entry = latency.get(key)
+        small = throughput.get("small_messages", {}).get(key, {})
+        stream = throughput.get("stream", {}).get(key, {})
+        round_trip = (
+            f"{entry['p50_ms']:.2f} | {_ratio(entry.get('ratio_p50'))} | "
+            f"{_server_cpu_per_round_trip(entry)}"
+            if entry
+            else "- | - | -"
+        )
+        lines.append(
+            f"| `{key}` | {round_trip} | {_ratio(small.get('ratio_msg_per_s'))} | "
+            f"{_ratio(stream.get('ratio_mb_per_s'))} | {_cpu(stream.get('server_cpu'), 1)} | "
+            f"{failures.get(key, {}).get('count', 0)} |"
+        )
+    lines.append("")
+    return lines
+
+
 # -- charts -----------------------------------------------------------------------------------
 
 COLOURS = {
@@ -609,6 +722,12 @@ COLOURS = {
     "kg-v1": "#fd8d3c",
     "server-v1": "#9e9ac8",
     "execute-tcp": "#74c476",
+    "websockets-sync-tcp": "#de2d26",
+    "websockets-asyncio-tcp": "#fb6a4a",
+    "node-ws-tcp": "#54278f",
+    "websockets-sync-unix": "#fc9272",
+    "websockets-asyncio-unix": "#fcbba1",
+    "node-ws-unix": "#9e9ac8",
 }
 # The gateways as they come: dashed; with the client's TCP_QUICKACK: solid.
 STYLES = {"kg": "--", "server": "--"}

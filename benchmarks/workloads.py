@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import psutil
 import trio
 import trio_websocket
 
+from benchmarks.clients import ClientFailed
 from benchmarks.configs import (
     Configuration,
     Context,
@@ -31,7 +33,7 @@ from benchmarks.configs import (
     Session,
     new_id,
 )
-from benchmarks.environment import log
+from benchmarks.environment import log, process_cpu_seconds
 from benchmarks.wsclient import Execution
 from kallichore.client import ApiError
 
@@ -87,6 +89,7 @@ FAILURES = (
     trio.ClosedResourceError,
     httpx.HTTPError,
     ApiError,
+    ClientFailed,
 )
 
 
@@ -134,14 +137,29 @@ def stream_code(mib: int, chunk_kib: int) -> str:
 # -- latency ----------------------------------------------------------------------------------
 
 
+class ServerCpu:
+    """The CPU seconds a session's server process spends on something (NaN without one): the
+    rounds are sequential, so what the server does meanwhile is that session's."""
+
+    def __init__(self, session: Session) -> None:
+        self.pid = session.server_pid
+        self.before = process_cpu_seconds(self.pid) if self.pid else math.nan
+
+    def spent(self) -> float:
+        return process_cpu_seconds(self.pid) - self.before if self.pid else math.nan
+
+
 async def latency_batches(
     sessions: dict[str, Session],
     rounds: int,
     per_batch: int,
     warmup: int,
     failures: dict[str, list[str]],
+    *,
+    server_cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Round-trip seconds: for each configuration, one batch per round."""
+    """Round-trip seconds: for each configuration, one batch per round; with `server_cpu`,
+    also the CPU seconds its server spent on each batch (for those with a server)."""
     for key, session in sessions.items():
         for _ in range(warmup):
             await attempt(session, LATENCY_CODE, key, failures)
@@ -149,11 +167,14 @@ async def latency_batches(
     for round_ in range(rounds):
         for key, session in sessions.items():
             batch = []
+            cpu = ServerCpu(session)
             for _ in range(per_batch):
                 execution = await attempt(session, LATENCY_CODE, key, failures)
                 if execution is not None:
                     batch.append(execution.seconds)
             batches[key].append(batch)
+            if server_cpu is not None and cpu.pid:
+                server_cpu.setdefault(key, []).append(cpu.spent())
         log(f"latency round {round_ + 1}/{rounds} done")
     return batches
 
@@ -161,13 +182,16 @@ async def latency_batches(
 # -- throughput -------------------------------------------------------------------------------
 
 
-def describe(execution: Execution) -> dict[str, Any]:
-    return {
+def describe(execution: Execution, cpu: ServerCpu) -> dict[str, Any]:
+    run = {
         "seconds": execution.seconds,
         "messages": execution.iopub_messages,
         "bytes": execution.stream_bytes,
         "complete": execution.complete,
     }
+    if cpu.pid:
+        run["server_cpu_seconds"] = cpu.spent()
+    return run
 
 
 async def throughput(
@@ -188,14 +212,16 @@ async def throughput(
     for key, session in sessions.items():
         await attempt(session, small_messages_code(100), key, failures)
         await attempt(session, stream_code(1, 256), key, failures)
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         name: {key: [] for key in sessions} for name in workloads
     }
     for round_ in range(plan.throughput_rounds):
         for name, code in workloads.items():
             for key, session in sessions.items():
+                cpu = ServerCpu(session)
                 execution = await attempt(session, code, key, failures)
-                runs[name][key].append(describe(execution) if execution else {"failed": True})
+                run: dict[str, Any] = describe(execution, cpu) if execution else {"failed": True}
+                runs[name][key].append(run)
         log(f"throughput round {round_ + 1}/{plan.throughput_rounds} done")
     return {"expected": expected, "runs": runs}
 
@@ -205,9 +231,10 @@ async def throughput(
 
 async def starts(configurations: list[Configuration], rounds: int) -> dict[str, list[float]]:
     """Seconds from create to kernel_info reply; one warm-up start each, then `rounds`."""
-    seconds: dict[str, list[float]] = {c.key: [] for c in configurations}
+    measured = [c for c in configurations if c.measures_starts]
+    seconds: dict[str, list[float]] = {c.key: [] for c in measured}
     for round_ in range(rounds + 1):
-        for configuration in configurations:
+        for configuration in measured:
             session, elapsed = await configuration.start_session(connect=False)
             await session.close()
             if round_ > 0:

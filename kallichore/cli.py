@@ -7,6 +7,7 @@ starting with `Error:` and exit status 1, as kcserver does.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
@@ -14,14 +15,17 @@ import secrets
 import stat
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, get_args
 
 import trio
 
 from kallichore import __version__
 from kallichore.api import models
-from kallichore.api.jupyter import JupyterSettings
+from kallichore.api.jupyter import JupyterSettings, kernelspecs
+from kallichore.jupyter.kernelspec import KernelSpec
 from kallichore.server.daemon import DaemonError, DaemonOptions, Transport, run_daemon
+from kallichore.server.http import LOOPBACK
+from kallichore.session.model import KernelTransport
 from kallichore.session.resources import MAX_SAMPLE_INTERVAL_MS
 from kallichore.state_dir import StateDirError, saved_token
 
@@ -65,7 +69,13 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"{prog} {__version__}")
     where = parser.add_argument_group("where to listen")
     where.add_argument(
-        "-p", "--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)"
+        "-p", "--port", type=int, default=0, help="TCP port on --host (0: any free port)"
+    )
+    where.add_argument(
+        "--host",
+        default=LOOPBACK,
+        help="the address to listen on (default: %(default)s, this machine only); any other "
+        "is refused with --token none, as anyone who can reach it could run code",
     )
     where.add_argument("--transport", help="tcp, socket, or named-pipe (Windows only)")
     where.add_argument("--unix-socket", type=Path, help="serve the API on this Unix socket path")
@@ -130,6 +140,20 @@ def build_parser(prog: str = "kallichore") -> argparse.ArgumentParser:
         "does not read and the replay window after a drop; the oldest are dropped beyond it "
         "(default: %(default)s)",
     )
+    behave.add_argument(
+        "--kernel-transport",
+        choices=get_args(KernelTransport),
+        default="ipc",
+        help="how the daemon reaches the kernels it starts: Unix sockets in a private "
+        "directory, or loopback TCP ports (default: %(default)s; adopted kernels are reached "
+        "as their connection info says)",
+    )
+    behave.add_argument(
+        "--default-kernel",
+        metavar="NAME",
+        help="single-kernel mode: create the session 'default' running the kernelspec NAME and "
+        "start it before serving; GET /health and the /kernel/* routes act on it",
+    )
     jupyter = parser.add_argument_group("the Jupyter Server kernels API (/api/...)")
     jupyter.add_argument(
         "--root-dir",
@@ -176,9 +200,37 @@ def choose_transport(args: argparse.Namespace) -> Transport:
         )
     if args.unix_socket is not None and transport is not Transport.SOCKET:
         raise UsageError(f"--unix-socket needs the socket transport (transport is {transport})")
+    if args.host != LOOPBACK and transport is not Transport.TCP:
+        raise UsageError(
+            f"--host can only be used with the tcp transport (transport is {transport})"
+        )
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     return transport
+
+
+def is_loopback(host: str) -> bool:
+    """`host` is an address of this machine alone (a name other than localhost may not be)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_kernelspec(name: str | None) -> KernelSpec | None:
+    """The kernelspec of --default-kernel, looked up before anything is bound."""
+    if name is None:
+        return None
+    specs = kernelspecs()
+    try:
+        return specs[name.lower()]
+    except KeyError:
+        raise UsageError(
+            f"--default-kernel: no kernelspec is named {name!r}; there are: "
+            f"{', '.join(sorted(specs))}"
+        ) from None
 
 
 def read_token(option: str | None, state_dir: Path | None = None) -> str | None:
@@ -263,24 +315,34 @@ def options_from(args: argparse.Namespace) -> DaemonOptions:
     root_dir = (args.root_dir or Path.cwd()).absolute()
     if not root_dir.is_dir():
         raise UsageError(f"--root-dir {args.root_dir} is not a directory")
+    if args.token == "none" and not is_loopback(args.host):
+        raise UsageError(
+            f"--host {args.host} needs a token: without one, anyone who can reach the port "
+            "could run code on this machine"
+        )
+    default_kernel = default_kernelspec(args.default_kernel)
+    token = read_token(args.token, args.state_dir)
     log_level = configure_logging(args.log_level, args.log_file)
     return DaemonOptions(
         transport=transport,
+        host=args.host,
         port=args.port,
         unix_socket=args.unix_socket.absolute() if args.unix_socket else None,
         socket_dir=args.socket_dir.absolute() if args.socket_dir else None,
         connection_file=args.connection_file.absolute() if args.connection_file else None,
         handshake_socket=args.handshake_socket,
-        token=read_token(args.token, args.state_dir),
+        token=token,
         idle_shutdown_hours=args.idle_shutdown_hours,
         idle_shutdown_seconds=args.idle_shutdown_seconds,
         resource_sample_interval_ms=args.resource_sample_interval,
         shutdown_grace=args.shutdown_grace,
         session_buffer_bytes=args.session_buffer_mb * 2**20,
+        kernel_transport=args.kernel_transport,
         log_level=log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
         state_dir=args.state_dir.absolute() if args.state_dir else None,
         jupyter=JupyterSettings(root_dir, frozenset(args.jupyter_env_allow)),
+        default_kernel=default_kernel,
     )
 
 

@@ -23,12 +23,14 @@ import os
 import shutil
 import signal
 import stat
+import threading
 from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 from jupyter_core.paths import jupyter_runtime_dir
 
 from kallichore.jupyter.connection import write_json_file
@@ -90,6 +92,10 @@ class Footprint:
         self._path = path
         started = kernel_process.start_time(os.getpid()) if path is not None else None
         self._record = Record(os.getpid(), started or 0.0)
+        # Every change gets a version; a write never replaces a newer one (see `_save`).
+        self._version = 0
+        self._written = 0
+        self._writing = threading.Lock()
         self._write()
 
     @classmethod
@@ -113,20 +119,20 @@ class Footprint:
             self._record.paths.remove(str(path))
             self._write()
 
-    def kernel_started(self, pid: int, *, detached: bool, paths: Iterable[Path]) -> None:
+    async def kernel_started(self, pid: int, *, detached: bool, paths: Iterable[Path]) -> None:
         """A kernel we launched, with the files that go with it (its connection file)."""
         started = kernel_process.start_time(pid)
         if self._path is None or started is None:
             return
         entry = KernelEntry(pid, started, detached, [str(p) for p in paths])
         self._record.kernels.append(entry)
-        self._write()
+        await self._save()
 
-    def kernel_exited(self, pid: int) -> None:
+    async def kernel_exited(self, pid: int) -> None:
         if self._path is None:
             return
         self._record.kernels = [k for k in self._record.kernels if k.pid != pid]
-        self._write()
+        await self._save()
 
     def close(self) -> None:
         """The daemon has cleaned up after itself: the record goes too."""
@@ -135,14 +141,31 @@ class Footprint:
             self._path = None
 
     def _write(self) -> None:
-        if self._path is None:
-            return
-        try:
-            # Not synced: it only matters if the daemon dies, and a crash of the machine takes
-            # the kernels with it (and, under $XDG_RUNTIME_DIR, the files too).
-            write_json_file(self._path, self._record.to_dict(), fsync=False)
-        except OSError as exc:
-            logger.warning("could not record what this daemon created in %s: %s", self._path, exc)
+        if self._path is not None:
+            self._write_version(self._path, *self._snapshot())
+
+    async def _save(self) -> None:
+        """Write the record from a worker thread: renaming a file over another makes ext4 flush
+        its data, which took tens of milliseconds of the event loop per kernel when 50 kernels
+        started at once. Writes that queue up behind a newer one are skipped."""
+        if self._path is not None:
+            await trio.to_thread.run_sync(self._write_version, self._path, *self._snapshot())
+
+    def _snapshot(self) -> tuple[int, dict[str, Any]]:
+        self._version += 1
+        return self._version, self._record.to_dict()
+
+    def _write_version(self, path: Path, version: int, contents: dict[str, Any]) -> None:
+        with self._writing:
+            if version <= self._written:
+                return
+            try:
+                # Not synced: it only matters if the daemon dies, and a crash of the machine
+                # takes the kernels with it (and, under $XDG_RUNTIME_DIR, the files too).
+                write_json_file(path, contents, fsync=False)
+            except OSError as exc:
+                logger.warning("could not record what this daemon created in %s: %s", path, exc)
+            self._written = version
 
 
 def sweep(directory: Path) -> None:

@@ -55,8 +55,11 @@ def assert_no_logged_exception(records: Iterable[Any]) -> None:
 
 def is_server_crash(status: int, body: Any) -> bool:
     """A 5xx other than the 500 with a `KS-` error object that Kallichore's API documents
-    for a failed start, restart or adopt (which a client can act on, unlike an HTML page)."""
+    for a failed start, restart or adopt (which a client can act on, unlike an HTML page), and
+    the 503 of `/health` for a kernel that is not alive."""
     if status < 500:
+        return False
+    if status == 503 and isinstance(body, dict) and body.get("status") == "unhealthy":
         return False
     # Start and restart wrap the error object (`{"error": {...}}`); adopt sends it bare.
     error = body.get("error", body) if isinstance(body, dict) else None

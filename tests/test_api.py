@@ -19,7 +19,14 @@ import trio_websocket
 import wsproto
 import wsproto.events
 
-from kallichore.client import ApiError, KallichoreClient, StartupFailed, execute_request, message
+from kallichore.client import (
+    ApiError,
+    KallichoreClient,
+    StartupFailed,
+    execute_request,
+    message,
+    open_channels,
+)
 from kallichore.server.http import RunningServer
 from kallichore.supervisor import Supervisor
 from tests.conftest import (
@@ -527,6 +534,44 @@ async def test_unknown_session_on_the_websocket(client: KallichoreClient) -> Non
             pass
     assert raised.value.status == 400
     assert raised.value.code == "KS-1"
+
+
+async def test_requests_from_web_pages_of_another_origin_are_refused(
+    client: KallichoreClient, server: RunningServer
+) -> None:
+    """What a page on another site would send to a daemon on loopback (with the token off it
+    would run code) is refused, on every API and on the channels; no `Origin` (agents,
+    Positron, jupyter_server) or the daemon's own origin is served as always."""
+    await client.create_session(**new_session_body("python-1"))
+    host = server.url.removeprefix("http://").rstrip("/")
+    address, port = host.rsplit(":", 1)
+    evil = {"Origin": "https://evil.example"}
+    # A "simple" cross-site POST: no preflight, the body as text/plain.
+    execute = await client.http.post(
+        "/sessions/python-1/execute",
+        content=b'{"code": "1"}',
+        headers={**evil, "Content-Type": "text/plain"},
+    )
+    assert execute.status_code == 403
+    assert execute.json()["code"] == "403"
+    jupyter = await client.http.get("/api/kernels", headers=evil)
+    assert (jupyter.status_code, "another origin" in jupyter.json()["message"]) == (403, True)
+    assert (await client.http.get("/sessions", headers={"Origin": "null"})).status_code == 403
+    for resource in (
+        "/sessions/python-1/channels",
+        f"/api/kernels/{'0' * 8}-0000-4000-8000-{'0' * 12}/channels",
+    ):
+        stream = await trio.open_tcp_stream(address, int(port))
+        with pytest.raises(ApiError) as refused:
+            async with open_channels(stream, host, resource, [*evil.items()]):
+                pass
+        assert refused.value.status == 403, resource
+    own = {"Origin": f"http://{host}"}
+    assert (await client.http.get("/sessions", headers=own)).status_code == 200
+    stream = await trio.open_tcp_stream(address, int(port))
+    headers = [("Authorization", f"Bearer {TOKEN}"), *own.items()]
+    async with open_channels(stream, host, "/sessions/python-1/channels", headers):
+        pass
 
 
 PROTECTED = [

@@ -95,6 +95,9 @@ def test_help_and_version() -> None:
         "--state-dir",
         "--version",
         "--session-buffer-mb",
+        "--kernel-transport",
+        "--host",
+        "--default-kernel",
     ):
         assert flag in help_text.stdout
     version = subprocess.run(
@@ -283,6 +286,7 @@ async def test_three_daemons_get_three_ports(tmp_path: Path) -> None:
         ["--transport", "tcp", "--idle-shutdown-hours", "-1"],
         ["--transport", "tcp", "--session-buffer-mb", "0"],
         ["--transport", "tcp", "--session-buffer-mb", "9" * 400],
+        ["--transport", "tcp", "--kernel-transport", "udp"],
         ["--transport", "tcp", "--root-dir", "/no/such/directory"],
         ["--transport", "socket", "--unix-socket", "/tmp/" + "x" * 120 + ".sock"],
     ],

@@ -18,7 +18,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from kallichore import __version__
-from kallichore.api import jupyter_models, models
+from kallichore.api import jupyter_models, models, single_kernel_models
 from kallichore.api.app import ROUTE_TABLES, ServerState, create_app
 from kallichore.api.openapi import WIRE_MODELS, openapi_document
 from kallichore.channels.kallichore_framing import (
@@ -149,7 +149,7 @@ def test_every_wire_model_has_a_schema_with_its_fields(document: dict[str, Any])
     schemas = document["components"]["schemas"]
     wire = [
         value
-        for module in (models, jupyter_models)
+        for module in (models, jupyter_models, single_kernel_models)
         for value in vars(module).values()
         if isinstance(value, type) and attrs.has(value) and value.__module__ == module.__name__
     ]

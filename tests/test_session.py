@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -31,9 +32,16 @@ from kallichore.session.events import (
     Subscription,
 )
 from kallichore.session.kernel_session import KernelSession
-from kallichore.session.model import InterruptMode, SessionConfig, Status, VarAction, VarActionType
+from kallichore.session.model import (
+    InterruptMode,
+    KernelTransport,
+    SessionConfig,
+    Status,
+    VarAction,
+    VarActionType,
+)
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
-from tests.conftest import IPYKERNEL_ARGV, ipykernel_spec
+from tests.conftest import IPYKERNEL_ARGV, ipykernel_spec, supervisor_config
 from tests.kernel_client import (
     collect_until,
     is_done,
@@ -623,3 +631,36 @@ async def test_an_embedded_session_with_a_subscriber_gets_resource_usage() -> No
         assert not session.connected
     assert usage.usage.memory_bytes > 0
     assert session.resource_usage is not None
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+async def test_kernels_listen_where_the_transport_says_and_leave_no_socket_file(
+    short_dir: Path, transport: KernelTransport
+) -> None:
+    """ipc (the default): Unix sockets in a 0700 directory of the run, gone once the kernel is,
+    even one killed before it could remove them; tcp: loopback ports."""
+    config = attrs.evolve(
+        supervisor_config(short_dir),
+        session=SessionConfig(kernel_transport=transport, shutdown_grace=5.0),
+    )
+    async with open_supervisor(config) as sup:
+        session = await sup.create_session(ipykernel_spec())
+        await session.start()
+        info = session.connection_info
+        assert info is not None
+        assert info.transport == transport
+        if transport == "ipc":
+            directory = Path(info.ip).parent
+            assert directory.parent == short_dir
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+            shell = Path(info.address(Channel.SHELL).removeprefix("ipc://"))
+            assert stat.S_ISSOCK(shell.stat().st_mode)
+        else:
+            assert info.ip == "127.0.0.1"
+            assert info.address(Channel.SHELL).startswith("tcp://")
+        msg_id, events = await execute_and_collect(session, "print(6 * 7)")
+        assert stdout_text(replies_to(events, msg_id)) == "42\n"
+        with session.events.subscribe() as sub:
+            await session.kill()
+            await collect_until(sub, lambda e: isinstance(e, ExitedEvent))
+        assert list(short_dir.iterdir()) == []

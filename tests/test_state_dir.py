@@ -80,7 +80,9 @@ async def kill_and_come_back(tmp_path: Path, args: tuple[str, ...], pids: dict[s
         await started_session(client, "python-2")
         sessions = {s["session_id"]: s for s in await client.list_sessions()}
         pids.update({name: s["process_id"] for name, s in sessions.items()})
-        connection_files = {p.name for p in (state / "runtime").iterdir()}
+        # (Beside them, the directories of the kernels' ipc sockets.)
+        runtime = (state / "runtime").iterdir()
+        connection_files = {p.name for p in runtime if p.is_file()}
         assert connection_files == {"kernel-python-1.json", "kernel-python-2.json"}
         async with client.channels("python-1", resume=True) as channels:
             assert (await channels.execute("x = 41")).status == "ok"

@@ -62,6 +62,13 @@ from kallichore.api.routes import (
     empty,
     install,
     json_response,
+    refuse_cross_origin,
+)
+from kallichore.api.single_kernel import (
+    SINGLE_KERNEL_ROUTES,
+    ConnectionFiles,
+    SingleKernelApi,
+    install_single_kernel,
 )
 from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
@@ -650,7 +657,7 @@ def _openapi_json() -> bytes:
 
 
 # Every API the app serves, in the order the document lists them.
-ROUTE_TABLES = (ROUTES, AGENT_ROUTES, JUPYTER_ROUTES)
+ROUTE_TABLES = (ROUTES, AGENT_ROUTES, JUPYTER_ROUTES, SINGLE_KERNEL_ROUTES)
 
 
 def create_app(
@@ -664,16 +671,22 @@ def create_app(
     socket paths; `connections` counts each kernel's Jupyter channel connections."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    connections = connections or NoConnections()
     kallichore = KallichoreApi(supervisor, state, control, sockets)
     install(app, ROUTES, kallichore, lambda: state.token)
     install(app, AGENT_ROUTES, kallichore, lambda: state.token)
     jupyter = JupyterApi(
-        supervisor,
-        state.jupyter,
-        connections or NoConnections(),
-        on_removed=kallichore.close_channel_socket,
+        supervisor, state.jupyter, connections, on_removed=kallichore.close_channel_socket
     )
     install(app, JUPYTER_ROUTES, jupyter, lambda: state.token)
+    single = SingleKernelApi(
+        supervisor,
+        describe=lambda session: active_session(session, sockets),
+        connections=connections,
+        files=ConnectionFiles(supervisor),
+    )
+    install_single_kernel(app, single, lambda: state.token)
+    refuse_cross_origin(app)
 
     @app.before_request
     async def read_whole_body() -> None:

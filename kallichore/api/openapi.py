@@ -20,9 +20,17 @@ from typing import Any
 import attrs
 
 from kallichore import __version__
-from kallichore.api import jupyter_models, models
+from kallichore.api import jupyter_models, models, single_kernel_models
 from kallichore.api.models import ErrorBody
-from kallichore.api.routes import Empty, Null, Reply, Route, RouteTable, bad_body
+from kallichore.api.routes import (
+    CROSS_ORIGIN_REFUSAL,
+    Empty,
+    Null,
+    Reply,
+    Route,
+    RouteTable,
+    bad_body,
+)
 from kallichore.channels.kallichore_framing import CLIENT_CHANNELS, wire_status
 from kallichore.errors import ErrorCode
 from kallichore.jupyter.connection import TRANSPORTS, ConnectionInfo
@@ -113,6 +121,15 @@ WIRE_MODELS: dict[type, tuple[str, str]] = {
     jupyter_models.NotebookRef: ("NotebookRef", "The session's path and name again (old clients)."),
     jupyter_models.SessionModel: ("SessionModel", "A Jupyter session: a path bound to a kernel."),
     jupyter_models.JupyterError: ("JupyterError", "What went wrong, as Jupyter servers say it."),
+    # The single-kernel routes'.
+    single_kernel_models.Health: ("Health", "Whether the default kernel is alive."),
+    single_kernel_models.KernelAction: ("KernelAction", "What was done to the default kernel."),
+    single_kernel_models.KernelReset: ("KernelReset", "The default kernel, restarted."),
+    single_kernel_models.KernelConnection: (
+        "KernelConnection",
+        "A connection file of the default kernel, for a Jupyter client beside the daemon.",
+    ),
+    single_kernel_models.KernelStatus: ("KernelStatus", "The default kernel at a glance."),
 }
 
 ENUM_NOTES: dict[type[Enum], str] = {
@@ -330,6 +347,29 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         "memory_bytes": "Resident memory, summed over the tree.",
         "sampling_period_ms": "The sampling interval in force.",
         "timestamp": "When the sample was taken, in milliseconds since the Unix epoch.",
+    },
+    single_kernel_models.Health: {
+        "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+        "kernel_pid": "The kernel's process id while it runs.",
+    },
+    single_kernel_models.KernelAction: {"status": {"type": "string", "enum": ["success"]}},
+    single_kernel_models.KernelReset: {
+        "status": {"type": "string", "enum": ["success"]},
+        "old_pid": "The process id of the kernel that was stopped (null if none ran).",
+        "new_pid": "The process id of the new kernel.",
+        "connection_file": "The new kernel's connection file (see `GET /kernel/connection`).",
+    },
+    single_kernel_models.KernelConnection: {
+        "connection_file": "The file's path (mode 0600).",
+        "config": {
+            "allOf": [_ref("ConnectionInfo")],
+            "description": "What the file holds: the connection info, and `kernel_name`.",
+        },
+    },
+    single_kernel_models.KernelStatus: {
+        "alive": "The kernel answers (`idle` or `busy`), as `/health` says.",
+        "pid": "The kernel's process id while it runs.",
+        "status": _ref("Status"),
     },
 }
 
@@ -652,8 +692,9 @@ _KALLICHORE_DIALECT = _Dialect(
 )
 _DIALECTS = {
     "kallichore": _KALLICHORE_DIALECT,
-    # The agent API answers as the Kallichore API does.
+    # The agent and single-kernel routes answer as the Kallichore API does.
     "agent": _KALLICHORE_DIALECT,
+    "single": _KALLICHORE_DIALECT,
     "jupyter": _Dialect(
         jupyter_models.JupyterError,
         Reply(jupyter_models.JupyterError, "The token is missing or wrong."),
@@ -698,6 +739,9 @@ def _operation(table: RouteTable, route: Route) -> Schema:
             replies.setdefault(400, Reply(dialect.error, bad_body(route.body) + "."))
         replies[413] = _TOO_LARGE
     replies |= route.replies
+    replies[403] = Reply(
+        dialect.error, f"From a web page of another origin: {CROSS_ORIGIN_REFUSAL}."
+    )
     if route.protected:
         operation["security"] = dialect.security
         replies[401] = dialect.unauthorized
@@ -771,6 +815,12 @@ def openapi_document(*tables: RouteTable) -> dict[str, Any]:
                 "name": "jupyter",
                 "description": (
                     "The Jupyter Server kernels API: every session is a kernel, by its UUID."
+                ),
+            },
+            {
+                "name": "single-kernel",
+                "description": (
+                    "The agent-sandbox routes, on the session `default` (`--default-kernel`)."
                 ),
             },
         ],

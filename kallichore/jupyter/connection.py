@@ -28,6 +28,9 @@ _MAX_ATTEMPTS_PER_PORT = 100
 _EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Below this many ports above the ephemeral range, random picks would collide too often.
 _MIN_QUIET_PORTS = 1000
+# The longest ipc endpoint path we use: a Unix socket's path and its NUL must fit in sun_path
+# (108 bytes on Linux, 104 on macOS).
+MAX_IPC_PATH_BYTES = 103
 
 
 def _check_port(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
@@ -102,6 +105,20 @@ class ConnectionInfo:
         )
 
     @classmethod
+    def over_ipc(cls, prefix: str, key: str) -> ConnectionInfo:
+        """Unix sockets `<prefix>-1` to `<prefix>-5` (Jupyter's ipc convention, see `address`)."""
+        return cls(
+            control_port=1,
+            shell_port=2,
+            iopub_port=3,
+            hb_port=4,
+            stdin_port=5,
+            key=key,
+            transport="ipc",
+            ip=prefix,
+        )
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConnectionInfo:
         """Parse a connection file's object; extra keys (kernel_name, ...) are ignored.
 
@@ -128,6 +145,11 @@ class ConnectionInfo:
 
     def signer(self) -> Signer:
         return Signer(self.key.encode(), self.signature_scheme)
+
+
+def ipc_prefix_fits(prefix: str) -> bool:
+    """Whether every socket path of `ConnectionInfo.over_ipc(prefix, ...)` is short enough."""
+    return len(os.fsencode(f"{prefix}-5")) <= MAX_IPC_PATH_BYTES
 
 
 def new_key() -> str:

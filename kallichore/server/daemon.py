@@ -26,15 +26,18 @@ import trio
 from kallichore import __version__
 from kallichore.api.app import ServerState
 from kallichore.api.jupyter import JupyterSettings
+from kallichore.api.single_kernel import start_default_kernel
 from kallichore.channels.broker import ChannelBroker
+from kallichore.errors import StartupError
 from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import write_json_file
-from kallichore.server.http import RunningServer, serve_api
+from kallichore.jupyter.kernelspec import KernelSpec
+from kallichore.server.http import LOOPBACK, RunningServer, serve_api
 from kallichore.server.idle_shutdown import IdleShutdown
 from kallichore.server.lifetime import ServerLifetime
 from kallichore.server.private_dir import private_socket_dir, socket_base
 from kallichore.server.session_sockets import MAX_SOCKET_PATH_BYTES, SessionSockets
-from kallichore.session.model import SessionConfig
+from kallichore.session.model import KernelTransport, SessionConfig
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class Transport(StrEnum):
 @attrs.frozen
 class DaemonOptions:
     transport: Transport
+    host: str = LOOPBACK
     port: int = 0
     unix_socket: Path | None = None
     socket_dir: Path | None = None
@@ -60,10 +64,13 @@ class DaemonOptions:
     resource_sample_interval_ms: int = 1000
     shutdown_grace: float = 10.0
     session_buffer_bytes: int = SessionConfig().event_buffer_bytes
+    kernel_transport: KernelTransport = SessionConfig().kernel_transport
     log_level: str = "info"
     log_file: Path | None = None
     state_dir: Path | None = None
     jupyter: JupyterSettings = attrs.Factory(JupyterSettings)
+    # Single-kernel mode: the kernelspec the session `default` runs.
+    default_kernel: KernelSpec | None = None
 
 
 class DaemonError(Exception):
@@ -101,9 +108,8 @@ def connection_document(
     """Kallichore's connection file: keys in its order, address keys for this transport only."""
     document: dict[str, Any] = {}
     if socket_path is None:
-        port = server.port
-        document["port"] = port
-        document["base_path"] = f"http://127.0.0.1:{port}"
+        document["port"] = server.port
+        document["base_path"] = server.url
     else:
         document["socket_path"] = str(socket_path)
     document["transport"] = options.transport.value
@@ -134,7 +140,9 @@ async def run_daemon(options: DaemonOptions) -> int:
     footprint = Footprint.open()
     config = SupervisorConfig(
         session=SessionConfig(
-            shutdown_grace=grace, event_buffer_bytes=options.session_buffer_bytes
+            shutdown_grace=grace,
+            event_buffer_bytes=options.session_buffer_bytes,
+            kernel_transport=options.kernel_transport,
         ),
         resource_sample_interval_ms=options.resource_sample_interval_ms,
         footprint=footprint,
@@ -151,6 +159,12 @@ async def run_daemon(options: DaemonOptions) -> int:
         async with open_supervisor(config) as supervisor, trio.open_nursery() as nursery:
             if supervisor.state_dir is not None:
                 supervisor.state_dir.save_token(options.token)
+            if options.default_kernel is not None:
+                await start_default(supervisor, options)
+            if options.host != LOOPBACK:
+                logger.warning(
+                    "listening on %s: other machines may connect (with the token)", options.host
+                )
             broker = ChannelBroker()
             sockets = None
             socket_path = None
@@ -169,6 +183,7 @@ async def run_daemon(options: DaemonOptions) -> int:
                         serve_api,
                         supervisor,
                         state,
+                        host=options.host,
                         port=options.port,
                         unix_socket=socket_path,
                         broker=broker,
@@ -203,12 +218,24 @@ async def run_daemon(options: DaemonOptions) -> int:
     return 0
 
 
+async def start_default(supervisor: Supervisor, options: DaemonOptions) -> None:
+    """Single-kernel mode: the session `default` is ready before anybody can ask for it."""
+    assert options.default_kernel is not None
+    try:
+        await start_default_kernel(supervisor, options.default_kernel, options.jupyter.root_dir)
+    except StartupError as error:
+        raise DaemonError(
+            f"the default kernel ({options.default_kernel.name}) failed to start: {error}"
+        ) from None
+
+
 def announce(options: DaemonOptions, server: RunningServer, socket_path: Path | None) -> None:
     """Where we listen, on stdout (clients read the connection file, people read this)."""
     if socket_path is not None:
         print(f"Listening on Unix socket: {socket_path}", flush=True)
     else:
-        print(f"Listening at {server.url.removeprefix('http://')}", flush=True)
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        print(f"Listening at {host}:{server.port}", flush=True)
     print(f"kallichore {__version__} (kcserver-compatible)", flush=True)
     if options.token and options.connection_file is None and options.handshake_socket is None:
         # The only way to learn a generated token here; never in the log, which may be shared.

@@ -28,7 +28,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
 from kallichore.api.app import ServerState, check_token, log_response
-from kallichore.api.routes import jupyter_token_matches
+from kallichore.api.routes import CROSS_ORIGIN_REFUSAL, cross_origin, jupyter_token_matches
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.jupyter_framing import negotiate, offered_subprotocols
 from kallichore.channels.jupyter_hub import JupyterHubs
@@ -119,10 +119,15 @@ class FrontDoor:
             if not isinstance(event, h11.Request):
                 return  # the client hung up, or kept the connection idle too long
             session_id = _channels_session(event)
+            kernel_id = _jupyter_channels_kernel(event)
+            if (session_id or kernel_id) is not None and _from_another_origin(event):
+                # A page must not open a channel to a kernel (cross-site WebSocket hijacking).
+                body = json.dumps({"code": "403", "message": CROSS_ORIGIN_REFUSAL}).encode()
+                await respond(stream, client, 403, body)
+                return
             if session_id is not None:
                 await self._serve_channels(stream, client, event, session_id)
                 return
-            kernel_id = _jupyter_channels_kernel(event)
             if kernel_id is not None:
                 await self._serve_jupyter_channels(stream, client, event, kernel_id)
                 return
@@ -254,6 +259,11 @@ async def _read_to_end(stream: trio.SocketStream, client: h11.Connection) -> boo
     while isinstance(event := await next_event(stream, client), h11.Data):
         pass
     return isinstance(event, h11.EndOfMessage)
+
+
+def _from_another_origin(request: h11.Request) -> bool:
+    headers = {name: value.decode("latin-1") for name, value in request.headers}
+    return cross_origin(headers.get(b"origin"), headers.get(b"host"))
 
 
 def _upgrade_path(request: h11.Request) -> list[bytes] | None:

@@ -31,7 +31,8 @@ from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
+# Where the API listens unless told otherwise: this machine alone.
+LOOPBACK = "127.0.0.1"
 # How long channel clients get to receive their 1001 close when the server stops.
 CLIENTS_CLOSE_SECONDS = 2.0
 
@@ -73,6 +74,7 @@ async def serve_api(
     supervisor: Supervisor,
     state: ServerState,
     *,
+    host: str = LOOPBACK,
     port: int = 0,
     unix_socket: Path | None = None,
     broker: ChannelBroker | None = None,
@@ -81,7 +83,7 @@ async def serve_api(
     shutdown_grace: float | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on 127.0.0.1:`port` (0: any free port), or on `unix_socket`, until shut down.
+    """Serve on `host`:`port` (0: any free port), or on `unix_socket`, until shut down.
 
     `POST /shutdown` requests the shutdown, and so may the caller with
     `lifetime.request_shutdown()`; every kernel is shut down before the server stops.
@@ -98,8 +100,8 @@ async def serve_api(
         async with trio.open_nursery() as nursery:
             if unix_socket is None:
                 front = FrontDoor(supervisor, state, broker, app, hubs=hubs)
-                bound: int = await nursery.start(_serve_front, front, port, front_scope)
-                url = f"http://{HOST}:{bound}"
+                bound: int = await nursery.start(_serve_front, front, host, port, front_scope)
+                url = f"http://{reachable_host(host)}:{bound}"
             else:
                 await nursery.start(
                     partial(
@@ -145,12 +147,22 @@ def hypercorn_config(unix_socket: Path) -> Config:
     return config
 
 
+def reachable_host(host: str) -> str:
+    """How a client on this machine reaches a server listening on `host`, for a URL."""
+    if host in ("", "0.0.0.0"):
+        return LOOPBACK
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 async def _serve_front(
     front: FrontDoor,
+    host: str,
     port: int,
     scope: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with scope:
-        await front.serve(HOST, port, task_status=task_status)
+        await front.serve(host, port, task_status=task_status)

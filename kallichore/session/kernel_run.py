@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +31,12 @@ import zmq
 
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
 from kallichore.footprint import Footprint
-from kallichore.jupyter.connection import ConnectionInfo, PortAllocator, write_json_file
+from kallichore.jupyter.connection import (
+    ConnectionInfo,
+    PortAllocator,
+    ipc_prefix_fits,
+    write_json_file,
+)
 from kallichore.jupyter.wire import Channel, Message, WireError
 from kallichore.session import process as kernel_process
 from kallichore.session.channels import KernelChannels
@@ -62,6 +69,18 @@ MAX_STARTUP_OUTPUT_LINES = 2000
 ADOPTED_HEARTBEAT_MISSES = 3
 # How long the output readers may go on after the process exits (a grandchild can hold a pipe).
 OUTPUT_DRAIN_SECONDS = 1.0
+
+
+IPC_DIRECTORY_PREFIX = "ipc-"
+
+
+def _own_ipc_directory(connection: ConnectionInfo | None) -> Path | None:
+    """The directory of the sockets of an ipc kernel a previous daemon of ours launched
+    (re-adopted), so that it goes when the kernel does."""
+    if connection is None or connection.transport != "ipc":
+        return None
+    directory = Path(connection.ip).parent
+    return directory if directory.name.startswith(IPC_DIRECTORY_PREFIX) else None
 
 
 class Activity:
@@ -136,6 +155,8 @@ class KernelRun:
         self._registration: Registration | None = None
         self._connection_file: Path | None = None
         self._ports: list[int] = []
+        # The private directory of an ipc kernel's sockets, removed when the run ends.
+        self._ipc_directory = _own_ipc_directory(adopt) if self._readopted else None
         self._shell: str | None = None
         self._startup_output: list[str] = []
         self._markers_seen: list[str] = []
@@ -255,8 +276,7 @@ class KernelRun:
                 path = ctx.runtime_dir / f"registration-{spec.session_id}.json"
                 contents = self._registration.file_contents()
             else:
-                self._ports = ctx.ports.allocate(5)
-                self._connection = ConnectionInfo.on_ports(self._ports, ctx.key)
+                self._connection = self._new_connection()
                 ctx.state.connected_at(self._connection)
                 path = ctx.runtime_dir / f"kernel-{spec.session_id}.json"
                 contents = self._connection.to_dict()
@@ -265,12 +285,18 @@ class KernelRun:
             command = build_command(
                 argv, mode, spec.startup_environment_arg, working_directory=cwd, shell=self._shell
             )
-            write_json_file(path, contents)
+            # Not synced: the kernel reads it at once, and a crash of the machine ends the
+            # kernel too; an fsync here held up every other start when many began at once.
+            write_json_file(path, contents, fsync=False)
             self.process = await kernel_process.launch(command, env, cwd)
             self._identity = kernel_process.identify(self.process.pid)
-            ctx.footprint.kernel_started(
-                self.process.pid, detached=not ctx.config.tied_to_daemon, paths=[path]
-            )
+            # Shielded: a cancellation here, before `run` owns the process, would leak it.
+            with trio.CancelScope(shield=True):
+                await ctx.footprint.kernel_started(
+                    self.process.pid,
+                    detached=not ctx.config.tied_to_daemon,
+                    paths=[path] if self._ipc_directory is None else [path, self._ipc_directory],
+                )
             logger.info("session %s: kernel started (pid %d)", spec.session_id, self.process.pid)
             ctx.on_record()
         except BaseException as exc:
@@ -283,6 +309,27 @@ class KernelRun:
                 f"failed to start the kernel {spec.argv[0]!r}: {exc.strerror or exc}",
                 exit_code=exc.errno,
             ) from exc
+
+    def _new_connection(self) -> ConnectionInfo:
+        """Where a kernel we launch is to listen: Unix sockets in a fresh 0700 directory (in
+        the runtime directory, or the system's temporary one if that path is too long for a
+        Unix socket), or else, and when so configured, five loopback TCP ports."""
+        ctx = self._ctx
+        if ctx.config.kernel_transport == "ipc":
+            for parent in (ctx.runtime_dir, Path(tempfile.gettempdir())):
+                directory = Path(tempfile.mkdtemp(prefix=IPC_DIRECTORY_PREFIX, dir=parent))
+                prefix = str(directory / "kernel")
+                if ipc_prefix_fits(prefix):
+                    self._ipc_directory = directory
+                    return ConnectionInfo.over_ipc(prefix, ctx.key)
+                directory.rmdir()
+            logger.warning(
+                "session %s: no directory with a path short enough for Unix sockets; "
+                "the kernel listens on TCP",
+                ctx.spec.session_id,
+            )
+        self._ports = ctx.ports.allocate(5)
+        return ConnectionInfo.on_ports(self._ports, ctx.key)
 
     def _launch_failed(self, reason: str) -> None:
         out = Outbox()
@@ -540,7 +587,7 @@ class KernelRun:
             logger.info("session %s: the adopted kernel is gone", self._ctx.spec.session_id)
         self._release()
         if process is not None:
-            self._ctx.footprint.kernel_exited(process.pid)
+            await self._ctx.footprint.kernel_exited(process.pid)
         out = Outbox()
         self._ctx.state.exited(self.exit_code, reason, out)
         self.publish(out)
@@ -554,6 +601,9 @@ class KernelRun:
             self._registration.close()
         if self._connection_file is not None:
             self._connection_file.unlink(missing_ok=True)
+        if self._ipc_directory is not None:
+            # The kernel removes its socket files when it closes them, unless it was killed.
+            shutil.rmtree(self._ipc_directory, ignore_errors=True)
         self._ctx.ports.release(self._ports)
 
     # -- control ---------------------------------------------------------------------------

@@ -7,13 +7,15 @@ import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.kernelspec import KernelSpec
 from kallichore.jupyter.wire import PROTOCOL_VERSION
+
+KernelTransport = Literal["ipc", "tcp"]
 
 
 @attrs.frozen
@@ -37,6 +39,10 @@ class SessionConfig:
     # for everything that ties a kernel to its daemon (`process.watch_parent`; the footprint
     # marks the others detached, never to be swept).
     tied_to_daemon: bool = True
+    # How kernels we launch are reached: "ipc" (Unix sockets in a private directory of the
+    # run: no port to race for, out of other users' reach) or "tcp" (loopback ports). Adopted
+    # kernels, and kernels that pick their own ports (JEP 66), are reached as they say.
+    kernel_transport: KernelTransport = "ipc"
 
 
 class Status(StrEnum):
