@@ -180,7 +180,9 @@ async def run_workloads(
                         raw["throughput"] = await throughput(sessions, plan, failures)
                         timer.lap("throughput")
                     if "start" in workloads:
-                        raw["start"] = await starts(configurations, plan.start_rounds)
+                        raw["start"] = await starts(
+                            configurations, plan.start_rounds, plan.start_warmup
+                        )
                         timer.lap("start")
                     if "scale" in workloads:
                         raw["scale"] = {}

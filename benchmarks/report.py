@@ -566,7 +566,8 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
             "### Start",
             "",
             f'From "create session" to "kernel_info reply in hand", {plan["start_rounds"]}',
-            "starts per configuration after one warm-up start each. The floor is jupyter_client's",
+            f"starts per configuration after {plan.get('start_warmup', 1)} warm-up start(s) each. "
+            "The floor is jupyter_client's",
             "`KernelManager.start_kernel` + `BlockingKernelClient.wait_for_ready`; kallichore's",
             "daemon: `PUT /sessions` + `POST /sessions/{id}/start` (which returns kernel_info);",
             "the gateways: `POST /api/kernels`, then the channels WebSocket and a",

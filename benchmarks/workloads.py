@@ -50,6 +50,7 @@ class Plan:
     stream_mib: int = 64
     stream_chunk_kib: int = 256
     start_rounds: int = 10
+    start_warmup: int = 1
     scale_sessions: int = 50
     scale_idle_seconds: float = 30.0
     scale_latency_rounds: int = 10
@@ -71,6 +72,7 @@ class Plan:
             stream_mib=1,
             stream_chunk_kib=64,
             start_rounds=1,
+            start_warmup=0,
             scale_sessions=3,
             scale_idle_seconds=2.0,
             scale_latency_rounds=2,
@@ -229,11 +231,13 @@ async def throughput(
 # -- start ------------------------------------------------------------------------------------
 
 
-async def starts(configurations: list[Configuration], rounds: int) -> dict[str, list[float]]:
-    """Seconds from create to kernel_info reply; one warm-up start each, then `rounds`."""
+async def starts(
+    configurations: list[Configuration], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds from create to kernel_info reply; `warmup` starts each, then `rounds`."""
     measured = [c for c in configurations if c.measures_starts]
     seconds: dict[str, list[float]] = {c.key: [] for c in measured}
-    for round_ in range(rounds + 1):
+    for round_ in range(1 - warmup, rounds + 1):
         for configuration in measured:
             session, elapsed = await configuration.start_session(connect=False)
             await session.close()
