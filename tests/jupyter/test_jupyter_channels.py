@@ -224,9 +224,20 @@ async def test_legacy_buffers_replay_after_reconnect_and_discard(
     # Gone while the kernel works; the same session_id comes back and gets what it missed.
     await open_gate_and_wait_idle(tmp_path / "away", supervisor.get("replay"))
     async with connect(server, kernel_id, "nb", v1=False, token=TOKEN) as nb:
-        missed = await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
+        # Its output is in once its idle is (iopub keeps its order); the execute_reply comes on
+        # shell, which may overtake iopub (ipykernel publishes from a thread of its own).
+        missed = await nb.until(
+            lambda m: (
+                m["header"]["msg_type"] == "status"
+                and m["parent_header"].get("msg_id") == msg_id
+                and m["content"]["execution_state"] == "idle"
+            )
+        )
+        if not of_type(missed, "execute_reply"):
+            missed += await nb.until(lambda m: m["header"]["msg_type"] == "execute_reply")
         assert "while away" in "".join(m["content"].get("text", "") for m in missed)
-        assert missed[-1]["parent_header"]["msg_id"] == msg_id
+        [reply] = of_type(missed, "execute_reply")
+        assert reply["parent_header"]["msg_id"] == msg_id
         await nb.execute("print('again')")
     async with connect(server, kernel_id, "first", token=TOKEN) as first:
         await first.send("execute_request", {"code": gated("print('x')", tmp_path / "x")})
