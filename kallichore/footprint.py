@@ -135,10 +135,13 @@ class Footprint:
         await self._save()
 
     def close(self) -> None:
-        """The daemon has cleaned up after itself: the record goes too."""
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
-            self._path = None
+        """The daemon has cleaned up after itself: the record goes too (after any write a
+        worker thread is doing, and no write comes after it)."""
+        with self._writing:
+            if self._path is not None:
+                self._path.unlink(missing_ok=True)
+                self._path = None
+                self._written = 2**63  # any write still queued is older: skipped
 
     def _write(self) -> None:
         if self._path is not None:
