@@ -524,7 +524,12 @@ async def burst_to_slow_client(daemon: Daemon, plan: Plan) -> dict[str, Any]:
     session_id = new_id("burst")
     await daemon.create_and_start(session_id)
     before = await settled_rss_mb(pid, plan)
-    request = execute_request(stream_code(plan.burst_mib, plan.burst_chunk_kib))
+    # The kernel leaves this file once it has printed everything (the session's status may
+    # still read idle when the first output is in: it is no signal).
+    printed = daemon.context.home.root / f"{session_id}.printed"
+    code = stream_code(plan.burst_mib, plan.burst_chunk_kib)
+    code += f"open({str(printed)!r}, 'w').close()\n"
+    request = execute_request(code)
     msg_id = request["header"]["msg_id"]
     url = kallichore.http.base_url
     stream_bytes = dropped_events = 0
@@ -561,8 +566,9 @@ async def burst_to_slow_client(daemon: Daemon, plan: Plan) -> dict[str, Any]:
         started = time.perf_counter()
         sampled = before
         with trio.fail_after(TIMEOUT * 5):
-            # Polling, as an API client does.
-            while (await kallichore.get_session(session_id))["status"] != "idle":
+            while not printed.exists() or (
+                (await kallichore.get_session(session_id))["status"] != "idle"
+            ):
                 sampled = max(sampled, rss_mb(pid))
                 await trio.sleep(0.05)
         printing = time.perf_counter() - started
