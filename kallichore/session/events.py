@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from itertools import islice
 from types import TracebackType
 from typing import Literal
 
@@ -301,11 +300,14 @@ class EventLog:
         return taken
 
     def _slice_end(self, start: int, stop: int) -> int:
-        """Where a take from `start` ends for RECEIVE_MAX_BYTES (at most `stop`, past at least
-        one event)."""
+        """Where a take from `start` ends for RECEIVE_MAX_BYTES of content (at most `stop`, past
+        at least one event)."""
         taken = 0
-        for index, size in enumerate(islice(self._sizes, start, stop), start):
-            taken += size
+        sizes = self._sizes
+        # (Indexing a deque is quick near either end, where a reader's cursor mostly is.)
+        for index in range(start, stop):
+            # Without the per-event overhead: what counts is what the frames will copy.
+            taken += sizes[index] - EVENT_OVERHEAD_BYTES
             if taken >= RECEIVE_MAX_BYTES:
                 return index + 1
         return stop
