@@ -731,12 +731,12 @@ def memory_section(summary: dict[str, Any], plan: dict[str, Any], found: list[Ta
     lines = [
         "### Memory",
         "",
-        "The daemon's RSS (kernels excluded), each API in a fresh daemon over TCP: empty (after",
-        "one session was started, connected to and left, so that what the first of anything",
-        f"costs is not spread), with {plan['memory_sessions']} idle sessions started at once,",
-        "and with one client connected to each (each having run one round trip), each taken",
-        f"after {plan['memory_settle_seconds']:g} s at rest. Per session and per client:",
-        "the step over the count.",
+        "The daemon's RSS (kernels excluded), each API in a fresh daemon over TCP: empty",
+        "(after one session was started, connected to and left, so that what the first of",
+        f"anything costs is not spread), with {plan['memory_sessions']} idle sessions started",
+        "at once, and with one client connected to each (each having run one round trip),",
+        f"each taken after {plan['memory_settle_seconds']:g} s at rest. Per session and per",
+        "client: the step over the count.",
         "",
         "| API | sessions | RSS MB empty | MB per idle session | MB per connected client |",
         "|---|---|---|---|---|",
@@ -753,15 +753,19 @@ def memory_section(summary: dict[str, Any], plan: dict[str, Any], found: list[Ta
     burst = memory.get("burst")
     if burst:
         mib = burst["burst_bytes"] / 2**20
+        chunk_kib = burst["chunk_bytes"] // 1024
+        bound_mib = memory["event_log_mb"] * 1e6 / 2**20
         lines += [
-            f"A burst: the kernel prints {mib:g} MiB to stdout in {burst['chunk_bytes'] // 1024}"
-            " KiB flushes (one stream message each) to a channels client that stops reading at",
-            "the first of it (no queue of its own) and reads again once the kernel is idle; the",
-            f"session's event log is bounded at {memory['event_log_mb']:.0f} MB. Peak: the",
-            "daemon's VmHWM; the client's figures are what it read in the end.",
+            f"A burst: the kernel prints {mib:g} MiB to stdout in {chunk_kib} KiB flushes (one",
+            "stream message each) to a Kallichore channels client that stops reading at the",
+            "first of it (no queue of its own) and reads everything once the kernel has printed",
+            f"it all; the session's event log is bounded at {bound_mib:g} MiB. *Peak* is the",
+            "daemon's VmHWM (no sample missed), *when printed* its RSS once the kernel is done",
+            "and before the client reads again, *after* once the client has read everything;",
+            "*delivered* and *dropped* are what the client read and was told.",
             "",
             "| RSS MB before | peak | when printed | after | printing s | delivered MiB | "
-            "events dropped (told) | target |",
+            "events dropped | target |",
             "|---|---|---|---|---|---|---|---|",
             f"| {burst['rss_mb_before']:.0f} | {burst['rss_mb_peak']:.0f} | "
             f"{burst['rss_mb_when_printed']:.0f} | {burst['rss_mb_after']:.0f} | "
