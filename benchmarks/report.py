@@ -741,14 +741,13 @@ def memory_section(summary: dict[str, Any], plan: dict[str, Any], found: list[Ta
         "| API | sessions | RSS MB empty | MB per idle session | MB per connected client |",
         "|---|---|---|---|---|",
     ]
-    names = {"kallichore": "Kallichore channels", "jupyter": "Jupyter kernels API, v1 channels"}
-    for api, name in names.items():
-        if api in memory:
-            entry = memory[api]
-            lines.append(
-                f"| {name} | {entry['sessions']} | {entry['rss_mb_empty']:.0f} | "
-                f"{entry['mb_per_session']:.3f} | {entry['mb_per_client']:.3f} |"
-            )
+    apis = {"kallichore": "Kallichore channels", "jupyter": "Jupyter kernels API, v1 channels"}
+    rows = [(name, memory[api]) for api, name in apis.items() if api in memory]
+    lines += [
+        f"| {name} | {e['sessions']} | {e['rss_mb_empty']:.0f} | {e['mb_per_session']:.3f} | "
+        f"{e['mb_per_client']:.3f} |"
+        for name, e in rows
+    ]
     lines.append("")
     burst = memory.get("burst")
     if burst:
