@@ -70,6 +70,8 @@ async def test_overflow_drops_the_oldest_and_says_so() -> None:
     assert len(log) == 3
     with log.subscribe() as sub:
         assert await sub.receive() == [EventsDropped(7), queued(7), queued(8), queued(9)]
+    # What was published counts, dropped or not (a burst's size, for giving memory back).
+    assert log.published_bytes == 10 * EVENT_OVERHEAD_BYTES
 
 
 async def test_a_slow_subscriber_is_told_what_it_missed() -> None:

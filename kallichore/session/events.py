@@ -168,6 +168,7 @@ class EventLog:
         # Each event's `event_size`, computed once.
         self._sizes: deque[int] = deque()
         self._bytes = 0
+        self._published_bytes = 0
         self._origin = first_seq
         self._first_seq = first_seq
         self._next_seq = first_seq
@@ -184,6 +185,11 @@ class EventLog:
     def nbytes(self) -> int:
         """The estimated size of the events kept (see `event_size`)."""
         return self._bytes
+
+    @property
+    def published_bytes(self) -> int:
+        """The estimated size of every event ever published here (see `event_size`)."""
+        return self._published_bytes
 
     @property
     def last_seq(self) -> int:
@@ -223,6 +229,7 @@ class EventLog:
             size = event_size(event)
             sizes.append(size)
             total += size
+        self._published_bytes += total - self._bytes
         self._bytes = total
         self._next_seq += len(events)
         behind = False
