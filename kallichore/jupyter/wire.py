@@ -23,6 +23,7 @@ from functools import cached_property
 from typing import Any
 
 import attrs
+import orjson
 
 DELIMITER = b"<IDS|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
@@ -46,7 +47,16 @@ class Channel(StrEnum):
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON, as kernels and jupyter_client write it."""
+    """Compact JSON, as kernels and jupyter_client write it.
+
+    orjson on the hot path (a tenth of the standard library's cost per header); the standard
+    library for what orjson refuses: integers past 64 bits, keys that are not strings, and lone
+    surrogates.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        pass
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
     except UnicodeEncodeError:
@@ -56,7 +66,13 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(data: bytes | str) -> Any:
-    return json.loads(data)
+    """Parse JSON: orjson, or the standard library for what orjson refuses but a peer may send
+    (integers past 64 bits, lone surrogates, NaN, deep nesting, UTF-16), or to report the
+    error."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def utc_now() -> str:
