@@ -217,7 +217,8 @@ def deserialize(frames: Sequence[bytes], signer: Signer) -> tuple[list[bytes], M
         raise WireError(
             f"expected at least 5 frames after the delimiter, got {len(frames) - split - 1}"
         )
-    signature, header, parent, metadata, content = (bytes(f) for f in frames[split + 1 : split + 6])
+    # map(bytes, ...) rather than a generator: no Python frame per part (six per message).
+    signature, header, parent, metadata, content = map(bytes, frames[split + 1 : split + 6])
     signer.verify(signature, (header, parent, metadata, content))
     parsed_header = _json_object(header, "header")
     for key in ("msg_id", "msg_type"):
@@ -226,13 +227,13 @@ def deserialize(frames: Sequence[bytes], signer: Signer) -> tuple[list[bytes], M
     # Kernels send an empty object, or occasionally nothing at all, for "no parent".
     parsed_parent = _json_object(parent, "parent_header") if len(parent) > 2 else {}
     return (
-        [bytes(f) for f in frames[:split]],
+        list(map(bytes, frames[:split])),
         Message(
             header=parsed_header,
             parent_header=parsed_parent,
             metadata_json=metadata,
             content_json=content,
-            buffers=tuple(bytes(f) for f in frames[split + 6 :]),
+            buffers=tuple(map(bytes, frames[split + 6 :])),
             header_json=header,
             parent_json=parent,
         ),
