@@ -147,12 +147,13 @@ def pack_v1(parts: Sequence[bytes]) -> bytes:
     """v1: the offset count, the offsets (LE uint64; the last is the end), then the parts."""
     count = len(parts) + 1
     offsets = itertools.accumulate(map(len, parts), initial=8 * (count + 1))
-    return b"".join((_v1_offsets(count).pack(count, *offsets), *parts))
+    return b"".join((_structs(f"<{count + 1}Q").pack(count, *offsets), *parts))
 
 
 @functools.cache
-def _v1_offsets(count: int) -> struct.Struct:
-    return struct.Struct(f"<{count + 1}Q")
+def _structs(layout: str) -> struct.Struct:
+    """A frame's offsets' layout, compiled once."""
+    return struct.Struct(layout)
 
 
 def pack_legacy(parts: Sequence[bytes]) -> bytes:
@@ -249,7 +250,7 @@ def _offsets(frame: bytes, order: str, kind: str, what: str, *, minimum: int) ->
     (count,) = struct.unpack_from(order + kind, frame)
     if count < minimum or width * (count + 1) > len(frame):
         raise JupyterFrameError(f"{what}'s offset count does not fit the frame")
-    offsets = list(struct.unpack_from(f"{order}{count}{kind}", frame, width))
+    offsets = list(_structs(f"{order}{count}{kind}").unpack_from(frame, width))
     if offsets[0] != width * (count + 1):
         raise JupyterFrameError(f"{what}'s first part does not follow its offsets")
     return offsets
@@ -258,8 +259,7 @@ def _offsets(frame: bytes, order: str, kind: str, what: str, *, minimum: int) ->
 def _slices(frame: bytes, offsets: list[int]) -> list[bytes]:
     if offsets[-1] != len(frame) or offsets != sorted(offsets):
         raise JupyterFrameError("a frame's offsets are out of order or out of bounds")
-    view = memoryview(frame)
-    return [bytes(view[a:b]) for a, b in itertools.pairwise(offsets)]
+    return [frame[a:b] for a, b in itertools.pairwise(offsets)]
 
 
 def _client_frame(  # noqa: PLR0917
