@@ -4,19 +4,21 @@ The kernel's iopub PUB drops, silently, what it cannot hand on once the daemon's
 full, and ZeroMQ's thread fills that queue while the event loop is busy. Here the (in-process)
 daemon's loop is blocked for the whole burst, whatever the machine's speed: the burst waits in
 ZeroMQ's queues and then has to come out whole, on both channel APIs, with no loss notice.
-(With the 10,000-message queue it had, 10,006 of these 25,000 were lost, and no notice said so.)
+(With the 10,000-message queue it had, 3,510 of these 16,000 were lost, and no notice said so.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import trio
+from wsproto.utilities import LocalProtocolError
 
 from benchmarks.workloads import small_messages_code
 from benchmarks.wsclient import v1_message
@@ -28,18 +30,18 @@ from tests.conftest import TIMEOUT, TOKEN, started_session
 from tests.jupyter.test_jupyter_channels import connect
 
 # Within what the event log holds (its byte bound, ~2 KiB an event), far past the old queue.
-BURST = 25_000
+BURST = 16_000
 DISPLAY_DATA = '"display_data"'
 
 
 def burst_code(count: int, fifo: Path) -> str:
     """`count` display_data messages, then a byte to `fifo` from the kernel's iopub thread once
     it has handed them all to ZeroMQ. The kernel's own queue (ZeroMQ's default, 1,000) is raised
-    to 5,000 so that a kernel short of CPU drops none itself: still far below the burst."""
+    to 2,500 so that a kernel short of CPU drops none itself: still far below the burst."""
     return (
         "import os, zmq\n"
         "_io = get_ipython().kernel.iopub_thread\n"
-        "_io.schedule(lambda: _io.socket.setsockopt(zmq.SNDHWM, 5000))\n"
+        "_io.schedule(lambda: _io.socket.setsockopt(zmq.SNDHWM, 2500))\n"
         f"{small_messages_code(count)}"
         "def _sent():\n"
         f"    fd = os.open({str(fifo)!r}, os.O_WRONLY)\n"
@@ -94,6 +96,16 @@ def is_idle_status(message: dict[str, Any]) -> bool:
     )
 
 
+@contextlib.contextmanager
+def close_race_ignored() -> Iterator[None]:
+    """trio-websocket's reader answers a keepalive ping that came in as the client closes, which
+    wsproto refuses in that state: a client-side error after everything was counted."""
+    try:
+        yield
+    except* LocalProtocolError:
+        pass
+
+
 def hold_up_until_written(fd: int) -> None:
     """Block this thread, and the daemon's event loop with it, until `fd` has data."""
     readable, _, _ = select.select([fd], [], [], TIMEOUT)
@@ -108,25 +120,27 @@ async def test_a_burst_while_the_loop_is_held_up_arrives_whole(
     fifo = tmp_path / "sent"
     os.mkfifo(fifo)
 
-    async with client.channels("burst") as channels:
+    with close_race_ignored():
+        async with client.channels("burst") as channels:
 
-        async def send_kallichore(code: str) -> str:
-            return await channels.send(execute_request(code))
+            async def send_kallichore(code: str) -> str:
+                return await channels.send(execute_request(code))
 
-        count, notices = await count_burst(
-            send_kallichore, channels.websocket.get_message, json.loads, fifo
-        )
+            count, notices = await count_burst(
+                send_kallichore, channels.websocket.get_message, json.loads, fifo
+            )
     assert (count, notices) == (BURST, [])
 
     kernel_id = supervisor.get("burst").spec.kernel_id
-    async with connect(server, kernel_id, "lab", token=TOKEN) as lab:
+    with close_race_ignored():
+        async with connect(server, kernel_id, "lab", token=TOKEN) as lab:
 
-        async def send_jupyter(code: str) -> str:
-            return await lab.send("execute_request", {"code": code, "silent": False})
+            async def send_jupyter(code: str) -> str:
+                return await lab.send("execute_request", {"code": code, "silent": False})
 
-        def decode_v1(frame: str | bytes) -> dict[str, Any]:
-            assert isinstance(frame, bytes)
-            return v1_message(frame)
+            def decode_v1(frame: str | bytes) -> dict[str, Any]:
+                assert isinstance(frame, bytes)
+                return v1_message(frame)
 
-        count, notices = await count_burst(send_jupyter, lab.ws.get_message, decode_v1, fifo)
+            count, notices = await count_burst(send_jupyter, lab.ws.get_message, decode_v1, fifo)
     assert (count, notices) == (BURST, [])
