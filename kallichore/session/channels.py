@@ -27,7 +27,7 @@ from kallichore.trio_zmq import TrioSocket
 # The kernel's iopub PUB silently drops what it cannot hand on once this queue is full (and its
 # own, ZeroMQ's default of 1,000 messages): ZeroMQ's thread fills it while the event loop is busy.
 # At 10,000 a burst the event log would have taken was lost unannounced (with the loop held up,
-# 10,006 of 25,000; 3,510 of 16,000 in tests/test_iopub_burst.py). It holds as many small
+# 10,006 of 25,000; docs/benchmarks.md, "The Jupyter channels"). It holds as many small
 # messages as the event log's byte bound does, so that bound, which announces what it drops, is
 # the one that decides; a runaway kernel is still held to that many messages here.
 IOPUB_QUEUE_MESSAGES = DEFAULT_MAX_BYTES // EVENT_OVERHEAD_BYTES
