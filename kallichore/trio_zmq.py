@@ -39,6 +39,10 @@ _NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 # third less (a Jupyter message is seven frames or more).
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
+# EVENTS is read after nearly every operation; zmq.Socket.getsockopt turns the option into an
+# enum member first (two Python calls a read), the compiled getter takes the plain int.
+_get = zmq.backend.Socket.get
+_EVENTS = int(zmq.EVENTS)
 
 
 def _raise_as_trio(exc: zmq.ZMQError) -> NoReturn:
@@ -194,7 +198,7 @@ class TrioSocket:
 
     def _events(self) -> int:
         """Read EVENTS, which also drains the FD signal: callers must wake whoever it was for."""
-        return cast(int, self._socket.getsockopt(zmq.EVENTS))
+        return cast(int, _get(self._socket, _EVENTS))
 
     def _wake_after_op(self) -> None:
         """Wake waiters that may proceed; our op may have drained the FD signal meant for them."""
