@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import NoReturn, TypeVar, cast
+from typing import NoReturn, TypeVar
 
 import trio
 import zmq
@@ -40,7 +40,8 @@ _NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
 # EVENTS is read after nearly every operation; zmq.Socket.getsockopt turns the option into an
-# enum member first (two Python calls a read), the compiled getter takes the plain int.
+# enum member first (two Python calls a read), the compiled getter takes the plain int (and
+# EVENTS is an int option: typing.cast would be one more Python call per read).
 _get = zmq.backend.Socket.get
 _EVENTS = int(zmq.EVENTS)
 
@@ -198,7 +199,7 @@ class TrioSocket:
 
     def _events(self) -> int:
         """Read EVENTS, which also drains the FD signal: callers must wake whoever it was for."""
-        return cast(int, _get(self._socket, _EVENTS))
+        return _get(self._socket, _EVENTS)  # type: ignore[return-value]
 
     def _wake_after_op(self) -> None:
         """Wake waiters that may proceed; our op may have drained the FD signal meant for them."""
