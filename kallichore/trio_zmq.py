@@ -39,11 +39,6 @@ _NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 # third less (a Jupyter message is seven frames or more).
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
-# EVENTS is read after nearly every operation; zmq.Socket.getsockopt turns the option into an
-# enum member first (two Python calls a read), the compiled getter takes the plain int (and
-# EVENTS is an int option: typing.cast would be one more Python call per read).
-_get = zmq.backend.Socket.get
-_EVENTS = int(zmq.EVENTS)
 
 
 def _raise_as_trio(exc: zmq.ZMQError) -> NoReturn:
@@ -199,7 +194,10 @@ class TrioSocket:
 
     def _events(self) -> int:
         """Read EVENTS, which also drains the FD signal: callers must wake whoever it was for."""
-        return _get(self._socket, _EVENTS)  # type: ignore[return-value]
+        # EVENTS is an int option; typing.cast would be one more Python call per read. (pyzmq
+        # looks every option up in its SocketOption enum, compiled getter included: two Python
+        # calls per read that only a direct libzmq call or fewer reads would save.)
+        return self._socket.getsockopt(zmq.EVENTS)  # type: ignore[return-value]
 
     def _wake_after_op(self) -> None:
         """Wake waiters that may proceed; our op may have drained the FD signal meant for them."""
