@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import NoReturn, TypeVar, cast
+from typing import NoReturn, TypeVar
 
 import trio
 import zmq
@@ -194,7 +194,10 @@ class TrioSocket:
 
     def _events(self) -> int:
         """Read EVENTS, which also drains the FD signal: callers must wake whoever it was for."""
-        return cast(int, self._socket.getsockopt(zmq.EVENTS))
+        # EVENTS is an int option; typing.cast would be one more Python call per read. (pyzmq
+        # looks every option up in its SocketOption enum, compiled getter included: two Python
+        # calls per read that only a direct libzmq call or fewer reads would save.)
+        return self._socket.getsockopt(zmq.EVENTS)  # type: ignore[return-value]
 
     def _wake_after_op(self) -> None:
         """Wake waiters that may proceed; our op may have drained the FD signal meant for them."""

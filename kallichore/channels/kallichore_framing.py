@@ -51,18 +51,25 @@ def trimmed_header(header: JSONObject) -> JSONObject | None:
 
 
 def jupyter_frame(message: Message, channel: Channel) -> bytes:
-    """A kernel message as the client's `jupyter` frame, built around the kernel's own bytes."""
-    parent = trimmed_header(message.parent_header)
+    """A kernel message as the client's `jupyter` frame, built around the kernel's own bytes.
+
+    The frame's own part (kind, trimmed headers, channel) is one JSON dump whose closing brace
+    gives way to the kernel's content and metadata. The channel goes in as itself: a StrEnum is
+    a str to the JSON encoder, and its `.value` costs a Python call per message.
+    """
+    head = dumps(
+        {
+            "kind": "jupyter",
+            "header": trimmed_header(message.header),
+            "parent_header": trimmed_header(message.parent_header),
+            "channel": channel,
+        }
+    )
     buffers = ",".join(f'"{base64.b64encode(b).decode()}"' for b in message.buffers)
     return b"".join(
         (
-            b'{"kind":"jupyter","header":',
-            dumps(trimmed_header(message.header)),
-            b',"parent_header":',
-            dumps(parent) if parent else b"null",
-            b',"channel":"',
-            channel.value.encode(),
-            b'","content":',
+            head[:-1],
+            b',"content":',
             message.content_json or b"{}",
             b',"metadata":',
             message.metadata_json or b"{}",

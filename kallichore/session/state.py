@@ -278,23 +278,24 @@ class SessionState:
     def from_kernel(self, channel: Channel, message: Message, out: Outbox) -> None:
         """A message the kernel sent: follow it, and forward it unless it was ours."""
         parent = message.parent_msg_id
+        msg_type = message.msg_type
         if parent in self._history.open:
             self._history.note(message)
         if channel is Channel.IOPUB:
             self._iopub_alive = True
-            if message.msg_type == "iopub_welcome" or parent in self._startup_requests:
+            if msg_type == "iopub_welcome" or parent in self._startup_requests:
                 return
-            if message.msg_type == "status":
+            if msg_type == "status":
                 self._on_kernel_status(message, out)
         elif parent in self._startup_requests:
-            if message.msg_type == "kernel_info_reply" and not self._kernel_info_received:
+            if msg_type == "kernel_info_reply" and not self._kernel_info_received:
                 self._store_kernel_info(message)
                 self._kernel_info_received = True
             return
-        elif parent is not None and message.msg_type.endswith("_reply"):
+        elif parent is not None and msg_type.endswith("_reply"):
             active = self._queue.active
             if parent in self._in_flight or (active is not None and active.msg_id == parent):
-                request_type = message.msg_type.removesuffix("_reply") + "_request"
+                request_type = msg_type.removesuffix("_reply") + "_request"
                 self._idle_due[parent] = (self._clock() + REPLY_IDLE_GRACE_SECONDS, request_type)
         out.events.append(JupyterEvent(channel, message))
 
