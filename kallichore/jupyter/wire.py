@@ -15,15 +15,36 @@ from __future__ import annotations
 import hmac
 import json
 import uuid
-from _hashlib import HMAC, hmac_new
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import orjson
+
+
+class _Mac(Protocol):
+    """A keyed HMAC: what signing needs of it."""
+
+    def copy(self) -> _Mac: ...
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def _keyed_hmac(key: bytes) -> _Mac:
+    """OpenSSL's HMAC object itself where there is one, not the hmac module's Python wrapper
+    around it: copy, update and hexdigest are then C calls only (half the cost of signing a
+    small message); the hmac module in a Python built without OpenSSL."""
+    try:
+        from _hashlib import hmac_new  # noqa: PLC0415 (private, and may be missing)
+    except ImportError:
+        return hmac.new(key, digestmod="sha256")
+    return hmac_new(key, digestmod="sha256")
+
 
 DELIMITER = b"<IDS|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
@@ -95,15 +116,13 @@ class Signer:
 
     key: bytes
     scheme: str = SIGNATURE_SCHEME
-    # Keyed once; every message copies it, which is cheaper than keying HMAC anew. OpenSSL's HMAC
-    # object itself, not the hmac module's Python wrapper around it: copy, update and hexdigest
-    # are then C calls only (half the cost of signing a small message).
-    _keyed: HMAC = attrs.field(init=False, repr=False, eq=False)
+    # Keyed once; every message copies it, which is cheaper than keying HMAC anew.
+    _keyed: _Mac = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if self.scheme != SIGNATURE_SCHEME:
             raise WireError(f"unsupported signature scheme {self.scheme!r}")
-        object.__setattr__(self, "_keyed", hmac_new(self.key, digestmod="sha256"))
+        object.__setattr__(self, "_keyed", _keyed_hmac(self.key))
 
     def sign(self, parts: Sequence[bytes]) -> bytes:
         if not self.key:
