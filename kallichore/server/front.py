@@ -5,13 +5,15 @@ costs two trips through the scheduler, permessage-deflate is negotiated whenever
 offers it, and the app cannot see pongs, so a hung client is never noticed. The front door
 therefore reads each request head with h11: a WebSocket upgrade of `/sessions/<id>/channels`
 is answered here (`kallichore.channels.websocket`, the same shell as the per-session Unix
-sockets); any other request is handed, in the same task, to the ASGI app
-(`kallichore.server.asgi_bridge`), after which the connection goes on to its next request.
+sockets); any other request is answered, in the same task, by the API's dispatcher
+(`kallichore.server.api_request`), after which the connection goes on to its next request.
 The decision is per request, so a client that keeps its connection alive may upgrade it after
 any number of plain requests. The API keeps one port, as Kallichore's clients expect.
 
 An earlier shape relayed plain requests to hypercorn on a private Unix socket: two parses,
-two more sockets and hypercorn's own tasks per request made a `GET /status` cost ~3 ms of CPU.
+two more sockets and hypercorn's own tasks per request made a `GET /status` cost ~3 ms of CPU;
+the next handed them to the Quart app in-task, whose request context and tasks per request
+still cost more than the routes (~0.7 ms of CPU per `GET /status`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from urllib.parse import parse_qs, unquote
 
 import h11
 import trio
-from hypercorn.typing import ASGIFramework
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
-from kallichore.api.app import ServerState, check_token, log_response
+from kallichore.api.app import ServerState, check_token
+from kallichore.api.dispatch import Dispatcher, log_response
 from kallichore.api.routes import CROSS_ORIGIN_REFUSAL, cross_origin, jupyter_token_matches
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.jupyter_framing import negotiate, offered_subprotocols
@@ -40,7 +42,7 @@ from kallichore.channels.websocket import (
     serve_channels,
 )
 from kallichore.errors import ErrorCode, KallichoreError
-from kallichore.server.asgi_bridge import serve_request
+from kallichore.server.api_request import serve_request
 from kallichore.server.h11_stream import next_event, respond, server_connection
 from kallichore.supervisor import Supervisor
 
@@ -61,7 +63,7 @@ class FrontDoor:
         supervisor: Supervisor,
         state: ServerState,
         broker: ChannelBroker,
-        app: ASGIFramework,
+        dispatcher: Dispatcher,
         *,
         hubs: JupyterHubs | None = None,
         ping_interval: float = PING_INTERVAL_SECONDS,
@@ -70,7 +72,7 @@ class FrontDoor:
         self._state = state
         self._broker = broker
         self._hubs = hubs or JupyterHubs()
-        self._app = app
+        self._dispatcher = dispatcher
         self._ping_interval = ping_interval
         # Requests being answered: a shutdown lets them finish (its own answer among them).
         self._answering = 0
@@ -135,7 +137,7 @@ class FrontDoor:
                 self._settled = trio.Event()
             self._answering += 1
             try:
-                await serve_request(self._app, event, stream, client)
+                await serve_request(self._dispatcher, event, stream, client)
             finally:
                 self._answering -= 1
                 if not self._answering:
