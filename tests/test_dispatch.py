@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -10,7 +11,15 @@ import pytest
 from kallichore.api.dispatch import Dispatcher
 from kallichore.api.exchange import ApiRequest, ApiResponse
 from kallichore.api.models import ClientHeartbeat, ErrorBody
-from kallichore.api.routes import Failure, NotFound, PathParameter, Refused, Reply, RouteTable
+from kallichore.api.routes import (
+    Failure,
+    Handler,
+    NotFound,
+    PathParameter,
+    Refused,
+    Reply,
+    RouteTable,
+)
 from kallichore.errors import ErrorCode, KallichoreError
 
 TOKEN = "secret"
@@ -29,21 +38,25 @@ TABLE = RouteTable(
 )
 
 
-@TABLE.route("GET", "/things", operation_id="list", tag="t", summary="s", ok=Reply(dict, "."))
+def toy(method: str, path: str, **fields: Any) -> Callable[[Handler], Handler]:
+    """A route of the toy table: only what a test looks at is said."""
+    return TABLE.route(
+        method,
+        path,
+        operation_id=f"{method} {path}",
+        tag="t",
+        summary="s",
+        ok=Reply(dict, "."),
+        **fields,
+    )
+
+
+@toy("GET", "/things")
 async def list_things(things: dict[str, str]) -> Any:
     return things
 
 
-@TABLE.route(
-    "GET",
-    "/things/{name}",
-    operation_id="get",
-    tag="t",
-    summary="s",
-    protected=True,
-    takes_request=True,
-    ok=Reply(dict, "."),
-)
+@toy("GET", "/things/{name}", protected=True, takes_request=True)
 async def get_thing(things: dict[str, str], thing: str, request: ApiRequest) -> Any:
     if request.argument("fail") == "refused":
         raise Refused(ErrorBody("418", "no"), 418)
@@ -54,15 +67,11 @@ async def get_thing(things: dict[str, str], thing: str, request: ApiRequest) -> 
     return {"thing": thing}
 
 
-@TABLE.route(
+@toy(
     "PUT",
     "/things/{name}",
-    operation_id="put",
-    tag="t",
-    summary="s",
     protected=True,
     body=ClientHeartbeat,
-    ok=Reply(dict, "."),
     location=lambda result: f"/things/{result['pid']}",
     failure=Failure(400, "Not running."),
 )
