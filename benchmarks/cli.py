@@ -42,13 +42,14 @@ from benchmarks.workloads import (
     Plan,
     agent_rate,
     latency_batches,
+    memory,
     scale_jupyter_server,
     scale_kallichore,
     starts,
     throughput,
 )
 
-WORKLOADS = ["latency", "throughput", "start", "scale", "agent"]
+WORKLOADS = ["latency", "throughput", "start", "scale", "agent", "memory"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,6 +199,14 @@ async def run_workloads(
                     if "agent" in workloads and "execute-tcp" in keys:
                         raw["agent"] = await agent_rate(context, plan, failures)
                         timer.lap("agent")
+                    if "memory" in workloads and {"ws-tcp", "jupyter-v1"} & set(keys):
+                        raw["memory"] = await memory(
+                            context,
+                            plan,
+                            kallichore="ws-tcp" in keys,
+                            jupyter="jupyter-v1" in keys,
+                        )
+                        timer.lap("memory")
                     log("workloads done; stopping everything")
             finally:
                 nursery.cancel_scope.cancel()

@@ -38,6 +38,10 @@ THROUGHPUT_MIN = 0.9
 START_MAX = 0.8
 IDLE_CPU_MAX = 1.0  # % of one core
 IDLE_RSS_MAX = 150.0  # MB
+# What a burst to a client that does not read may add to the daemon's RSS at its peak, in
+# multiples of the event log's byte bound: the log itself, and what is in flight besides (the
+# batch being framed and written, ZeroMQ's receive queue).
+BURST_PEAK_MAX = 2.0
 
 
 # -- summaries --------------------------------------------------------------------------------
@@ -177,6 +181,33 @@ def agent_summary(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def memory_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """MB per idle session and per connected client, from the RSS steps of each API; and the
+    burst's peak over the RSS before it."""
+    summary: dict[str, Any] = {"event_log_mb": data["event_log_bytes"] / 1e6}
+    for api in ("kallichore", "jupyter"):
+        if api in data:
+            steps = data[api]
+            sessions = steps["sessions"]
+            summary[api] = {
+                "sessions": sessions,
+                "rss_mb_empty": steps["rss_mb_empty"],
+                "mb_per_session": (steps["rss_mb_with_sessions"] - steps["rss_mb_empty"])
+                / sessions,
+                "mb_per_client": (steps["rss_mb_with_clients"] - steps["rss_mb_with_sessions"])
+                / sessions,
+            }
+    if "burst" in data:
+        burst = data["burst"]
+        summary["burst"] = {
+            **burst,
+            "peak_growth_mb": burst["rss_mb_peak"] - burst["rss_mb_before"],
+            "delivered_all": burst["stream_bytes_delivered"] == burst["burst_bytes"],
+            "told_of_loss": burst["events_dropped"] > 0,
+        }
+    return summary
+
+
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if "latency" in raw:
@@ -189,6 +220,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         summary["scale"] = {name: scale_summary(data) for name, data in raw["scale"].items()}
     if "agent" in raw:
         summary["agent"] = agent_summary(raw["agent"])
+    if "memory" in raw:
+        summary["memory"] = memory_summary(raw["memory"])
     summary["failures"] = {
         key: {"count": len(reasons), "reasons": sorted(set(reasons))}
         for key, reasons in raw.get("failures", {}).items()
@@ -317,7 +350,30 @@ def targets(summary: dict[str, Any]) -> list[Target]:
                 ),
             ):
                 found.append(Target("scale", "ws-tcp", what, a, b, a < b))
+    found += _memory_targets(summary)
     return found
+
+
+def _memory_targets(summary: dict[str, Any]) -> list[Target]:
+    """A burst to a client that does not read ends in delivery or a loss notice, and costs
+    the daemon at most BURST_PEAK_MAX times the event log's bound at its peak."""
+    burst = summary.get("memory", {}).get("burst")
+    if burst is None:
+        return []
+    limit = BURST_PEAK_MAX * summary["memory"]["event_log_mb"]
+    growth = burst["peak_growth_mb"]
+    ended = bool(burst["delivered_all"] or burst["told_of_loss"])
+    return [
+        Target("memory", "ws-tcp", "burst: delivered or loss told", float(ended), 1, ended),
+        Target(
+            "memory",
+            "ws-tcp",
+            f"burst: peak RSS growth MB <= {BURST_PEAK_MAX:g}x the event log's bound",
+            growth,
+            limit,
+            growth <= limit,
+        ),
+    ]
 
 
 def _jupyter_api_targets(summary: dict[str, Any]) -> list[Target]:
@@ -629,6 +685,7 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
             f"{agent['per_s']:.1f} | {agent['call_p50_ms']:.1f} | {agent['call_p99_ms']:.1f} |",
             "",
         ]
+    lines += memory_section(summary, plan, found)
     lines += client_stacks(summary)
     failures = summary.get("failures")
     if failures:
@@ -665,6 +722,57 @@ def markdown(document: dict[str, Any], charts: dict[str, str]) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def memory_section(summary: dict[str, Any], plan: dict[str, Any], found: list[Target]) -> list[str]:
+    memory = summary.get("memory")
+    if not memory:
+        return []
+    lines = [
+        "### Memory",
+        "",
+        "The daemon's RSS (kernels excluded), each API in a fresh daemon over TCP: empty",
+        "(after one session was started, connected to and left, so that what the first of",
+        f"anything costs is not spread), with {plan['memory_sessions']} idle sessions started",
+        "at once, and with one client connected to each (each having run one round trip),",
+        f"each taken after {plan['memory_settle_seconds']:g} s at rest. Per session and per",
+        "client: the step over the count.",
+        "",
+        "| API | sessions | RSS MB empty | MB per idle session | MB per connected client |",
+        "|---|---|---|---|---|",
+    ]
+    apis = {"kallichore": "Kallichore channels", "jupyter": "Jupyter kernels API, v1 channels"}
+    rows = [(name, memory[api]) for api, name in apis.items() if api in memory]
+    lines += [
+        f"| {name} | {e['sessions']} | {e['rss_mb_empty']:.0f} | {e['mb_per_session']:.3f} | "
+        f"{e['mb_per_client']:.3f} |"
+        for name, e in rows
+    ]
+    lines.append("")
+    burst = memory.get("burst")
+    if burst:
+        mib = burst["burst_bytes"] / 2**20
+        chunk_kib = burst["chunk_bytes"] // 1024
+        bound_mib = memory["event_log_mb"] * 1e6 / 2**20
+        lines += [
+            f"A burst: the kernel prints {mib:g} MiB to stdout in {chunk_kib} KiB flushes (one",
+            "stream message each) to a Kallichore channels client that stops reading at the",
+            "first of it (no queue of its own) and reads everything once the kernel has printed",
+            f"it all; the session's event log is bounded at {bound_mib:g} MiB. *Peak* is the",
+            "daemon's VmHWM (no sample missed), *when printed* its RSS once the kernel is done",
+            "and before the client reads again, *after* once the client has read everything;",
+            "*delivered* and *dropped* are what the client read and was told.",
+            "",
+            "| RSS MB before | peak | when printed | after | printing s | delivered MiB | "
+            "events dropped | target |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {burst['rss_mb_before']:.0f} | {burst['rss_mb_peak']:.0f} | "
+            f"{burst['rss_mb_when_printed']:.0f} | {burst['rss_mb_after']:.0f} | "
+            f"{burst['printing_seconds']:.1f} | {burst['stream_bytes_delivered'] / 2**20:.1f} | "
+            f"{burst['events_dropped']:,} | {_verdicts(found, 'memory', 'ws-tcp')} |",
+            "",
+        ]
+    return lines
 
 
 def client_stacks(summary: dict[str, Any]) -> list[str]:

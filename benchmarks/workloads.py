@@ -6,14 +6,20 @@
 - scale: 50 sessions at once in one server: time until all are ready, the server's own CPU and
   RSS while they sit idle, and one session's latency meanwhile (interleaved with the floor);
 - agent: callers running `1` through the agent API's `POST /sessions/{id}/execute` at once,
-  spread over a few sessions of one daemon, for a while: executions per second.
+  spread over a few sessions of one daemon, for a while: executions per second;
+- memory: the daemon's RSS per idle session, per connected client (Kallichore channels, Jupyter
+  v1 channels), and at its peak while a kernel prints a burst to a client that does not read.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,8 +40,15 @@ from benchmarks.configs import (
     new_id,
 )
 from benchmarks.environment import log, process_cpu_seconds
-from benchmarks.wsclient import Execution
-from kallichore.client import ApiError
+from benchmarks.wsclient import TIMEOUT, Connection, Execution
+from kallichore.client import (
+    ApiError,
+    EventsDropped,
+    KernelMessage,
+    decode_frame,
+    execute_request,
+)
+from kallichore.session.events import DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,10 @@ class Plan:
     agent_callers: int = 10
     agent_sessions: int = 4
     agent_seconds: float = 20.0
+    memory_sessions: int = 20
+    memory_settle_seconds: float = 3.0
+    burst_mib: int = 100
+    burst_chunk_kib: int = 64
 
     @classmethod
     def quick(cls) -> Plan:
@@ -78,6 +95,9 @@ class Plan:
             scale_latency_rounds=2,
             scale_latency_per_batch=5,
             agent_seconds=2.0,
+            memory_sessions=1,
+            memory_settle_seconds=0.2,
+            burst_mib=2,
         )
 
 
@@ -431,3 +451,185 @@ async def agent_rate(
         }
     finally:
         await daemon.stop()
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / 1e6
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The highest RSS the process ever had (VmHWM, which the kernel keeps: no sample missed)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    return math.nan
+
+
+async def settled_rss_mb(pid: int, plan: Plan) -> float:
+    """RSS once the process has sat idle for a moment: what a step leaves behind."""
+    await trio.sleep(plan.memory_settle_seconds)
+    return rss_mb(pid)
+
+
+async def footprint(
+    pid: int,
+    plan: Plan,
+    start: Callable[[], Awaitable[str]],
+    connect: Callable[[str], Awaitable[Connection]],
+) -> dict[str, Any]:
+    """RSS of a server: empty, with `plan.memory_sessions` idle sessions `start`ed at once, and
+    with a client of each `connect`ed (each having run one round trip). One session, connected
+    to and left, comes first: what the first of anything costs (imports, caches) is not spread
+    over the others."""
+    warm = await connect(await start())
+    await warm.execute(LATENCY_CODE)
+    await warm.aclose()
+    empty = await settled_rss_mb(pid, plan)
+    ids: list[str] = []
+
+    async def start_one() -> None:
+        ids.append(await start())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(plan.memory_sessions):
+            nursery.start_soon(start_one)
+    with_sessions = await settled_rss_mb(pid, plan)
+    connections = [await connect(session_id) for session_id in ids]
+    try:
+        for connection in connections:
+            await connection.execute(LATENCY_CODE)
+        with_clients = await settled_rss_mb(pid, plan)
+    finally:
+        for connection in connections:
+            await connection.aclose()
+    return {
+        "sessions": len(ids),
+        "rss_mb_empty": empty,
+        "rss_mb_with_sessions": with_sessions,
+        "rss_mb_with_clients": with_clients,
+    }
+
+
+async def burst_to_slow_client(daemon: Daemon, plan: Plan) -> dict[str, Any]:
+    """A kernel prints `plan.burst_mib` MiB to a channels client that stops reading as soon as
+    the output begins and reads again once the kernel is done: the daemon's RSS meanwhile (the
+    session's event log holds what the client has not read, within its byte bound), and what
+    the client gets in the end (everything, or a loss notice and the newest output)."""
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    kallichore = daemon.client()
+    session_id = new_id("burst")
+    await daemon.create_and_start(session_id)
+    before = await settled_rss_mb(pid, plan)
+    # The kernel leaves this file once it has printed everything (the session's status may
+    # still read idle when the first output is in: it is no signal).
+    printed = daemon.context.home.root / f"{session_id}.printed"
+    code = stream_code(plan.burst_mib, plan.burst_chunk_kib)
+    code += f"open({str(printed)!r}, 'w').close()\n"
+    request = execute_request(code)
+    msg_id = request["header"]["msg_id"]
+    url = kallichore.http.base_url
+    stream_bytes = dropped_events = 0
+    idle = False
+
+    def take(text: str | bytes) -> bool:
+        """Count a frame; True once it is the first of the output."""
+        nonlocal stream_bytes, dropped_events, idle
+        event = decode_frame(json.loads(text))
+        if isinstance(event, EventsDropped):
+            dropped_events += event.count
+        elif isinstance(event, KernelMessage) and event.parent_msg_id == msg_id:
+            if event.msg_type == "stream":
+                stream_bytes += len(event.content["text"])
+                return True
+            if event.msg_type == "status" and event.content["execution_state"] == "idle":
+                idle = True
+        return False
+
+    # No queue in the client (trio-websocket's reader waits for each message to be taken), so
+    # not reading leaves everything to the daemon and the sockets.
+    async with trio_websocket.open_websocket(
+        str(url.host),
+        int(url.port or 80),
+        f"/sessions/{session_id}/channels",
+        use_ssl=False,
+        message_queue_size=0,
+        max_message_size=2**31,
+    ) as websocket:
+        with trio.fail_after(TIMEOUT):
+            await websocket.send_message(json.dumps(request))
+            while not take(await websocket.get_message()):
+                pass
+        started = time.perf_counter()
+        sampled = before
+        with trio.fail_after(TIMEOUT * 5):
+            while not printed.exists() or (
+                (await kallichore.get_session(session_id))["status"] != "idle"
+            ):
+                sampled = max(sampled, rss_mb(pid))
+                await trio.sleep(0.05)
+        printing = time.perf_counter() - started
+        held = rss_mb(pid)
+        with trio.fail_after(TIMEOUT):
+            while not idle:
+                take(await websocket.get_message())
+    after = await settled_rss_mb(pid, plan)
+    await daemon.kill(session_id)
+    log(
+        f"burst of {plan.burst_mib} MiB: {stream_bytes / 2**20:.1f} MiB delivered, "
+        f"{dropped_events} events dropped, RSS {before:.0f} -> peak {peak_rss_mb(pid):.0f} MB"
+    )
+    return {
+        "burst_bytes": plan.burst_mib * 2**20,
+        "chunk_bytes": plan.burst_chunk_kib * 1024,
+        "printing_seconds": printing,
+        "rss_mb_before": before,
+        "rss_mb_sampled_max": sampled,
+        "rss_mb_peak": peak_rss_mb(pid),
+        "rss_mb_when_printed": held,
+        "rss_mb_after": after,
+        "stream_bytes_delivered": stream_bytes,
+        "events_dropped": dropped_events,
+    }
+
+
+async def memory(
+    context: Context, plan: Plan, *, kallichore: bool, jupyter: bool
+) -> dict[str, Any]:
+    """Each part in a fresh daemon over TCP: `kallichore`, sessions and Kallichore channels
+    clients, then the burst (last: it raises the daemon's peak for good); `jupyter`, kernels
+    and v1 channels clients of the Jupyter Server kernels API."""
+    result: dict[str, Any] = {"event_log_bytes": DEFAULT_MAX_BYTES}
+    if kallichore:
+        daemon = Daemon(context, "tcp")
+        await daemon.start("kallichore-memory")
+        try:
+            assert daemon.process is not None
+
+            async def start() -> str:
+                session_id = new_id("memory")
+                await daemon.create_and_start(session_id, 600.0)
+                return session_id
+
+            result["kallichore"] = await footprint(daemon.process.pid, plan, start, daemon.channels)
+            result["burst"] = await burst_to_slow_client(daemon, plan)
+        finally:
+            await daemon.stop()
+    if jupyter:
+        server = JupyterServer(context, "kallichore")
+        await server.start()
+        try:
+            assert server.process is not None
+
+            async def connect(kernel_id: str) -> Connection:
+                return await server.channels(kernel_id, quickack=False, v1=True)
+
+            result["jupyter"] = await footprint(
+                server.process.pid, plan, partial(server.create, 600.0), connect
+            )
+        finally:
+            await server.stop()
+    return result

@@ -9,6 +9,7 @@ import trio.testing
 from kallichore.jupyter.wire import Channel, Message
 from kallichore.session.events import (
     EVENT_OVERHEAD_BYTES,
+    RECEIVE_MAX_BYTES,
     Event,
     EventLog,
     EventsDropped,
@@ -69,6 +70,8 @@ async def test_overflow_drops_the_oldest_and_says_so() -> None:
     assert len(log) == 3
     with log.subscribe() as sub:
         assert await sub.receive() == [EventsDropped(7), queued(7), queued(8), queued(9)]
+    # What was published counts, dropped or not (a burst's size, for giving memory back).
+    assert log.published_bytes == 10 * EVENT_OVERHEAD_BYTES
 
 
 async def test_a_slow_subscriber_is_told_what_it_missed() -> None:
@@ -77,6 +80,25 @@ async def test_a_slow_subscriber_is_told_what_it_missed() -> None:
         for i in range(5):
             log.publish(queued(i))
         assert await sub.receive() == [EventsDropped(3), queued(3), queued(4)]
+
+
+async def test_a_client_reading_again_after_a_burst_takes_the_log_in_slices() -> None:
+    """What a client that stopped reading has missed comes out about RECEIVE_MAX_BYTES at a time
+    (so it is never framed and copied whole), in order, and an event larger than that alone."""
+    line = "x" * (RECEIVE_MAX_BYTES // 4)
+    log = EventLog(max_bytes=16 * RECEIVE_MAX_BYTES)
+    with log.subscribe() as sub:
+        for i in range(20):
+            log.publish(OutputEvent("stdout", f"{i} {line}"))
+        log.publish(OutputEvent("stdout", "x" * 2 * RECEIVE_MAX_BYTES))
+        batches: list[list[Event]] = []
+        while len(batches) < 6:
+            batches.append(await sub.receive())
+    sizes = [sum(map(event_size, batch)) for batch in batches]
+    assert all(len(batch) == 4 for batch in batches[:5]), sizes
+    assert all(size < RECEIVE_MAX_BYTES + event_size(batches[0][0]) for size in sizes[:5])
+    assert [int(e.text.split()[0]) for b in batches[:5] for e in b] == list(range(20))  # type: ignore[union-attr]
+    assert batches[5] == [OutputEvent("stdout", "x" * 2 * RECEIVE_MAX_BYTES)]
 
 
 async def test_an_observer_leaves_the_backlog_for_the_next_client() -> None:

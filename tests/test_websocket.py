@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import h11
 import pytest
 import trio
+import trio.testing
 import wsproto
 import wsproto.events
 from wsproto.extensions import PerMessageDeflate
@@ -152,3 +153,29 @@ async def test_a_hang_up_is_not_a_clean_close(pair: tuple[WebSocket, Client]) ->
     await client.stream.aclose()
     assert await server.receive() is None
     assert not server.closed_cleanly
+
+
+async def test_a_pong_is_written_after_the_slice_being_written_not_the_whole_batch(
+    pair: tuple[WebSocket, Client],
+) -> None:
+    """A client that pings while a long batch waits for its socket (it reads slowly) gets its
+    pong after the slice the server is writing, not behind the whole batch."""
+    server, client = pair
+    count = 64
+    frames = [b'"%s"' % (b"x" * (websocket.WRITE_SLICE_BYTES // 2)) for _ in range(count)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_batch, frames, count)
+        nursery.start_soon(server.receive)  # (answers pings)
+        await trio.testing.wait_all_tasks_blocked()  # the socket is full
+        await client.send(wsproto.events.Ping(b"1"))
+        await trio.testing.wait_all_tasks_blocked()  # the ping was read
+        before_pong = 0
+        while not isinstance(event := await client.next_event(), wsproto.events.Pong):
+            before_pong += isinstance(event, wsproto.events.TextMessage) and event.message_finished
+        assert before_pong < count // 2, f"the pong came after {before_pong} of {count} frames"
+        received = before_pong
+        while received < count:
+            event = await client.next_event()
+            received += isinstance(event, wsproto.events.TextMessage) and event.message_finished
+        assert server.sent_through == count
+        nursery.cancel_scope.cancel()

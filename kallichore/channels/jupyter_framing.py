@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import itertools
 import json
 import logging
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
 CLIENT_CHANNELS = {"shell": Channel.SHELL, "control": Channel.CONTROL, "stdin": Channel.STDIN}
+# Per message, an Enum's `.value` and a struct format built from a count cost more than the rest.
+_CHANNEL_NAMES = {channel: channel.value.encode() for channel in Channel}
 
 
 class Protocol(Enum):
@@ -104,14 +107,14 @@ def encode(message: Message, channel: Channel, protocol: Protocol) -> Frame:
     if protocol is Protocol.V1:
         return Binary(
             pack_v1(
-                [
-                    channel.value.encode(),
+                (
+                    _CHANNEL_NAMES[channel],
                     header,
                     parent,
                     message.metadata_json or b"{}",
                     message.content_json or b"{}",
                     *message.buffers,
-                ]
+                )
             )
         )
     body = b"".join(
@@ -129,7 +132,7 @@ def encode(message: Message, channel: Channel, protocol: Protocol) -> Frame:
             b',"content":',
             message.content_json or b"{}",
             b',"channel":"',
-            channel.value.encode(),
+            _CHANNEL_NAMES[channel],
             b'"',
         )
     )
@@ -143,10 +146,14 @@ def encode(message: Message, channel: Channel, protocol: Protocol) -> Frame:
 def pack_v1(parts: Sequence[bytes]) -> bytes:
     """v1: the offset count, the offsets (LE uint64; the last is the end), then the parts."""
     count = len(parts) + 1
-    offsets = [8 * (count + 1)]
-    for part in parts:
-        offsets.append(offsets[-1] + len(part))
-    return b"".join((struct.pack(f"<{count + 1}Q", count, *offsets), *parts))
+    offsets = itertools.accumulate(map(len, parts), initial=8 * (count + 1))
+    return b"".join((_structs(f"<{count + 1}Q").pack(count, *offsets), *parts))
+
+
+@functools.cache
+def _structs(layout: str) -> struct.Struct:
+    """A frame's offsets' layout, compiled once."""
+    return struct.Struct(layout)
 
 
 def pack_legacy(parts: Sequence[bytes]) -> bytes:
@@ -243,7 +250,7 @@ def _offsets(frame: bytes, order: str, kind: str, what: str, *, minimum: int) ->
     (count,) = struct.unpack_from(order + kind, frame)
     if count < minimum or width * (count + 1) > len(frame):
         raise JupyterFrameError(f"{what}'s offset count does not fit the frame")
-    offsets = list(struct.unpack_from(f"{order}{count}{kind}", frame, width))
+    offsets = list(_structs(f"{order}{count}{kind}").unpack_from(frame, width))
     if offsets[0] != width * (count + 1):
         raise JupyterFrameError(f"{what}'s first part does not follow its offsets")
     return offsets
@@ -252,8 +259,7 @@ def _offsets(frame: bytes, order: str, kind: str, what: str, *, minimum: int) ->
 def _slices(frame: bytes, offsets: list[int]) -> list[bytes]:
     if offsets[-1] != len(frame) or offsets != sorted(offsets):
         raise JupyterFrameError("a frame's offsets are out of order or out of bounds")
-    view = memoryview(frame)
-    return [bytes(view[a:b]) for a, b in itertools.pairwise(offsets)]
+    return [frame[a:b] for a, b in itertools.pairwise(offsets)]
 
 
 def _client_frame(  # noqa: PLR0917

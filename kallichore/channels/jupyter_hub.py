@@ -56,26 +56,25 @@ logger = logging.getLogger(__name__)
 
 # How many request msg_ids are remembered for routing their replies (oldest forgotten first).
 MAX_REQUESTS = 10_000
-# How many bytes of encoded frames are kept for the other clients of a kernel.
+# How many bytes of encoded frames of one framing are kept for the other clients of a kernel.
 FRAME_CACHE_BYTES = 8 * 2**20
 # How long a client we close gets to answer our Close.
 CLOSE_ANSWER_SECONDS = 1.0
 
 
 class _FrameCache:
-    """Recent frames by (seq, framing), bounded by bytes: N clients cost one encode."""
+    """Recent frames of one framing by seq, bounded by bytes: N clients cost one encode."""
 
-    def __init__(self, max_bytes: int = FRAME_CACHE_BYTES) -> None:
-        self._frames: OrderedDict[tuple[int, Protocol], Frame] = OrderedDict()
+    def __init__(self, protocol: Protocol, max_bytes: int = FRAME_CACHE_BYTES) -> None:
+        self._protocol = protocol
+        self._frames: OrderedDict[int, Frame] = OrderedDict()
         self._bytes = 0
         self._max_bytes = max_bytes
 
-    def get(self, seq: int, protocol: Protocol, message: Message, channel: Channel) -> Frame:
-        key = (seq, protocol)
-        frame = self._frames.get(key)
+    def get(self, seq: int, message: Message, channel: Channel) -> Frame:
+        frame = self._frames.get(seq)
         if frame is None:
-            frame = encode(message, channel, protocol)
-            self._frames[key] = frame
+            frame = self._frames[seq] = encode(message, channel, self._protocol)
             self._bytes += len(frame)
             while self._bytes > self._max_bytes and len(self._frames) > 1:
                 self._bytes -= len(self._frames.popitem(last=False)[1])
@@ -93,7 +92,7 @@ class KernelHub:
         self.connections: dict[str, JupyterConnection] = {}
         self._parked: tuple[str, Subscription] | None = None
         self.requests: OrderedDict[str, str] = OrderedDict()
-        self.frames = _FrameCache()
+        self.frames = {protocol: _FrameCache(protocol) for protocol in Protocol}
 
     def request_sent(self, msg_id: str, client_session: str) -> None:
         requests = self.requests
@@ -140,6 +139,7 @@ class JupyterConnection:
         self._websocket = websocket
         self.client_session = client_session
         self._protocol = protocol
+        self._cache = hub.frames[protocol]
         self._acknowledged = 0
         self._replaced = False
         self._scope = trio.CancelScope()
@@ -191,26 +191,26 @@ class JupyterConnection:
 
     def _frames(self, events: list[Event], last_seq: int) -> list[Frame]:
         """This client's frames of `events`, whose last has seq `last_seq`."""
-        hub = self._hub
-        protocol = self._protocol
         frames: list[Frame] = []
+        cache = self._cache
         # An `EventsDropped` (only ever first) is no event of the log: it takes no seq.
-        seq = last_seq - len(events) + (bool(events) and isinstance(events[0], EventsDropped))
+        seq = last_seq - len(events) + (bool(events) and type(events[0]) is EventsDropped)
         for event in events:
-            if isinstance(event, EventsDropped):
-                notice = loss_notice(event.count, self._session.session_id)
-                frames.append(encode(notice, Channel.IOPUB, protocol))
-                continue
-            seq += 1
-            if isinstance(event, JupyterEvent):
+            if type(event) is JupyterEvent:
+                seq += 1
                 channel = event.channel
                 if channel is Channel.IOPUB or self._is_ours(event.message):
-                    frames.append(hub.frames.get(seq, protocol, event.message, channel))
-            elif isinstance(event, ExitedEvent) and event.restart is not RestartOrigin.JUPYTER:
-                # A restart the client asked for is not announced: it reconnects by itself.
-                state = "dead" if event.restart is None else "restarting"
-                status = status_message(state, self._session.session_id)
-                frames.append(hub.frames.get(seq, protocol, status, Channel.IOPUB))
+                    frames.append(cache.get(seq, event.message, channel))
+            elif type(event) is EventsDropped:
+                notice = loss_notice(event.count, self._session.session_id)
+                frames.append(encode(notice, Channel.IOPUB, self._protocol))
+            else:
+                seq += 1
+                if type(event) is ExitedEvent and event.restart is not RestartOrigin.JUPYTER:
+                    # A restart the client asked for is not announced: it reconnects by itself.
+                    state = "dead" if event.restart is None else "restarting"
+                    status = status_message(state, self._session.session_id)
+                    frames.append(cache.get(seq, status, Channel.IOPUB))
         return frames
 
     def _is_ours(self, message: Message) -> bool:

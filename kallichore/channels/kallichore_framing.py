@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 from urllib.parse import parse_qs
 
 import attrs
 
 from kallichore.errors import ErrorCode, KallichoreError
-from kallichore.jupyter.wire import Channel, JSONObject, Message, dumps
+from kallichore.jupyter.wire import Channel, JSONObject, Message, dumps, loads
 from kallichore.session.events import (
     Event,
     EventsDropped,
@@ -76,7 +75,7 @@ def jupyter_frame(message: Message, channel: Channel) -> bytes:
 
 def queued_message(message: Message) -> JSONObject:
     """An execution-queue entry as ActiveSession shows it: the channel message without `kind`."""
-    parsed: JSONObject = json.loads(jupyter_frame(message, Channel.SHELL))
+    parsed: JSONObject = loads(jupyter_frame(message, Channel.SHELL))
     del parsed["kind"]
     return parsed
 
@@ -179,7 +178,7 @@ class FrameError(KallichoreError):
 def parse_client_frame(text: str) -> tuple[Channel, JSONObject]:
     """Validate a client's channel message; returns its channel and the parsed object."""
     try:
-        data = json.loads(text)
+        data = loads(text)
     except (ValueError, RecursionError) as exc:
         # ValueError: not JSON (an empty frame too), or an integer past Python's digit limit.
         raise FrameError(f"the frame is not valid JSON: {exc}") from None

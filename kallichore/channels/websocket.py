@@ -57,6 +57,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # once they would mostly fill it, and leave a copied tail and a task to finish the write.
 DIRECT_WRITE_MAX_BYTES = 64 * 1024
 RECEIVE_BYTES = 64 * 1024
+# A larger batch is written in slices of whole frames about this long, each under the lock of
+# its own: a pong waiting for the socket goes out after the slice being written, not behind the
+# whole batch (a client that reads slowly, as a loaded one does, sees its keepalive answered).
+WRITE_SLICE_BYTES = 64 * 1024
 
 
 class ConnectionClosed(Exception):
@@ -110,6 +114,20 @@ def data_frames(frames: Sequence[Frame]) -> bytes:
     return b"".join(parts)
 
 
+def _slices(frames: Sequence[Frame]) -> list[Sequence[Frame]]:
+    """`frames` in runs of about WRITE_SLICE_BYTES (at least one frame each)."""
+    parts: list[Sequence[Frame]] = []
+    start = size = 0
+    for index, frame in enumerate(frames):
+        size += len(frame)
+        if size >= WRITE_SLICE_BYTES:
+            parts.append(frames[start : index + 1])
+            start, size = index + 1, 0
+    if start < len(frames):
+        parts.append(frames[start:])
+    return parts
+
+
 class WebSocket:
     """The server end of one WebSocket: the socket, wsproto's state, and the only writer.
 
@@ -160,7 +178,13 @@ class WebSocket:
         """Write `frames` in one write; raises ConnectionClosed once closing.
 
         `through`: the seq of the last event among them, once they are written."""
-        await self._write(data_frames(frames), through)
+        if len(frames) > 1 and sum(map(len, frames)) > WRITE_SLICE_BYTES:
+            for part in _slices(frames):
+                await self._write(data_frames(part))
+        else:
+            await self._write(data_frames(frames))
+        if through is not None:
+            self._sent_through = through
 
     @property
     def free(self) -> bool:
@@ -222,7 +246,7 @@ class WebSocket:
                 self._pings.append((counter, self._sent_through))
             await self._write_locked(self._connection.send(event))
 
-    async def _write(self, data: bytes, through: int | None = None) -> None:
+    async def _write(self, data: bytes) -> None:
         # The lock is nearly always free: taking it without a schedule point saves one pass
         # of the event loop per write (the write itself still yields).
         try:
@@ -233,8 +257,6 @@ class WebSocket:
             if self._broken or self._connection.state is not ConnectionState.OPEN:
                 raise ConnectionClosed
             await self._write_locked(data)
-            if through is not None:
-                self._sent_through = through
         finally:
             self._writing.release()
 

@@ -23,6 +23,7 @@ from functools import cached_property
 from typing import Any
 
 import attrs
+import orjson
 
 DELIMITER = b"<IDS|MSG>"
 SIGNATURE_SCHEME = "hmac-sha256"
@@ -46,7 +47,16 @@ class Channel(StrEnum):
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON, as kernels and jupyter_client write it."""
+    """Compact JSON, as kernels and jupyter_client write it.
+
+    orjson on the hot path (a tenth of the standard library's cost per header); the standard
+    library for what orjson refuses: integers past 64 bits, keys that are not strings, and lone
+    surrogates.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        pass
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
     except UnicodeEncodeError:
@@ -56,7 +66,13 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(data: bytes | str) -> Any:
-    return json.loads(data)
+    """Parse JSON: orjson, or the standard library for what orjson refuses but a peer may send
+    (integers past 64 bits, lone surrogates, NaN, deep nesting, UTF-16), or to report the
+    error."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def utc_now() -> str:
@@ -201,7 +217,8 @@ def deserialize(frames: Sequence[bytes], signer: Signer) -> tuple[list[bytes], M
         raise WireError(
             f"expected at least 5 frames after the delimiter, got {len(frames) - split - 1}"
         )
-    signature, header, parent, metadata, content = (bytes(f) for f in frames[split + 1 : split + 6])
+    # map(bytes, ...) rather than a generator: no Python frame per part (six per message).
+    signature, header, parent, metadata, content = map(bytes, frames[split + 1 : split + 6])
     signer.verify(signature, (header, parent, metadata, content))
     parsed_header = _json_object(header, "header")
     for key in ("msg_id", "msg_type"):
@@ -210,13 +227,13 @@ def deserialize(frames: Sequence[bytes], signer: Signer) -> tuple[list[bytes], M
     # Kernels send an empty object, or occasionally nothing at all, for "no parent".
     parsed_parent = _json_object(parent, "parent_header") if len(parent) > 2 else {}
     return (
-        [bytes(f) for f in frames[:split]],
+        list(map(bytes, frames[:split])),
         Message(
             header=parsed_header,
             parent_header=parsed_parent,
             metadata_json=metadata,
             content_json=content,
-            buffers=tuple(bytes(f) for f in frames[split + 6 :]),
+            buffers=tuple(map(bytes, frames[split + 6 :])),
             header_json=header,
             parent_json=parent,
         ),

@@ -21,12 +21,16 @@ import zmq
 
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import Channel, Message, Signer, deserialize, serialize
+from kallichore.session.events import DEFAULT_MAX_BYTES, EVENT_OVERHEAD_BYTES
 from kallichore.trio_zmq import TrioSocket
 
-# The kernel's PUB socket silently drops what its subscriber's queue cannot take. ZeroMQ's own
-# thread fills this queue while the event loop is busy elsewhere, so a burst of output waits
-# here instead of being lost: 10x ZeroMQ's default, still bounded against a runaway kernel.
-IOPUB_QUEUE_MESSAGES = 10_000
+# The kernel's iopub PUB silently drops what it cannot hand on once this queue is full (and its
+# own, ZeroMQ's default of 1,000 messages): ZeroMQ's thread fills it while the event loop is busy.
+# At 10,000 a burst the event log would have taken was lost unannounced (with the loop held up,
+# 10,006 of 25,000; docs/benchmarks.md, "The Jupyter channels"). It holds as many small
+# messages as the event log's byte bound does, so that bound, which announces what it drops, is
+# the one that decides; a runaway kernel is still held to that many messages here.
+IOPUB_QUEUE_MESSAGES = DEFAULT_MAX_BYTES // EVENT_OVERHEAD_BYTES
 
 
 class KernelChannels:

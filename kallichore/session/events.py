@@ -37,6 +37,10 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 # headers, the message and the event): measured at ~2 KiB for a small stream message. Counted
 # per event so that a flood of tiny messages weighs what it costs.
 EVENT_OVERHEAD_BYTES = 2048
+# What one `receive` takes at most (and at least one event): a client reading again after a
+# burst gets the log in slices, each framed and written before the next, rather than all of it
+# at once, which framing and joining would copy twice over (three times the bound at the peak).
+RECEIVE_MAX_BYTES = 2**20
 
 
 @attrs.frozen
@@ -164,6 +168,7 @@ class EventLog:
         # Each event's `event_size`, computed once.
         self._sizes: deque[int] = deque()
         self._bytes = 0
+        self._published_bytes = 0
         self._origin = first_seq
         self._first_seq = first_seq
         self._next_seq = first_seq
@@ -180,6 +185,11 @@ class EventLog:
     def nbytes(self) -> int:
         """The estimated size of the events kept (see `event_size`)."""
         return self._bytes
+
+    @property
+    def published_bytes(self) -> int:
+        """The estimated size of every event ever published here (see `event_size`)."""
+        return self._published_bytes
 
     @property
     def last_seq(self) -> int:
@@ -219,6 +229,7 @@ class EventLog:
             size = event_size(event)
             sizes.append(size)
             total += size
+        self._published_bytes += total - self._bytes
         self._bytes = total
         self._next_seq += len(events)
         behind = False
@@ -288,10 +299,25 @@ class EventLog:
             subscription.cursor = self._first_seq
         start = subscription.cursor - self._first_seq
         stop = min(len(self._events), start + max_events)
+        if self._bytes > RECEIVE_MAX_BYTES:  # (a caught-up client's log is far smaller)
+            stop = self._slice_end(start, stop)
         taken.extend(self._events[i] for i in range(start, stop))
         subscription.cursor += stop - start
         self._trim()
         return taken
+
+    def _slice_end(self, start: int, stop: int) -> int:
+        """Where a take from `start` ends for RECEIVE_MAX_BYTES of content (at most `stop`, past
+        at least one event)."""
+        taken = 0
+        sizes = self._sizes
+        # (Indexing a deque is quick near either end, where a reader's cursor mostly is.)
+        for index in range(start, stop):
+            # Without the per-event overhead: what counts is what the frames will copy.
+            taken += sizes[index] - EVENT_OVERHEAD_BYTES
+            if taken >= RECEIVE_MAX_BYTES:
+                return index + 1
+        return stop
 
     def _trim(self) -> None:
         """Drop what is acknowledged and read by every observer, then the oldest events while
@@ -340,7 +366,8 @@ class Subscription:
             return False
 
     async def receive(self, max_events: int = 1000) -> list[Event]:
-        """Wait for events after the cursor and take up to `max_events` of them.
+        """Wait for events after the cursor and take up to `max_events` of them (and about
+        RECEIVE_MAX_BYTES at most).
 
         Cancellation-safe: a cancelled call takes nothing.
         """

@@ -29,6 +29,7 @@ import attrs
 import trio
 import zmq
 
+from kallichore.allocator import TRIM_AFTER_BYTES, release_free_memory
 from kallichore.errors import ErrorCode, KallichoreError, StartupError
 from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import (
@@ -47,6 +48,7 @@ from kallichore.session.model import (
     SessionConfig,
     SessionSpec,
     StartupEnvironment,
+    Status,
     VarAction,
     resolve_environment,
 )
@@ -163,6 +165,8 @@ class KernelRun:
         self._ready = False
         # Set whenever a pump has fed the state machine; renewed by whoever waits on it.
         self._fed = trio.Event()
+        # The event log's published bytes when this run last gave free memory back.
+        self._trimmed_at = 0
 
     @property
     def process_id(self) -> int | None:
@@ -478,35 +482,61 @@ class KernelRun:
         client gets it in one write); then whatever the state says to send (the next queued
         execution) goes to the kernel."""
         sock = channels.socket(channel)
-        state = self._ctx.state
-        session_id = self._ctx.spec.session_id
         while True:
-            out = Outbox()
-            batch = await sock.recv_batch()
-            detail = logger.isEnabledFor(logging.DEBUG)
-            for frames in batch:
-                try:
-                    message = channels.parse(frames)
-                except WireError as exc:
-                    logger.warning(
-                        "session %s: dropped a message on %s: %s", session_id, channel, exc
-                    )
-                    continue
-                if detail:
-                    logger.debug(
-                        "session %s: %s %s from the kernel", session_id, channel, message.msg_type
-                    )
-                state.from_kernel(channel, message, out)
-                if (
-                    self._processless
-                    and channel is not Channel.IOPUB
-                    and message.msg_type == "shutdown_reply"
-                ):
-                    # An adopted kernel is going away; there is no process to watch for it.
-                    self.cancel_scope.cancel()
-            self._ctx.activity.note()
-            await self.deliver(out)
-            self._fed.set()
+            # The batch is handed over, not kept here: after a burst it may hold hundreds of
+            # MiB of output, which must not stay alive until the channel's next message.
+            await self._take(channels, channel, await sock.recv_batch())
+            if (
+                self._ctx.events.published_bytes - self._trimmed_at > TRIM_AFTER_BYTES
+                and self._ctx.state.status is Status.IDLE
+            ):
+                # A burst is over and its batches are gone (nothing here refers to them).
+                self._trimmed_at = self._ctx.events.published_bytes
+                await trio.to_thread.run_sync(release_free_memory)
+
+    async def _take(
+        self, channels: KernelChannels, channel: Channel, batch: list[list[bytes]]
+    ) -> None:
+        out = self._follow(channels, channel, batch)
+        del batch
+        self._ctx.activity.note()
+        await self.deliver(out)
+        self._fed.set()
+
+    def _follow(
+        self, channels: KernelChannels, channel: Channel, batch: list[list[bytes]]
+    ) -> Outbox:
+        """Verify and parse a batch, and let the state machine follow it."""
+        out = Outbox()
+        state = self._ctx.state
+        detail = logger.isEnabledFor(logging.DEBUG)
+        for frames in batch:
+            try:
+                message = channels.parse(frames)
+            except WireError as exc:
+                logger.warning(
+                    "session %s: dropped a message on %s: %s",
+                    self._ctx.spec.session_id,
+                    channel,
+                    exc,
+                )
+                continue
+            if detail:
+                logger.debug(
+                    "session %s: %s %s from the kernel",
+                    self._ctx.spec.session_id,
+                    channel,
+                    message.msg_type,
+                )
+            state.from_kernel(channel, message, out)
+            if (
+                self._processless
+                and channel is not Channel.IOPUB
+                and message.msg_type == "shutdown_reply"
+            ):
+                # An adopted kernel is going away; there is no process to watch for it.
+                self.cancel_scope.cancel()
+        return out
 
     async def _monitor_heartbeat(self, channels: KernelChannels) -> None:
         """Mark the session offline when the kernel misses a heartbeat, and back when it answers.
