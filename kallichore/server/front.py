@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, unquote
 
 import h11
@@ -43,7 +44,7 @@ from kallichore.channels.websocket import (
 )
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.server.api_request import serve_request
-from kallichore.server.h11_stream import next_event, respond, server_connection
+from kallichore.server.h11_stream import RECEIVE_BYTES, next_event, respond, server_connection
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -226,14 +227,20 @@ class FrontDoor:
         )
         # A client without a session_id still gets one: it is just never resumed.
         client_session = query.get("session_id", [""])[-1] or uuid.uuid4().hex
-        with trio.move_on_after(KERNEL_READY_TIMEOUT_SECONDS):
-            # A kernel POST /api/kernels starts in the background may not be launched yet.
-            await self._supervisor.settled(session)
-            await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
+
+        async def kernel_ready() -> None:
+            with trio.move_on_after(KERNEL_READY_TIMEOUT_SECONDS):
+                # A kernel POST /api/kernels starts in the background may not be launched yet.
+                await self._supervisor.settled(session)
+                await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
+
+        received = await _unless_hung_up(stream, kernel_ready)
+        if received is None:
+            return
         websocket = await accept(
             stream,
             handshake,
-            client.trailing_data[0],
+            client.trailing_data[0] + received,
             subprotocol=protocol.subprotocol,
             binary=True,
         )
@@ -253,6 +260,34 @@ async def _handshake(
         log_response("GET", path, 400)
         await respond(stream, client, 400, str(error).encode(), b"text/plain")
         return None
+
+
+async def _unless_hung_up(
+    stream: trio.SocketStream, wait: Callable[[], Awaitable[None]]
+) -> bytes | None:
+    """`wait()`, watching the client meanwhile: None if it hung up first, else what it sent.
+
+    A client that gave up on an upgrade must not be accepted later: jupyter_server's gateway
+    client retries its channels connection with the same `session_id` while the kernel starts,
+    and the abandoned attempt, accepted after the retry, would replace it as the newer
+    connection. Reading stops at the first data (a client may send frames before the 101), so
+    what is kept stays bounded.
+    """
+    received = b""
+    hung_up = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal received, hung_up
+            received = await stream.receive_some(RECEIVE_BYTES)
+            if not received:
+                hung_up = True
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await wait()
+        nursery.cancel_scope.cancel()
+    return None if hung_up else received
 
 
 async def _read_to_end(stream: trio.SocketStream, client: h11.Connection) -> bool:
