@@ -227,6 +227,7 @@ class FrontDoor:
         )
         # A client without a session_id still gets one: it is just never resumed.
         client_session = query.get("session_id", [""])[-1] or uuid.uuid4().hex
+        asked = self._hubs.ask()
 
         async def kernel_ready() -> None:
             with trio.move_on_after(KERNEL_READY_TIMEOUT_SECONDS):
@@ -246,7 +247,12 @@ class FrontDoor:
         )
         self._supervisor.note_activity()
         await self._hubs.serve(
-            session, websocket, client_session, protocol, ping_interval=self._ping_interval
+            session,
+            websocket,
+            client_session,
+            protocol,
+            asked=asked,
+            ping_interval=self._ping_interval,
         )
 
 

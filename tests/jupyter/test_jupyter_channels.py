@@ -269,16 +269,17 @@ async def test_the_same_session_id_replaces_its_stale_connection(
         assert result["content"]["data"]["text/plain"] == "42"
 
 
-async def test_an_upgrade_given_up_while_the_kernel_starts_replaces_nobody(
+async def test_upgrades_given_up_while_the_kernel_starts_replace_nobody(
     client: KallichoreClient,
     server: RunningServer,
     supervisor: Supervisor,
     nursery: trio.Nursery,
     tmp_path: Path,
 ) -> None:
-    """jupyter_server retries its channels connection with the same session_id while the
-    kernel starts; the attempts it gave up on must not replace the live one once it is ready.
-    (The kernel is held before its launch by a gate: its start takes as long as the test needs.)"""
+    """jupyter_server gives up on its channels connection while the kernel starts (leaving it
+    open: tornado cannot cancel it) and asks again with the same session_id; neither what it
+    left open before nor what hung up after may replace the live one once the kernel is
+    ready. (A gate holds the kernel before its launch: its start takes as long as needed.)"""
     gate = tmp_path / "gate"
     wait_for_gate = f'while [ ! -e "{gate}" ]; do sleep 0.05; done; exec "$@"'
     argv = ["sh", "-c", wait_for_gate, "sh", *IPYKERNEL_ARGV]
@@ -291,20 +292,25 @@ async def test_an_upgrade_given_up_while_the_kernel_starts_replaces_nobody(
     kernel_id = session.spec.kernel_id
     path = f"/api/kernels/{kernel_id}/channels?session_id=s&token={TOKEN}"
     upgrade = (
-        f"GET {path} HTTP/1.1\r\nHost: {server.url.partition('//')[2]}\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
         "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     ).encode()
+    left_open: list[trio.SocketStream] = []
 
-    async def give_up() -> None:
+    async def ask() -> trio.SocketStream:
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         await stream.send_all(upgrade)
-        await stream.aclose()
+        return stream
 
-    # Given up before and after the live one: whichever order the waiters wake in, some of
-    # them would come after it.
-    for _ in range(GIVEN_UP):
-        await give_up()
+    async def round_trip() -> None:
+        """One more request through the server: the upgrades above have been read."""
+        async with httpx.AsyncClient() as http:
+            await http.get(f"{server.url}/api/kernels", params={"token": TOKEN})
+
+    # Whichever order the waiters wake in, some of them would come after the live one.
+    left_open.extend([await ask() for _ in range(GIVEN_UP)])
+    await round_trip()
     async with trio.open_nursery() as attempts:
         live: list[JupyterClient] = []
 
@@ -315,10 +321,8 @@ async def test_an_upgrade_given_up_while_the_kernel_starts_replaces_nobody(
 
         attempts.start_soon(connect_live)
         for _ in range(GIVEN_UP):
-            await give_up()
-        # One more round trip through the server: the requests above have been read.
-        async with httpx.AsyncClient() as http:
-            await http.get(f"{server.url}/api/kernels", params={"token": TOKEN})
+            await (await ask()).aclose()
+        await round_trip()
         gate.touch()
         with trio.fail_after(TIMEOUT):
             while not live:
@@ -327,6 +331,8 @@ async def test_an_upgrade_given_up_while_the_kernel_starts_replaces_nobody(
         assert result["content"]["data"]["text/plain"] == "42"
         assert server.hubs.connections(session) == 1
         attempts.cancel_scope.cancel()
+    for stream in left_open:
+        await stream.aclose()
 
 
 async def drain(ws: WebSocketConnection) -> None:
