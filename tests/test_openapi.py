@@ -6,7 +6,6 @@ Each test compares it with the code or with what a live server does, never with 
 from __future__ import annotations
 
 import json
-import re
 import typing
 import uuid
 from typing import Any
@@ -19,7 +18,7 @@ from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from kallichore import __version__
 from kallichore.api import jupyter_models, models, single_kernel_models
-from kallichore.api.app import ROUTE_TABLES, ServerState, create_app
+from kallichore.api.app import ROUTE_TABLES, ServerState, create_api
 from kallichore.api.openapi import WIRE_MODELS, openapi_document
 from kallichore.channels.kallichore_framing import (
     FrameError,
@@ -86,16 +85,8 @@ def test_document_is_valid_openapi_30(document: dict[str, Any]) -> None:
 
 
 async def test_paths_are_the_apps_routes(supervisor: Supervisor, document: dict[str, Any]) -> None:
-    app = create_app(supervisor, ServerState(token=TOKEN, server_id="x"), ServerLifetime())
-    routes: set[tuple[str, str]] = set()
-    for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
-            continue
-        # The WebSocket rule (rule.websocket) is a GET too, as is its upgrade request.
-        path = re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule)
-        routes |= {
-            (path, method) for method in rule.methods or () if method not in {"HEAD", "OPTIONS"}
-        }
+    api = create_api(supervisor, ServerState(token=TOKEN, server_id="x"), ServerLifetime())
+    routes = {(path, method) for method, path in api.routes()}
     documented = set(operations(document))
     assert routes == documented, (
         f"routes missing from the document: {sorted(routes - documented)}; "

@@ -18,9 +18,8 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import trio
-from quart import Response, request
-from quart.wrappers.response import ResponseBody
 
+from kallichore.api.exchange import ApiRequest, ApiResponse
 from kallichore.api.models import ErrorBody, ExecuteCode
 from kallichore.api.routes import (
     Empty,
@@ -124,6 +123,7 @@ it comes, then `{"type": "result", ...}`, the outcome without `output`."""
     summary="Run code and get its outcome",
     description=_EXECUTE_DESCRIPTION,
     protected=True,
+    takes_request=True,
     body=ExecuteCode,
     ok=Reply(OUTCOME_SCHEMA, "The execution's outcome (or its ndjson stream)."),
     failure=Failure(
@@ -132,14 +132,16 @@ it comes, then `{"type": "result", ...}`, the outcome without `output`."""
         "session's kernel is not running or still starting (`KS-3`).",
     ),
 )
-async def execute(api: HasSupervisor, session: KernelSession, body: ExecuteCode) -> Any:
+async def execute(
+    api: HasSupervisor, session: KernelSession, body: ExecuteCode, request: ApiRequest
+) -> Any:
     body.check()
-    if NDJSON in request.headers.get("Accept", ""):
+    if NDJSON in (request.header("accept") or ""):
         if not session.is_running:
             raise KallichoreError(
                 ErrorCode.SESSION_NOT_RUNNING, f"session {session.session_id} is not running"
             )
-        return Response(StreamedExecution(session, body), content_type=NDJSON)
+        return ApiResponse(200, content_type=NDJSON, stream=StreamedExecution(session, body))
     outcome = await run(session, body)
     return outcome.to_json()
 
@@ -158,7 +160,7 @@ async def run(
     )
 
 
-class StreamedExecution(ResponseBody):
+class StreamedExecution:
     """An ndjson body: the execution runs in a nursery the body opens and closes (in the task
     that sends the response), its items passed on as lines as they come."""
 
@@ -253,6 +255,7 @@ _HISTORY_ENTRY = {
         "`execute` and those clients sent over the channels (both APIs)."
     ),
     protected=True,
+    takes_request=True,
     ok=Reply({"type": "array", "items": _HISTORY_ENTRY}, "The executions, oldest first."),
     replies={400: Reply(ErrorBody, f"`limit` is not an integer from 1 to {MAX_EXECUTIONS}.")},
     extensions={
@@ -267,8 +270,8 @@ _HISTORY_ENTRY = {
         ]
     },
 )
-async def history(api: HasSupervisor, session: KernelSession) -> Any:
-    limit = request.args.get("limit")
+async def history(api: HasSupervisor, session: KernelSession, request: ApiRequest) -> Any:
+    limit = request.argument("limit")
     if limit is None:
         return session.history.entries()
     if not limit.isdigit() or not 1 <= int(limit) <= MAX_EXECUTIONS:

@@ -1,4 +1,4 @@
-"""The Kallichore HTTP API: its route table, and the Quart-Trio app that serves it.
+"""The Kallichore HTTP API: its route table, and the dispatcher that serves every API.
 
 Each route is one entry (`ROUTES`) holding what it does and what it answers; the handlers
 call the supervisor or a session and return the model the spec says: `null` for actions, the
@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-from quart import Response, request
-from quart_trio import QuartTrio
 
 from kallichore import __version__
 from kallichore.api import models
 from kallichore.api.agent import AGENT_ROUTES, SESSION_PARAMETER
+from kallichore.api.dispatch import Dispatcher
+from kallichore.api.exchange import ApiResponse
 from kallichore.api.jupyter import (
     JUPYTER_ROUTES,
     JupyterApi,
@@ -59,16 +59,11 @@ from kallichore.api.routes import (
     RouteTable,
     bad_body,
     bearer_token_matches,
-    empty,
-    install,
-    json_response,
-    refuse_cross_origin,
 )
 from kallichore.api.single_kernel import (
     SINGLE_KERNEL_ROUTES,
     ConnectionFiles,
     SingleKernelApi,
-    install_single_kernel,
 )
 from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
@@ -78,8 +73,6 @@ from kallichore.session.model import SessionSpec, Status
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 @attrs.define
@@ -134,18 +127,6 @@ class KallichoreApi:
         """A session that lost its kernel, or is gone, has no channel socket left open."""
         if self.sockets is not None:
             self.sockets.close(session.session_id)
-
-
-def log_response(method: str, path: str, status: int) -> None:
-    """Log a refused (4xx) or failed (5xx) request by method, path and status.
-
-    Never the query string (a client may put its token there) nor headers; the path is escaped
-    so that it cannot forge log lines. Answers that went well are not news.
-    """
-    if status < 400:
-        return
-    level = logging.WARNING if status >= 500 else logging.INFO
-    logger.log(level, "%s %s -> %d", method, repr(path)[1:-1], status)
 
 
 def check_token(state: ServerState, authorization: str | None) -> bool:
@@ -646,8 +627,8 @@ async def set_configuration(api: KallichoreApi, body: ServerConfiguration) -> No
     summary="Get this document",
     ok=Reply({"type": "object"}, "This OpenAPI document."),
 )
-async def openapi(api: KallichoreApi) -> Response:
-    return Response(_openapi_json(), content_type="application/json")
+async def openapi(api: KallichoreApi) -> ApiResponse:
+    return ApiResponse(200, _openapi_json(), "application/json")
 
 
 @functools.cache
@@ -660,65 +641,30 @@ def _openapi_json() -> bytes:
 ROUTE_TABLES = (ROUTES, AGENT_ROUTES, JUPYTER_ROUTES, SINGLE_KERNEL_ROUTES)
 
 
-def create_app(
+def create_api(
     supervisor: Supervisor,
     state: ServerState,
     control: ServerControl,
     sockets: ChannelSockets | None = None,
     connections: KernelConnections | None = None,
-) -> QuartTrio:
-    """The app serving both APIs; with `sockets`, `GET .../channels` hands out per-session
-    socket paths; `connections` counts each kernel's Jupyter channel connections."""
-    app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+) -> Dispatcher:
+    """Every API served; with `sockets`, `GET .../channels` hands out per-session socket
+    paths; `connections` counts each kernel's Jupyter channel connections."""
+    dispatcher = Dispatcher()
     connections = connections or NoConnections()
     kallichore = KallichoreApi(supervisor, state, control, sockets)
-    install(app, ROUTES, kallichore, lambda: state.token)
-    install(app, AGENT_ROUTES, kallichore, lambda: state.token)
+    dispatcher.serve(ROUTES, kallichore, lambda: state.token)
+    dispatcher.serve(AGENT_ROUTES, kallichore, lambda: state.token)
     jupyter = JupyterApi(
         supervisor, state.jupyter, connections, on_removed=kallichore.close_channel_socket
     )
-    install(app, JUPYTER_ROUTES, jupyter, lambda: state.token)
+    dispatcher.serve(JUPYTER_ROUTES, jupyter, lambda: state.token)
     single = SingleKernelApi(
         supervisor,
         describe=lambda session: active_session(session, sockets),
         connections=connections,
         files=ConnectionFiles(supervisor),
     )
-    install_single_kernel(app, single, lambda: state.token)
-    refuse_cross_origin(app)
-
-    @app.before_request
-    async def read_whole_body() -> None:
-        """Answer no request before its body is read, so its connection can carry the next.
-
-        hypercorn (0.18) tears down a connection whose response ended before the request body
-        did, from within the app's own send; quart-trio cancels that task on the disconnect
-        hypercorn feeds it first, so the close never happens and the kept-alive connection
-        hangs. A body read first never reaches that path (a 413 still closes, and says so).
-        """
-        await request.get_data()
-
-    @app.after_request
-    async def log_refusal(response: Response) -> Response:
-        log_response(request.method, request.path, response.status_code)
-        return response
-
-    @app.errorhandler(404)
-    async def not_found(_: Exception) -> Response:
-        return empty(404)
-
-    @app.errorhandler(405)
-    async def not_allowed(_: Exception) -> Response:
-        return empty(405)
-
-    @app.errorhandler(413)
-    async def too_large(_: Exception) -> Response:
-        response = json_response(
-            ErrorBody("413", f"the body is larger than {MAX_BODY_BYTES} bytes"), 413
-        )
-        # The rest of the body is never read: the connection cannot carry another request.
-        response.headers["Connection"] = "close"
-        return response
-
-    return app
+    dispatcher.serve(SINGLE_KERNEL_ROUTES, single, lambda: state.token)
+    dispatcher.at_close(single.files.remove_all)
+    return dispatcher

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-from quart import Response, request
 
 from kallichore import __version__
 from kallichore.api import jupyter_models
+from kallichore.api.exchange import ApiRequest, ApiResponse
 from kallichore.api.jupyter_models import (
     ApiVersion,
     JupyterError,
@@ -93,12 +93,12 @@ class JupyterStyle:
 
     converter = jupyter_models.converter
 
-    def authorized(self, token: str | None) -> bool:
+    def authorized(self, token: str | None, request: ApiRequest) -> bool:
         return jupyter_token_matches(
-            token, request.headers.get("Authorization"), request.args.get("token")
+            token, request.header("authorization"), request.argument("token")
         )
 
-    def refusal(self, status: int, message: str) -> Response:
+    def refusal(self, status: int, message: str) -> ApiResponse:
         return json_response(jupyter_error(status, message), status, self.converter)
 
 
@@ -427,7 +427,9 @@ async def get_kernelspec(api: JupyterApi, kernelspec: KernelSpec) -> KernelSpecM
     ok=Reply({"type": "string", "format": "binary"}, "The file, with a guessed Content-Type."),
     replies={404: Reply(JupyterError, "No such kernelspec, or no such file in its directory.")},
 )
-async def get_kernelspec_resource(api: JupyterApi, kernelspec: KernelSpec, file: str) -> Response:
+async def get_kernelspec_resource(
+    api: JupyterApi, kernelspec: KernelSpec, file: str
+) -> ApiResponse:
     directory = kernelspec.resource_dir
     if directory is None or file.startswith(".") or "\0" in file or "\\" in file:
         raise refused(404, f"Kernel spec resource {file} not found")
@@ -439,7 +441,7 @@ async def get_kernelspec_resource(api: JupyterApi, kernelspec: KernelSpec, file:
     except OSError:
         raise refused(404, f"Kernel spec resource {file} not found") from None
     kind = mimetypes.guess_type(file)[0] or "application/octet-stream"
-    return Response(data, content_type=kind)
+    return ApiResponse(200, data, kind)
 
 
 @_route(

@@ -1,11 +1,12 @@
 """Routes declared once: each route's method, path, auth, body, answers and errors in one entry.
 
-A `RouteTable` is one API (the Kallichore API, the Jupyter Server kernels API; the agent API
-will be a table of its own) on the same server, each with its `ApiStyle`: how a client shows
-the token, what a refusal looks like, and the cattrs converter of its models. The same entries
-feed Quart (`install`) and the OpenAPI document (`kallichore.api.openapi`), so what is served
-and what is documented cannot drift apart. Handlers return their model and raise on failure:
-auth, path parameters, body parsing and turning errors into responses happen here, once.
+A `RouteTable` is one API (the Kallichore API, the agent API, the Jupyter Server kernels API...)
+on the same server, each with its `ApiStyle`: how a client shows the token, what a refusal
+looks like, and the cattrs converter of its models. The same entries feed the dispatcher
+(`kallichore.api.dispatch`) and the OpenAPI document (`kallichore.api.openapi`), so what is
+served and what is documented cannot drift apart. Handlers return their model and raise on
+failure: auth, path parameters, body parsing and turning errors into responses happen in the
+dispatcher, once.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, Protocol
 
 import attrs
 import cattrs
-from quart import Quart, Response, current_app, request
 
+from kallichore.api.exchange import ApiRequest, ApiResponse
 from kallichore.api.models import BodyError, ErrorBody, converter, structure_body
 from kallichore.errors import ErrorCode, KallichoreError
 
@@ -54,7 +55,7 @@ class Failure:
     # Reported instead of the error's own code (interrupt failures are all `KS-10`).
     code: ErrorCode | None = None
 
-    def response(self, error: KallichoreError, style: ApiStyle) -> Response:
+    def response(self, error: KallichoreError, style: ApiStyle) -> ApiResponse:
         if self.code is not None:
             error = KallichoreError(self.code, error.message, error.details)
         return json_response(self.body.of(error), self.status, style.converter)
@@ -87,10 +88,10 @@ class ApiStyle(Protocol):
     def converter(self) -> cattrs.Converter:
         """Turns the API's models into JSON and request bodies into its models."""
 
-    def authorized(self, token: str | None) -> bool:
-        """The current request carries `token` in a form this API accepts (None: open)."""
+    def authorized(self, token: str | None, request: ApiRequest) -> bool:
+        """`request` carries `token` in a form this API accepts (None: open)."""
 
-    def refusal(self, status: int, message: str) -> Response:
+    def refusal(self, status: int, message: str) -> ApiResponse:
         """A 400, 401 or 404 this API answers before a handler runs."""
 
 
@@ -99,10 +100,10 @@ class KallichoreStyle:
 
     converter = converter
 
-    def authorized(self, token: str | None) -> bool:
-        return bearer_token_matches(token, request.headers.get("Authorization"))
+    def authorized(self, token: str | None, request: ApiRequest) -> bool:
+        return bearer_token_matches(token, request.header("authorization"))
 
-    def refusal(self, status: int, message: str) -> Response:
+    def refusal(self, status: int, message: str) -> ApiResponse:
         if status in (400, 403):
             return json_response(ErrorBody(str(status), message), status)
         return empty(status)
@@ -120,7 +121,7 @@ class PathParameter:
 
 @attrs.frozen
 class Route:
-    """One route: what Quart serves and what the OpenAPI document says of it."""
+    """One route: what the dispatcher serves and what the OpenAPI document says of it."""
 
     method: str
     path: str
@@ -137,6 +138,8 @@ class Route:
     protected: bool = False
     # An open route that answers less without the token: its handler gets `authorized`.
     token_optional: bool = False
+    # The handler gets the request itself (`request`), to read a header or the query.
+    takes_request: bool = False
     body: type | None = None
     # An optional body: absent, the model's defaults are used.
     body_required: bool = True
@@ -175,16 +178,12 @@ class RouteTable:
         return declare
 
 
-def json_response(body: Any, status: int = 200, using: cattrs.Converter = converter) -> Response:
-    return Response(
-        json.dumps(using.unstructure(body)),
-        status=status,
-        content_type="application/json",
-    )
+def json_response(body: Any, status: int = 200, using: cattrs.Converter = converter) -> ApiResponse:
+    return ApiResponse(status, json.dumps(using.unstructure(body)).encode(), "application/json")
 
 
-def empty(status: int) -> Response:
-    return Response(b"", status=status)
+def empty(status: int) -> ApiResponse:
+    return ApiResponse(status)
 
 
 def bearer_token_matches(token: str | None, authorization: str | None) -> bool:
@@ -235,10 +234,9 @@ def jupyter_token_matches(
     return hmac.compare_digest(given.encode(), token.encode())
 
 
-async def read_body(table: RouteTable, route: Route) -> Any:
-    """The request's body as `route.body`; `BodyError` if it must be there and is not right."""
+def read_body(table: RouteTable, route: Route, data: bytes) -> Any:
+    """`data` read as `route.body`; `BodyError` if it must be there and is not right."""
     assert route.body is not None
-    data = await request.get_data()
     if not data and not route.body_required:
         return route.body()
     try:
@@ -254,95 +252,6 @@ async def read_body(table: RouteTable, route: Route) -> Any:
         if not route.ignore_bad_body:
             raise
         return route.body()
-
-
-_ROUTES = "kallichore.routes"
-
-
-def install(app: Quart, table: RouteTable, context: Any, token: Callable[[], str | None]) -> None:
-    """Serve `table`'s routes on `app`, handlers called with `context`; `token()` guards them."""
-    routes: dict[str, tuple[RouteTable, Route]] = app.extensions.setdefault(_ROUTES, {})
-    for route in table.routes:
-        endpoint = f"{table.name}.{route.operation_id}"
-        routes[endpoint] = (table, route)
-        rule = re.sub(r"{([^{}]+)}", r"<\1>", route.path)
-        app.add_url_rule(
-            rule, endpoint, _view(table, route, context, token), methods=[route.method]
-        )
-    app.register_error_handler(KallichoreError, _supervisor_error)
-    app.register_error_handler(BodyError, _body_error)
-    app.register_error_handler(Refused, _refused)
-
-
-def _view(
-    table: RouteTable, route: Route, context: Any, token: Callable[[], str | None]
-) -> Callable[..., Awaitable[Response]]:
-    style = table.style
-
-    async def view(**path: str) -> Response:
-        arguments: dict[str, Any] = {}
-        if route.protected or route.token_optional:
-            authorized = style.authorized(token())
-            if route.protected and not authorized:
-                return style.refusal(401, "the token is missing or wrong")
-            if route.token_optional:
-                arguments["authorized"] = authorized
-        for name, value in path.items():
-            try:
-                parameter = table.parameters[name]
-                arguments[parameter.argument] = parameter.resolve(context, value)
-            except NotFound as missing:
-                return style.refusal(404, str(missing))
-        if route.body is not None:
-            arguments["body"] = await read_body(table, route)
-        result = await route.handler(context, **arguments)
-        if isinstance(result, Response):
-            return result
-        if route.ok.model is Empty:
-            return empty(route.status)
-        response = json_response(result, route.status, style.converter)
-        if route.location is not None:
-            response.headers["Location"] = route.location(result)
-        return response
-
-    return view
-
-
-def refuse_cross_origin(app: Quart) -> None:
-    """Every route of `app` answers a request from a page of another origin with a 403."""
-
-    @app.before_request
-    async def refuse_other_origins() -> Response | None:
-        if cross_origin(request.headers.get("Origin"), request.headers.get("Host")):
-            return _style().refusal(403, CROSS_ORIGIN_REFUSAL)
-        return None
-
-
-def _route() -> tuple[RouteTable, Route] | None:
-    routes: dict[str, tuple[RouteTable, Route]] = current_app.extensions.get(_ROUTES, {})
-    return routes.get(request.endpoint or "")
-
-
-def _style() -> ApiStyle:
-    found = _route()
-    return found[0].style if found is not None else KallichoreStyle()
-
-
-async def _supervisor_error(error: KallichoreError) -> Response:
-    found = _route()
-    if found is None or found[1].failure is None:
-        raise error
-    table, route = found
-    assert route.failure is not None
-    return route.failure.response(error, table.style)
-
-
-async def _body_error(error: BodyError) -> Response:
-    return _style().refusal(400, str(error))
-
-
-async def _refused(error: Refused) -> Response:
-    return json_response(error.body, error.status, _style().converter)
 
 
 def bad_body(model: type) -> str:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from quart import Quart, Response
 
 from kallichore.api.agent import AGENT_ROUTES, execute
+from kallichore.api.exchange import ApiRequest, ApiResponse
 from kallichore.api.jupyter import KernelConnections
 from kallichore.api.models import ActiveSession, ErrorBody, ExecuteCode, StartupErrorBody
-from kallichore.api.routes import Failure, Refused, Reply, RouteTable, install, json_response
+from kallichore.api.routes import Failure, Refused, Reply, RouteTable, json_response
 from kallichore.api.single_kernel_models import (
     Health,
     KernelAction,
@@ -168,7 +168,7 @@ def _route(method: str, path: str, **fields: Any) -> Callable[..., Any]:
     ok=Reply(Health, "The kernel is alive."),
     replies={503: Reply(Health, "The kernel is not alive (`status` is `unhealthy`).")},
 )
-async def health(api: SingleKernelApi) -> Response | Health:
+async def health(api: SingleKernelApi) -> ApiResponse | Health:
     session = api.default_session()
     if alive(session):
         assert session is not None
@@ -190,12 +190,13 @@ _EXECUTE = next(route for route in AGENT_ROUTES.routes if route.handler is execu
         "As `POST /sessions/default/execute`: through the session's execution queue, with "
         "its timeout, and an ndjson stream when asked with `Accept: application/x-ndjson`."
     ),
+    takes_request=True,
     body=_EXECUTE.body,
     ok=_EXECUTE.ok,
     failure=_EXECUTE.failure,
 )
-async def kernel_execute(api: SingleKernelApi, body: ExecuteCode) -> Any:
-    return await execute(api, api.session(), body)
+async def kernel_execute(api: SingleKernelApi, body: ExecuteCode, request: ApiRequest) -> Any:
+    return await execute(api, api.session(), body, request)
 
 
 @_route(
@@ -299,14 +300,3 @@ async def kernel_status(api: SingleKernelApi) -> KernelStatus:
 )
 async def kernel_debug(api: SingleKernelApi) -> ActiveSession:
     return api.describe(api.session())
-
-
-def install_single_kernel(
-    app: Quart, api: SingleKernelApi, token: Callable[[], str | None]
-) -> None:
-    """Serve the single-kernel routes on `app`."""
-    install(app, SINGLE_KERNEL_ROUTES, api, token)
-
-    @app.after_serving
-    async def remove_connection_files() -> None:
-        api.files.remove_all()

@@ -21,6 +21,7 @@ A frame is encoded once per framing however many clients get it (`_FrameCache`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
 from functools import partial
@@ -133,8 +134,12 @@ class JupyterConnection:
         websocket: WebSocket,
         client_session: str,
         protocol: Protocol,
+        *,
+        asked: int,
     ) -> None:
         self._hub = hub
+        # When the client asked for this connection (`JupyterHubs.ask`): the later one wins.
+        self.asked = asked
         self._session = session
         self._websocket = websocket
         self.client_session = client_session
@@ -313,6 +318,13 @@ class JupyterHubs:
         self._live = 0
         self._detached = trio.Event()
         self._detached.set()
+        self._asked = itertools.count()
+
+    def ask(self) -> int:
+        """A ticket for a connection being asked for (its upgrade request has arrived); which
+        of two connections of one client is the newer goes by these, not by which is served
+        first once the kernel is ready."""
+        return next(self._asked)
 
     def connections(self, session: KernelSession) -> int:
         """How many Jupyter clients are connected to `session`'s kernel now."""
@@ -330,19 +342,30 @@ class JupyterHubs:
         client_session: str,
         protocol: Protocol,
         *,
+        asked: int | None = None,
         ping_interval: float = PING_INTERVAL_SECONDS,
     ) -> None:
         """Serve one Jupyter connection of `client_session` (its `session_id`) until it ends;
-        an older connection of the same client is closed first. Closes `websocket`."""
+        an older connection of the same client is closed first, and this one is closed at once
+        if the client asked for the one it has now after it (`asked`: its `ask()` ticket).
+        Closes `websocket`."""
         hub = self._hubs.get(session)
         if hub is None:
             hub = self._hubs[session] = KernelHub(session.session_id, session.events)
-        connection = JupyterConnection(hub, session, websocket, client_session, protocol)
+        asked = self.ask() if asked is None else asked
+        connection = JupyterConnection(
+            hub, session, websocket, client_session, protocol, asked=asked
+        )
         if not self._live:
             self._detached = trio.Event()
         self._live += 1
         try:
             previous = hub.connections.get(client_session)
+            if previous is not None and previous.asked > asked:
+                # jupyter_server leaves a channels connection it gave up on open while the
+                # kernel starts and asks again: the abandoned one must not replace the retry.
+                logger.info("session %s: a superseded Jupyter connection", session.session_id)
+                return
             hub.connections[client_session] = connection
             if previous is not None:
                 logger.info("session %s: a Jupyter client reconnected", session.session_id)

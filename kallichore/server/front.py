@@ -5,13 +5,15 @@ costs two trips through the scheduler, permessage-deflate is negotiated whenever
 offers it, and the app cannot see pongs, so a hung client is never noticed. The front door
 therefore reads each request head with h11: a WebSocket upgrade of `/sessions/<id>/channels`
 is answered here (`kallichore.channels.websocket`, the same shell as the per-session Unix
-sockets); any other request is handed, in the same task, to the ASGI app
-(`kallichore.server.asgi_bridge`), after which the connection goes on to its next request.
+sockets); any other request is answered, in the same task, by the API's dispatcher
+(`kallichore.server.api_request`), after which the connection goes on to its next request.
 The decision is per request, so a client that keeps its connection alive may upgrade it after
 any number of plain requests. The API keeps one port, as Kallichore's clients expect.
 
 An earlier shape relayed plain requests to hypercorn on a private Unix socket: two parses,
-two more sockets and hypercorn's own tasks per request made a `GET /status` cost ~3 ms of CPU.
+two more sockets and hypercorn's own tasks per request made a `GET /status` cost ~3 ms of CPU;
+the next handed them to the Quart app in-task, whose request context and tasks per request
+still cost more than the routes (~0.7 ms of CPU per `GET /status`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, unquote
 
 import h11
 import trio
-from hypercorn.typing import ASGIFramework
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
-from kallichore.api.app import ServerState, check_token, log_response
+from kallichore.api.app import ServerState, check_token
+from kallichore.api.dispatch import Dispatcher, log_response
 from kallichore.api.routes import CROSS_ORIGIN_REFUSAL, cross_origin, jupyter_token_matches
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.jupyter_framing import negotiate, offered_subprotocols
@@ -40,8 +43,8 @@ from kallichore.channels.websocket import (
     serve_channels,
 )
 from kallichore.errors import ErrorCode, KallichoreError
-from kallichore.server.asgi_bridge import serve_request
-from kallichore.server.h11_stream import next_event, respond, server_connection
+from kallichore.server.api_request import serve_request
+from kallichore.server.h11_stream import RECEIVE_BYTES, next_event, respond, server_connection
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ class FrontDoor:
         supervisor: Supervisor,
         state: ServerState,
         broker: ChannelBroker,
-        app: ASGIFramework,
+        dispatcher: Dispatcher,
         *,
         hubs: JupyterHubs | None = None,
         ping_interval: float = PING_INTERVAL_SECONDS,
@@ -70,7 +73,7 @@ class FrontDoor:
         self._state = state
         self._broker = broker
         self._hubs = hubs or JupyterHubs()
-        self._app = app
+        self._dispatcher = dispatcher
         self._ping_interval = ping_interval
         # Requests being answered: a shutdown lets them finish (its own answer among them).
         self._answering = 0
@@ -135,7 +138,7 @@ class FrontDoor:
                 self._settled = trio.Event()
             self._answering += 1
             try:
-                await serve_request(self._app, event, stream, client)
+                await serve_request(self._dispatcher, event, stream, client)
             finally:
                 self._answering -= 1
                 if not self._answering:
@@ -224,20 +227,32 @@ class FrontDoor:
         )
         # A client without a session_id still gets one: it is just never resumed.
         client_session = query.get("session_id", [""])[-1] or uuid.uuid4().hex
-        with trio.move_on_after(KERNEL_READY_TIMEOUT_SECONDS):
-            # A kernel POST /api/kernels starts in the background may not be launched yet.
-            await self._supervisor.settled(session)
-            await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
+        asked = self._hubs.ask()
+
+        async def kernel_ready() -> None:
+            with trio.move_on_after(KERNEL_READY_TIMEOUT_SECONDS):
+                # A kernel POST /api/kernels starts in the background may not be launched yet.
+                await self._supervisor.settled(session)
+                await session.wait_ready(KERNEL_READY_TIMEOUT_SECONDS)
+
+        received = await _unless_hung_up(stream, kernel_ready)
+        if received is None:
+            return
         websocket = await accept(
             stream,
             handshake,
-            client.trailing_data[0],
+            client.trailing_data[0] + received,
             subprotocol=protocol.subprotocol,
             binary=True,
         )
         self._supervisor.note_activity()
         await self._hubs.serve(
-            session, websocket, client_session, protocol, ping_interval=self._ping_interval
+            session,
+            websocket,
+            client_session,
+            protocol,
+            asked=asked,
+            ping_interval=self._ping_interval,
         )
 
 
@@ -251,6 +266,34 @@ async def _handshake(
         log_response("GET", path, 400)
         await respond(stream, client, 400, str(error).encode(), b"text/plain")
         return None
+
+
+async def _unless_hung_up(
+    stream: trio.SocketStream, wait: Callable[[], Awaitable[None]]
+) -> bytes | None:
+    """`wait()`, watching the client meanwhile: None if it hung up first, else what it sent.
+
+    A client that gave up on an upgrade must not be accepted later: jupyter_server's gateway
+    client retries its channels connection with the same `session_id` while the kernel starts,
+    and the abandoned attempt, accepted after the retry, would replace it as the newer
+    connection. Reading stops at the first data (a client may send frames before the 101), so
+    what is kept stays bounded.
+    """
+    received = b""
+    hung_up = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal received, hung_up
+            received = await stream.receive_some(RECEIVE_BYTES)
+            if not received:
+                hung_up = True
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await wait()
+        nursery.cancel_scope.cancel()
+    return None if hung_up else received
 
 
 async def _read_to_end(stream: trio.SocketStream, client: h11.Connection) -> bool:

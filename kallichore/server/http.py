@@ -1,9 +1,9 @@
-"""Serve the Kallichore API: the HTTP routes (a Quart-Trio app) and the channels.
+"""Serve the Kallichore API: the HTTP routes (one dispatcher) and the channels.
 
 On TCP, a `FrontDoor` owns the port: it reads every request itself and serves channel
-WebSockets with our WebSocket shell and everything else with the app, in the same task. On the
-Unix-socket transport, hypercorn serves the API socket and the channels have per-session
-sockets of their own.
+WebSockets with our WebSocket shell and everything else with the dispatcher, in the same task.
+On the Unix-socket transport, hypercorn and Quart serve the API socket with the same
+dispatcher, and the channels have per-session sockets of their own.
 
 Shutdown order matters: channel clients are told first (a 1001 close), then the requests being
 answered finish, then the listener stops.
@@ -22,11 +22,12 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from kallichore.api.app import ChannelSockets, ServerState, create_app
+from kallichore.api.app import ChannelSockets, ServerState, create_api
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.jupyter_hub import JupyterHubs
 from kallichore.server.front import FrontDoor
 from kallichore.server.lifetime import ServerLifetime
+from kallichore.server.quart_shell import quart_app
 from kallichore.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ async def serve_api(
     lifetime = lifetime or ServerLifetime()
     broker = broker or ChannelBroker()
     hubs = JupyterHubs()
-    app = create_app(supervisor, state, lifetime, sockets, connections=hubs)
+    dispatcher = create_api(supervisor, state, lifetime, sockets, connections=hubs)
     stop_http = trio.Event()
     front_scope = trio.CancelScope()
     running: RunningServer | None = None
@@ -99,14 +100,14 @@ async def serve_api(
     try:
         async with trio.open_nursery() as nursery:
             if unix_socket is None:
-                front = FrontDoor(supervisor, state, broker, app, hubs=hubs)
+                front = FrontDoor(supervisor, state, broker, dispatcher, hubs=hubs)
                 bound: int = await nursery.start(_serve_front, front, host, port, front_scope)
                 url = f"http://{reachable_host(host)}:{bound}"
             else:
                 await nursery.start(
                     partial(
                         hypercorn.trio.serve,
-                        app,
+                        quart_app(dispatcher),
                         hypercorn_config(unix_socket),
                         shutdown_trigger=stop_http.wait,
                     )
@@ -131,6 +132,7 @@ async def serve_api(
                 stop_http.set()
                 front_scope.cancel()
     finally:
+        dispatcher.close()
         if running is not None:
             running.finished.set()
 

@@ -26,7 +26,7 @@ import h11
 import trio
 from wsproto.utilities import RemoteProtocolError as WebSocketHandshakeError
 
-from kallichore.api.app import log_response
+from kallichore.api.dispatch import log_response
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.kallichore_framing import Resume, requested_resume
 from kallichore.channels.websocket import (

@@ -33,6 +33,7 @@ from kallichore.session.kernel_session import KernelSession
 from kallichore.session.model import RestartOrigin, Status
 from kallichore.supervisor import Supervisor, open_supervisor
 from tests.conftest import (
+    IPYKERNEL_ARGV,
     TIMEOUT,
     TOKEN,
     is_reply,
@@ -44,6 +45,8 @@ from tests.conftest import (
 )
 
 V1 = "v1.kernel.websocket.jupyter.org"
+# Upgrades given up on before and after the live one, in the test of their waiting.
+GIVEN_UP = 4
 ECHO_COMM = """
 def _echo(comm, open_msg):
     @comm.on_msg
@@ -264,6 +267,72 @@ async def test_the_same_session_id_replaces_its_stale_connection(
         assert server.hubs.connections(supervisor.get("stale")) == 1
         [result] = of_type(await new.execute("6*7"), "execute_result")
         assert result["content"]["data"]["text/plain"] == "42"
+
+
+async def test_upgrades_given_up_while_the_kernel_starts_replace_nobody(
+    client: KallichoreClient,
+    server: RunningServer,
+    supervisor: Supervisor,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """jupyter_server gives up on its channels connection while the kernel starts (leaving it
+    open: tornado cannot cancel it) and asks again with the same session_id; neither what it
+    left open before nor what hung up after may replace the live one once the kernel is
+    ready. (A gate holds the kernel before its launch: its start takes as long as needed.)"""
+    gate = tmp_path / "gate"
+    wait_for_gate = f'while [ ! -e "{gate}" ]; do sleep 0.05; done; exec "$@"'
+    argv = ["sh", "-c", wait_for_gate, "sh", *IPYKERNEL_ARGV]
+    await client.create_session(**new_session_body("given-up", argv=argv))
+    nursery.start_soon(client.start, "given-up")
+    session = supervisor.get("given-up")
+    with trio.fail_after(TIMEOUT):
+        while session.status is not Status.STARTING:
+            await trio.sleep(0.01)
+    kernel_id = session.spec.kernel_id
+    path = f"/api/kernels/{kernel_id}/channels?session_id=s&token={TOKEN}"
+    upgrade = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).encode()
+    left_open: list[trio.SocketStream] = []
+
+    async def ask() -> trio.SocketStream:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(upgrade)
+        return stream
+
+    async def round_trip() -> None:
+        """One more request through the server: the upgrades above have been read."""
+        async with httpx.AsyncClient() as http:
+            await http.get(f"{server.url}/api/kernels", params={"token": TOKEN})
+
+    # Whichever order the waiters wake in, some of them would come after the live one.
+    left_open.extend([await ask() for _ in range(GIVEN_UP)])
+    await round_trip()
+    async with trio.open_nursery() as attempts:
+        live: list[JupyterClient] = []
+
+        async def connect_live() -> None:
+            async with connect(server, kernel_id, "s", token=TOKEN) as jupyter:
+                live.append(jupyter)
+                await trio.sleep_forever()
+
+        attempts.start_soon(connect_live)
+        for _ in range(GIVEN_UP):
+            await (await ask()).aclose()
+        await round_trip()
+        gate.touch()
+        with trio.fail_after(TIMEOUT):
+            while not live:
+                await trio.sleep(0.01)
+        [result] = of_type(await live[0].execute("6*7"), "execute_result")
+        assert result["content"]["data"]["text/plain"] == "42"
+        assert server.hubs.connections(session) == 1
+        attempts.cancel_scope.cancel()
+    for stream in left_open:
+        await stream.aclose()
 
 
 async def drain(ws: WebSocketConnection) -> None:
