@@ -18,6 +18,7 @@ from kallichore.jupyter.wire import (
     WireError,
     deserialize,
     dumps,
+    loads,
     serialize,
 )
 
@@ -458,3 +459,11 @@ def test_removed_signature_is_rejected(identities: list[bytes], buffers: list[by
     without_signature = [*frames[: len(identities) + 1], *frames[len(identities) + 2 :]]
     with pytest.raises(WireError):
         deserialize(without_signature, SIGNER)
+
+
+@pytest.mark.parametrize("number", [-(2**63) - 1, 2**64, -(10**30), 10**19])
+def test_integers_past_64_bits_are_read_exactly(number: int) -> None:
+    """orjson reads them as floats: they must not lose their digits on the way through."""
+    text = f'{{"n": {number}, "s": "{number}"}}'
+    assert loads(text) == loads(text.encode()) == {"n": number, "s": str(number)}
+    assert loads(dumps({"n": number})) == {"n": number}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -86,14 +87,26 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
+_LONG_NUMBER_BYTES = re.compile(rb"[0-9]{19}")
+_LONG_NUMBER_TEXT = re.compile(r"[0-9]{19}")
+
+
 def loads(data: bytes | str) -> Any:
     """Parse JSON: orjson, or the standard library for what orjson refuses but a peer may send
     (integers past 64 bits, lone surrogates, NaN, deep nesting, UTF-16), or to report the
     error."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
+    # orjson reads an integer past 64 bits as a float, silently: text with a run of 19 digits
+    # (every such integer has one) goes to the standard library, which keeps it exact.
+    if isinstance(data, bytes):
+        orjson_is_exact = _LONG_NUMBER_BYTES.search(data) is None
+    else:
+        orjson_is_exact = _LONG_NUMBER_TEXT.search(data) is None
+    if orjson_is_exact:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
 
 
 def utc_now() -> str:
