@@ -284,20 +284,6 @@ def cancel_jobs(cluster: SlurmCluster) -> None:
         time.sleep(0.1)
 
 
-@contextlib.contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A single-node Slurm cluster with one partition, running for the whole test session.
@@ -306,7 +292,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     test (embedded or a daemon subprocess) reach it.
     """
     programs = require_root_and(SLURM_PROGRAMS)
-    with running_slurm_cluster(programs) as cluster, environ(cluster.env):
+    with running_slurm_cluster(programs) as cluster, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(cluster.conf))
         yield cluster
 
 
