@@ -190,8 +190,6 @@ StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
 PlugStackConfig={root}/plugstack.conf
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -251,13 +249,16 @@ def running_slurm_cluster(programs: dict[str, str]) -> Iterator[SlurmCluster]:
         daemons = [
             munged,
             start_daemon(
-                stack, "slurmctld", [programs["slurmctld"], "-D", "-f", str(conf)], root / "ctld"
+                stack,
+                "slurmctld",
+                [programs["slurmctld"], "-D", "-f", str(conf)],
+                root / "slurmctld.log",
             ),
             start_daemon(
                 stack,
                 "slurmd",
                 [programs["slurmd"], "-D", "-N", NODE, "-f", str(conf)],
-                root / "slurmd",
+                root / "slurmd.log",
             ),
         ]
 
