@@ -50,6 +50,9 @@ SLURM_PROGRAMS = (
     "squeue",
 )
 SSH_PROGRAMS = ("setpriv", "sshd", "ssh", "ssh-keygen")
+# The test interpreter's bin: its `python3` has pyzmq and ipykernel, as on a prepared cluster
+# node or remote host, so it comes first on PATH for jobs and ssh sessions.
+INTERPRETER_BIN = str(Path(sys.executable).parent)
 # Where Debian's packages put daemons, for a PATH without the sbin directories.
 SEARCH_PATH = os.pathsep.join((os.environ.get("PATH", ""), "/usr/sbin", "/sbin"))
 
@@ -290,11 +293,13 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     """A single-node Slurm cluster with one partition, running for the whole test session.
 
     SLURM_CONF is set in os.environ meanwhile, so `srun` and `sbatch` run by the code under
-    test (embedded or a daemon subprocess) reach it.
+    test (embedded or a daemon subprocess) reach it; and as jobs inherit the environment,
+    `INTERPRETER_BIN` comes first on PATH, where nox has put it anyway.
     """
     programs = require_root_and(SLURM_PROGRAMS)
     with running_slurm_cluster(programs) as cluster, pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLURM_CONF", str(cluster.conf))
+        patch.setenv("PATH", INTERPRETER_BIN, prepend=os.pathsep)
         yield cluster
 
 
@@ -365,10 +370,10 @@ SetEnv {settings}
 
 
 def login_environment() -> dict[str, str]:
-    """What a session on the host gets on top of sshd's defaults: the test interpreter first on
-    PATH (its `python3` has pyzmq and ipykernel, as on a prepared remote host) and the tests'
-    isolated home (tests/conftest.py), so a remote kernel writes nowhere else."""
-    path = os.pathsep.join((str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"))
+    """What a session on the host gets on top of sshd's defaults: `INTERPRETER_BIN` first on
+    PATH, and the tests' isolated home (tests/conftest.py), so a remote kernel writes nowhere
+    else."""
+    path = os.pathsep.join((INTERPRETER_BIN, "/usr/local/bin", "/usr/bin", "/bin"))
     names = ("HOME", "IPYTHONDIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "MPLBACKEND")
     return {"PATH": path} | {name: os.environ[name] for name in names if name in os.environ}
 

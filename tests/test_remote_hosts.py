@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,10 @@ def wait_for(what: str, check: Callable[[], bool]) -> None:
 
 def test_srun_runs_a_command_on_the_node(slurm_cluster: SlurmCluster) -> None:
     assert slurm_cluster.run("srun", "hostname").strip() == socket.gethostname()
+    # What a launcher's `srun` gets: the cluster, and a python3 with the kernel's packages.
     assert os.environ["SLURM_CONF"] == str(slurm_cluster.conf)
+    script = "import sys, zmq, ipykernel; print(sys.prefix)"
+    assert slurm_cluster.run("srun", "python3", "-c", script).strip() == sys.prefix
 
 
 def test_more_jobs_than_cpus_run_at_once_and_scancel_ends_their_processes(
