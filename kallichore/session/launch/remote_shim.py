@@ -77,10 +77,12 @@ class Lines:
 
 
 class Outbox:
-    """Lines on their way to the controller, oldest first, each tagged with its stream.
+    """Lines on their way to the controller, oldest first, each with its stream (1 or 2).
 
     At most `limit` bytes of kernel output are kept: the oldest output line goes (never an event,
     never a line partly written) and a note on stderr says how much went, where the gap is.
+    For an attach connection, which carries both streams, each line is framed with its stream's
+    digit in front.
     """
 
     def __init__(self, limit: int = OUTBOX_BYTES) -> None:
@@ -88,8 +90,9 @@ class Outbox:
         self._lines: deque[tuple[int, bytes, bool]] = deque()  # stream, line, droppable
         self._droppable_bytes = 0
         self._dropped = 0
-        # How much of the first line the current controller has already taken.
-        self.written = 0
+        # How much of the first line, as framed for the current controller, it has taken.
+        self._written = 0
+        self._tagged = False
 
     def __bool__(self) -> bool:
         return bool(self._lines) or self._dropped > 0
@@ -103,30 +106,38 @@ class Outbox:
 
     def _drop_oldest(self) -> None:
         for index, (_, line, droppable) in enumerate(self._lines):
-            if droppable and not (index == 0 and self.written):
+            if droppable and not (index == 0 and self._written):
                 del self._lines[index]
                 self._droppable_bytes -= len(line)
                 self._dropped += len(line)
                 return
 
+    def restart(self, *, tagged: bool) -> None:
+        """A new controller: it gets the first line from its start, framed as it needs."""
+        self._written = 0
+        self._tagged = tagged
+
     def first(self) -> tuple[int, bytes]:
-        """The line to write next (the rest of it, if partly written)."""
-        if self._dropped and not self.written:
+        """The stream and the framed bytes to write next (the rest, if partly written)."""
+        if self._dropped and not self._written:
             note = f"kallichore-shim: {self._dropped} bytes of kernel output dropped\n"
             self._lines.appendleft((STDERR, note.encode(), False))
             self._dropped = 0
         stream, line, _ = self._lines[0]
-        return stream, line[self.written :]
+        return stream, self._frame(stream, line)[self._written :]
 
     def advance(self, count: int) -> None:
         """`count` more bytes of the first line have been written."""
-        self.written += count
-        _, line, droppable = self._lines[0]
-        if self.written == len(line):
+        self._written += count
+        stream, line, droppable = self._lines[0]
+        if self._written == len(self._frame(stream, line)):
             self._lines.popleft()
-            self.written = 0
+            self._written = 0
             if droppable:
                 self._droppable_bytes -= len(line)
+
+    def _frame(self, stream: int, line: bytes) -> bytes:
+        return str(stream).encode() + line if self._tagged else line
 
 
 class Controller:
@@ -144,9 +155,6 @@ class Controller:
             connection.setblocking(False)
             fd = connection.fileno()
             self.read_fd, self.fds = fd, {STDOUT: fd, STDERR: fd}
-
-    def frame(self, stream: int, line: bytes) -> bytes:
-        return line if self.connection is None else str(stream).encode() + line
 
     def close(self) -> None:
         """Let go: an attach connection is closed; our own standard streams, which belong to
@@ -475,7 +483,7 @@ class Shim:
         if self.controller is not None:
             self.controller.close()
         self.controller = Controller(connection)
-        self.outbox.written = 0
+        self.outbox.restart(tagged=True)
         self.detached_deadline = None
 
     def _command_input(self, controller: Controller) -> None:
@@ -493,7 +501,7 @@ class Shim:
     def _write(self, controller: Controller) -> None:
         stream, rest = self.outbox.first()
         try:
-            self.outbox.advance(os.write(controller.fds[stream], controller.frame(stream, rest)))
+            self.outbox.advance(os.write(controller.fds[stream], rest))
         except BlockingIOError:
             pass
         except OSError:
@@ -504,7 +512,6 @@ class Shim:
         assert self.controller is not None
         self.controller.close()
         self.controller = None
-        self.outbox.written = 0
         if self.listener is None:
             self.signal_kernel(signal.SIGKILL)
         else:
