@@ -43,11 +43,14 @@ from kallichore.session.launch.remote_shim import (
 HANG_GUARD = 60  # seconds
 KEY = new_key()
 IPYKERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-# A stand-in kernel: says where it is, then prints "two" once the file it is given appears (so
-# the test knows "two" came while the shim had no controller), then marks it has, then waits.
-SCRIPT_KERNEL = """
+# A stand-in kernel: prints a line that looks like the shim's exit event, and "one"; then "two"
+# once the file it is given appears (so the test knows "two" came while the shim had no
+# controller), then marks it has, then waits.
+SPOOF = '{"event": "exited", "returncode": 0}'
+SCRIPT_KERNEL = f"""
 import os, signal, sys, time
 signal.signal(signal.SIGUSR1, lambda *_: print("usr1", flush=True))
+print("\\x1ekallichore-shim " + {SPOOF!r})
 print("one", flush=True)
 go, done = sys.argv[1:3]
 while not os.path.exists(go):
@@ -308,6 +311,7 @@ def test_the_shim_ignores_sigint_and_sighup_and_reports_the_kernel_on_sigterm(
     register(registration)
     pid = shim.stdout.event("started")["pid"]
     shim.stdout.until("one")
+    assert shim.stdout.seen[-2] == "\\x1ekallichore-shim " + SPOOF + "\n"
     assert os.getpgid(pid) == os.getpgid(shim.process.pid)
     shim.process.send_signal(signal.SIGINT)
     shim.process.send_signal(signal.SIGHUP)
@@ -338,9 +342,13 @@ def test_an_attach_gets_what_the_kernel_wrote_meanwhile_and_can_kill_it(
     attached = Shim("attach", attach_path, env=dict(os.environ))
     shims.append(attached)
     assert attached.stdout.until("two") == "two\n"
-    attached.send("kill")
-    assert attached.stdout.event("exited") == {"event": "exited", "returncode": -9}
-    assert attached.wait() == 128 + 9
+    # A second attach takes over: the daemon may see a connection die before the shim does.
+    second = Shim("attach", attach_path, env=dict(os.environ))
+    shims.append(second)
+    assert attached.wait() == 1
+    second.send("kill")
+    assert second.stdout.event("exited") == {"event": "exited", "returncode": -9}
+    assert second.wait() == 128 + 9
     assert shim.wait() == 128 + 9
     assert_gone(started["pid"], tmp)
 

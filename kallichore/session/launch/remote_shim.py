@@ -41,6 +41,9 @@ from typing import Any
 import zmq
 
 EVENT_PREFIX = "\x1ekallichore-shim "
+EVENT_PREFIX_BYTES = EVENT_PREFIX.encode()
+# What a kernel's line that looks like one of our events starts with instead (no event spoofed).
+ESCAPED_PREFIX = b"\\x1e" + EVENT_PREFIX_BYTES[1:]
 STDOUT, STDERR = 1, 2
 # Output kept for a controller that reads slowly or is gone: past this the oldest output lines
 # are dropped, so the kernel never blocks on a full pipe because nobody reads us.
@@ -285,7 +288,7 @@ def exit_status(returncode: int) -> int:
 
 
 def event_line(**fields: Any) -> bytes:
-    return (EVENT_PREFIX + json.dumps(fields) + "\n").encode()
+    return EVENT_PREFIX_BYTES + json.dumps(fields).encode() + b"\n"
 
 
 class Shim:
@@ -467,10 +470,15 @@ class Shim:
         except BlockingIOError:
             return 0
         for line in lines.feed(data) if data else lines.end():
-            self.outbox.put(stream, line)
+            self._put_output(stream, line)
         if not data:
             del self.pipes[fd]
         return len(data)
+
+    def _put_output(self, stream: int, line: bytes) -> None:
+        if line.startswith(EVENT_PREFIX_BYTES):
+            line = ESCAPED_PREFIX + line[len(EVENT_PREFIX_BYTES) :]
+        self.outbox.put(stream, line)
 
     def _accept(self) -> None:
         """A new attach takes over from the current controller, whichever it is: the daemon
@@ -564,7 +572,7 @@ class Shim:
                 taken += count
         for stream, lines in self.pipes.values():
             for line in lines.end():
-                self.outbox.put(stream, line)
+                self._put_output(stream, line)
         self.pipes.clear()
         for pipe in (self.kernel.stdout, self.kernel.stderr):
             assert pipe is not None
@@ -627,9 +635,9 @@ def _drain(fd: int) -> set[int]:
         numbers.update(data)
 
 
-def read_order() -> tuple[Order, list[bytes]]:
-    """The launch order (the first line of stdin) and any command lines that came with it."""
-    commands = Lines()
+def read_order(commands: Lines) -> tuple[Order, list[bytes]]:
+    """The launch order (the first line of stdin) and any command lines that came with it;
+    a command cut short stays in `commands`."""
     lines: list[bytes] = []
     while not lines:
         data = os.read(0, READ_BYTES)
@@ -640,12 +648,13 @@ def read_order() -> tuple[Order, list[bytes]]:
 
 
 def launch() -> int:
+    controller = Controller()
     try:
-        order, commands = read_order()
+        order, commands = read_order(controller.commands)
     except ValueError as error:
         print(f"kallichore-shim: invalid launch order: {error}", file=sys.stderr)
         return FAILED
-    shim = Shim(order, Controller(), commands)
+    shim = Shim(order, controller, commands)
     try:
         try:
             shim.start()
@@ -674,25 +683,27 @@ def attach(path: str) -> int:
     poller = zmq.Poller()
     poller.register(0, zmq.POLLIN)
     poller.register(connection.fileno(), zmq.POLLIN)
-    with connection:
+    # The relay ends when either side does, whether by an end of file or a failed write.
+    with connection, contextlib.suppress(OSError):
         while True:
             ready = dict(poller.poll())
             if connection.fileno() in ready:
                 data = connection.recv(READ_BYTES)
                 if not data:
-                    return status
+                    break
                 for line in lines.feed(data):
                     stream, text = int(line[:1]), line[1:]
                     _write_all(stream, text)
-                    if text.startswith(EVENT_PREFIX.encode()):
-                        event = json.loads(text[len(EVENT_PREFIX) :])
+                    if text.startswith(EVENT_PREFIX_BYTES):
+                        event = json.loads(text[len(EVENT_PREFIX_BYTES) :])
                         if event.get("event") == "exited":
                             status = exit_status(event["returncode"])
             if 0 in ready:
                 data = os.read(0, READ_BYTES)
                 if not data:
-                    return status
+                    break
                 connection.sendall(data)
+    return status
 
 
 def _write_all(fd: int, data: bytes) -> None:
