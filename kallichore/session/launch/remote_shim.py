@@ -41,6 +41,9 @@ from typing import Any
 import zmq
 
 EVENT_PREFIX = "\x1ekallichore-shim "
+EVENT_PREFIX_BYTES = EVENT_PREFIX.encode()
+# What a kernel's line that looks like one of our events starts with instead (no event spoofed).
+ESCAPED_PREFIX = b"\\x1e" + EVENT_PREFIX_BYTES[1:]
 STDOUT, STDERR = 1, 2
 # Output kept for a controller that reads slowly or is gone: past this the oldest output lines
 # are dropped, so the kernel never blocks on a full pipe because nobody reads us.
@@ -77,10 +80,12 @@ class Lines:
 
 
 class Outbox:
-    """Lines on their way to the controller, oldest first, each tagged with its stream.
+    """Lines on their way to the controller, oldest first, each with its stream (1 or 2).
 
     At most `limit` bytes of kernel output are kept: the oldest output line goes (never an event,
     never a line partly written) and a note on stderr says how much went, where the gap is.
+    For an attach connection, which carries both streams, each line is framed with its stream's
+    digit in front.
     """
 
     def __init__(self, limit: int = OUTBOX_BYTES) -> None:
@@ -88,8 +93,9 @@ class Outbox:
         self._lines: deque[tuple[int, bytes, bool]] = deque()  # stream, line, droppable
         self._droppable_bytes = 0
         self._dropped = 0
-        # How much of the first line the current controller has already taken.
-        self.written = 0
+        # How much of the first line, as framed for the current controller, it has taken.
+        self._written = 0
+        self._tagged = False
 
     def __bool__(self) -> bool:
         return bool(self._lines) or self._dropped > 0
@@ -103,30 +109,38 @@ class Outbox:
 
     def _drop_oldest(self) -> None:
         for index, (_, line, droppable) in enumerate(self._lines):
-            if droppable and not (index == 0 and self.written):
+            if droppable and not (index == 0 and self._written):
                 del self._lines[index]
                 self._droppable_bytes -= len(line)
                 self._dropped += len(line)
                 return
 
+    def restart(self, *, tagged: bool) -> None:
+        """A new controller: it gets the first line from its start, framed as it needs."""
+        self._written = 0
+        self._tagged = tagged
+
     def first(self) -> tuple[int, bytes]:
-        """The line to write next (the rest of it, if partly written)."""
-        if self._dropped and not self.written:
+        """The stream and the framed bytes to write next (the rest, if partly written)."""
+        if self._dropped and not self._written:
             note = f"kallichore-shim: {self._dropped} bytes of kernel output dropped\n"
             self._lines.appendleft((STDERR, note.encode(), False))
             self._dropped = 0
         stream, line, _ = self._lines[0]
-        return stream, line[self.written :]
+        return stream, self._frame(stream, line)[self._written :]
 
     def advance(self, count: int) -> None:
         """`count` more bytes of the first line have been written."""
-        self.written += count
-        _, line, droppable = self._lines[0]
-        if self.written == len(line):
+        self._written += count
+        stream, line, droppable = self._lines[0]
+        if self._written == len(self._frame(stream, line)):
             self._lines.popleft()
-            self.written = 0
+            self._written = 0
             if droppable:
                 self._droppable_bytes -= len(line)
+
+    def _frame(self, stream: int, line: bytes) -> bytes:
+        return str(stream).encode() + line if self._tagged else line
 
 
 class Controller:
@@ -144,9 +158,6 @@ class Controller:
             connection.setblocking(False)
             fd = connection.fileno()
             self.read_fd, self.fds = fd, {STDOUT: fd, STDERR: fd}
-
-    def frame(self, stream: int, line: bytes) -> bytes:
-        return line if self.connection is None else str(stream).encode() + line
 
     def close(self) -> None:
         """Let go: an attach connection is closed; our own standard streams, which belong to
@@ -277,7 +288,7 @@ def exit_status(returncode: int) -> int:
 
 
 def event_line(**fields: Any) -> bytes:
-    return (EVENT_PREFIX + json.dumps(fields) + "\n").encode()
+    return EVENT_PREFIX_BYTES + json.dumps(fields).encode() + b"\n"
 
 
 class Shim:
@@ -459,10 +470,15 @@ class Shim:
         except BlockingIOError:
             return 0
         for line in lines.feed(data) if data else lines.end():
-            self.outbox.put(stream, line)
+            self._put_output(stream, line)
         if not data:
             del self.pipes[fd]
         return len(data)
+
+    def _put_output(self, stream: int, line: bytes) -> None:
+        if line.startswith(EVENT_PREFIX_BYTES):
+            line = ESCAPED_PREFIX + line[len(EVENT_PREFIX_BYTES) :]
+        self.outbox.put(stream, line)
 
     def _accept(self) -> None:
         """A new attach takes over from the current controller, whichever it is: the daemon
@@ -475,7 +491,7 @@ class Shim:
         if self.controller is not None:
             self.controller.close()
         self.controller = Controller(connection)
-        self.outbox.written = 0
+        self.outbox.restart(tagged=True)
         self.detached_deadline = None
 
     def _command_input(self, controller: Controller) -> None:
@@ -493,7 +509,7 @@ class Shim:
     def _write(self, controller: Controller) -> None:
         stream, rest = self.outbox.first()
         try:
-            self.outbox.advance(os.write(controller.fds[stream], controller.frame(stream, rest)))
+            self.outbox.advance(os.write(controller.fds[stream], rest))
         except BlockingIOError:
             pass
         except OSError:
@@ -504,7 +520,6 @@ class Shim:
         assert self.controller is not None
         self.controller.close()
         self.controller = None
-        self.outbox.written = 0
         if self.listener is None:
             self.signal_kernel(signal.SIGKILL)
         else:
@@ -557,7 +572,7 @@ class Shim:
                 taken += count
         for stream, lines in self.pipes.values():
             for line in lines.end():
-                self.outbox.put(stream, line)
+                self._put_output(stream, line)
         self.pipes.clear()
         for pipe in (self.kernel.stdout, self.kernel.stderr):
             assert pipe is not None
@@ -620,9 +635,9 @@ def _drain(fd: int) -> set[int]:
         numbers.update(data)
 
 
-def read_order() -> tuple[Order, list[bytes]]:
-    """The launch order (the first line of stdin) and any command lines that came with it."""
-    commands = Lines()
+def read_order(commands: Lines) -> tuple[Order, list[bytes]]:
+    """The launch order (the first line of stdin) and any command lines that came with it;
+    a command cut short stays in `commands`."""
     lines: list[bytes] = []
     while not lines:
         data = os.read(0, READ_BYTES)
@@ -633,12 +648,13 @@ def read_order() -> tuple[Order, list[bytes]]:
 
 
 def launch() -> int:
+    controller = Controller()
     try:
-        order, commands = read_order()
+        order, commands = read_order(controller.commands)
     except ValueError as error:
         print(f"kallichore-shim: invalid launch order: {error}", file=sys.stderr)
         return FAILED
-    shim = Shim(order, Controller(), commands)
+    shim = Shim(order, controller, commands)
     try:
         try:
             shim.start()
@@ -667,25 +683,27 @@ def attach(path: str) -> int:
     poller = zmq.Poller()
     poller.register(0, zmq.POLLIN)
     poller.register(connection.fileno(), zmq.POLLIN)
-    with connection:
+    # The relay ends when either side does, whether by an end of file or a failed write.
+    with connection, contextlib.suppress(OSError):
         while True:
             ready = dict(poller.poll())
             if connection.fileno() in ready:
                 data = connection.recv(READ_BYTES)
                 if not data:
-                    return status
+                    break
                 for line in lines.feed(data):
                     stream, text = int(line[:1]), line[1:]
                     _write_all(stream, text)
-                    if text.startswith(EVENT_PREFIX.encode()):
-                        event = json.loads(text[len(EVENT_PREFIX) :])
+                    if text.startswith(EVENT_PREFIX_BYTES):
+                        event = json.loads(text[len(EVENT_PREFIX_BYTES) :])
                         if event.get("event") == "exited":
                             status = exit_status(event["returncode"])
             if 0 in ready:
                 data = os.read(0, READ_BYTES)
                 if not data:
-                    return status
+                    break
                 connection.sendall(data)
+    return status
 
 
 def _write_all(fd: int, data: bytes) -> None:
