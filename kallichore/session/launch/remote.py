@@ -240,13 +240,14 @@ class RemoteKernel:
         """Connect to the shim again while its reconnect window is open, and relay until the
         kernel ends; the last command's exit status.
 
-        The window opens when a connection drops; an attach the shim took ("attached") closes
-        it until the next drop. An attach that ends with ssh's 255 did not connect: try again.
-        Any other end without the kernel's means the shim is gone.
+        The window opens when the command ends without the kernel's exit (the connection
+        dropped, or somebody killed our ssh client); an attach the shim took ("attached")
+        closes it until the next drop. An attach that ends with ssh's 255 did not connect: try
+        again. Any other end without the kernel's means the shim is gone.
         """
         path = self._attach_path
         command = None if path is None else self.plan.attach_command(self._python, path)
-        if command is None or returncode != CONNECTION_FAILED:
+        if command is None:
             return returncode
         logger.warning("%s kernel: the connection dropped; reconnecting", self.plan.name)
         self._window_opened = trio.current_time()
