@@ -25,11 +25,13 @@ import pytest
 import trio
 
 from kallichore.client import ApiError, KallichoreClient, StatusChanged
+from kallichore.session.launch.options import parse_launcher
 from kallichore.supervisor import open_supervisor
 from tests.conftest import (
     IPYKERNEL_ARGV,
     TIMEOUT,
     TOKEN,
+    ipykernel_spec,
     new_session_body,
     serve,
     supervisor_config,
@@ -284,3 +286,26 @@ async def test_a_job_waiting_in_the_queue_is_shown_and_given_up_after_the_timeou
     assert any("queued, waiting for resources" in reason for reason in reasons)
     assert "did not register within 3 seconds" in str(refused.value)
     await eventually(lambda: slurm_cluster.active_jobs() == [])
+
+
+@pytest.mark.parametrize("curve", [True, False])
+async def test_a_local_kernel_is_encrypted_when_its_launcher_says_curve(
+    tmp_path: Path, curve: bool
+) -> None:
+    """Over loopback TCP, a local kernel whose launcher block says `curve` (ipykernel >= 7)
+    carries no plaintext; without it the same capture does see the code (the check can fail)."""
+    config = supervisor_config(tmp_path / "runtime")
+    config = attrs.evolve(config, session=attrs.evolve(config.session, kernel_transport="tcp"))
+    spec = ipykernel_spec("local-curve", launcher=parse_launcher({"curve": curve}))
+    async with open_supervisor(config) as supervisor:
+        session = await supervisor.create_session(spec)
+        await session.start()
+        info = session.connection_info
+        assert info is not None
+        assert (info.curve is not None) == curve
+        with capture_loopback() as capture:
+            outcome = await session.run_code(CODE, timeout=TIMEOUT)
+        assert outcome.output[0]["text"] == f"42 {PROBE[::-1]}\n"
+        traffic = capture.payload(ports=[info.shell_port, info.iopub_port])
+        assert (PROBE.encode() in traffic) == (not curve)
+        assert (PROBE[::-1].encode() in traffic) == (not curve)
