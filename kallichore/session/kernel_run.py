@@ -43,7 +43,12 @@ from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel, Message, WireErro
 from kallichore.session import process as kernel_process
 from kallichore.session.channels import KernelChannels
 from kallichore.session.events import EventLog, OutputEvent, ResourceUsageEvent
-from kallichore.session.handshake import HandshakeError, Registration, wants_handshake
+from kallichore.session.handshake import (
+    HandshakeError,
+    Registration,
+    RemoteRegistration,
+    wants_handshake,
+)
 from kallichore.session.heartbeat import keep_beating
 from kallichore.session.launch.options import LocalLauncher, SlurmLauncher, SshLauncher
 from kallichore.session.launch.remote import RemoteKernel, shim_python
@@ -343,8 +348,9 @@ class KernelRun:
     async def _launch_remote(self, options: SshLauncher | SlurmLauncher) -> None:
         """Run our shim where the kernel is to run; it registers the kernel's ports with us.
 
-        Every remote kernel's sockets are CurveZMQ servers with a key pair made for this run;
-        the pair, the signing key and the kernel's argv go to the shim on its stdin.
+        The order on the shim's stdin holds nothing secret (srun carries it unencrypted):
+        the shim makes the kernel's HMAC key and CurveZMQ key pair itself, and brings them with
+        the ports over the encrypted registration (see `RemoteRegistration`).
         """
         ctx = self._ctx
         spec = ctx.spec
@@ -353,21 +359,17 @@ class KernelRun:
             if isinstance(options, SshLauncher)
             else SlurmPlan(options, spec.session_id)
         )
-        keys = CurveKeys.new()
         try:
-            self._registration = Registration(
-                ctx.context, ctx.key, ip=plan.registration_ip(), remote=True, curve=keys
-            )
+            registration = RemoteRegistration(ctx.context, plan.registration_ip())
+            self._registration = registration
             order = {
                 "argv": list(spec.argv),
                 # Set on top of the remote environment: append and prepend add to nothing here.
                 "env": resolve_environment({}, self._env),
                 "cwd": None,
-                "key": ctx.key,
                 "signature_scheme": SIGNATURE_SCHEME,
-                "curve_publickey": keys.public,
-                "curve_secretkey": keys.secret,
-                "registration": self._registration.url,
+                "registration": registration.url,
+                "registration_publickey": registration.public_key,
                 "own_session": plan.own_session,
                 "reconnect_seconds": plan.reconnect_seconds,
             }
@@ -495,7 +497,11 @@ class KernelRun:
         assert self._registration is not None
         try:
             with self._registration:
-                connection = await self._registration.wait()
+                if isinstance(self._registration, RemoteRegistration):
+                    assert self.remote is not None
+                    connection = await self._registration.wait_vouched(self.remote.vouched)
+                else:
+                    connection = await self._registration.wait()
         except HandshakeError as exc:
             return StartupError(
                 ErrorCode.HANDSHAKE_FAILED,
@@ -503,7 +509,7 @@ class KernelRun:
                 output="".join(self._startup_output),
             )
         self._connection = connection
-        if self.remote is not None:
+        if isinstance(self._registration, RemoteRegistration) and self.remote is not None:
             self.remote.announced(self._registration.announced)
             # Its address, for a person reading the log (ports change with every start).
             logger.info(

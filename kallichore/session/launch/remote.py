@@ -31,6 +31,8 @@ STOP_SECONDS = 10.0
 CONNECTION_FAILED = 255
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 5.0
+# How long a registration request may wait for the shim's word that it is its own.
+VOUCH_SECONDS = 30.0
 # Commands waiting for the shim while the connection to it is being made again.
 COMMAND_QUEUE = 16
 
@@ -121,6 +123,9 @@ class RemoteKernel:
         self.ended = trio.Event()
         # When the latest reconnect window opened (a dropped connection, or a taken attach).
         self._window_opened = 0.0
+        # The registration requests the shim vouched for, by digest; set at each new one.
+        self._vouched_for: set[str] = set()
+        self._vouching = trio.Event()
         self._send_commands, self._commands = trio.open_memory_channel[int](COMMAND_QUEUE)
 
     @property
@@ -169,6 +174,14 @@ class RemoteKernel:
         except trio.WouldBlock:
             logger.warning("%s kernel: too many signals waiting; dropped one", self.plan.name)
         return True
+
+    async def vouched(self, digest: str) -> bool:
+        """Whether the shim vouches for the registration request of `digest`, waiting a while
+        for its word (the request may overtake the launcher's output)."""
+        with trio.move_on_after(VOUCH_SECONDS):
+            while digest not in self._vouched_for:
+                await self._vouching.wait()
+        return digest in self._vouched_for
 
     async def write_line(self, line: str) -> bool:
         """Write a command line to the shim; False if its connection is down."""
@@ -227,6 +240,10 @@ class RemoteKernel:
             return
         if event.get("event") == "started":
             self.announced(event)
+        elif event.get("event") == "registering" and isinstance(event.get("digest"), str):
+            self._vouched_for.add(event["digest"])
+            self._vouching.set()
+            self._vouching = trio.Event()
         elif event.get("event") == "attached":
             # A reconnect took: the next drop opens a new window.
             self._window_opened = trio.current_time()

@@ -27,6 +27,7 @@ import hmac
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -181,11 +182,10 @@ class Order:
         self.argv: list[str] = self._get("argv", list)
         self.env: dict[str, str] = self._get("env", dict, {})
         self.cwd: str | None = self._get("cwd", str, None)
-        self.key: str = self._get("key", str)
         self.signature_scheme: str = self._get("signature_scheme", str, "hmac-sha256")
-        self.curve_publickey: str | None = self._get("curve_publickey", str, None)
-        self.curve_secretkey: str | None = self._get("curve_secretkey", str, None)
         self.registration: str = self._get("registration", str)
+        # The registration socket's CurveZMQ public key: what we tell it is encrypted.
+        self.registration_publickey: str = self._get("registration_publickey", str)
         self.own_session: bool = self._get("own_session", bool, True)
         self.reconnect_seconds = float(self._get("reconnect_seconds", (int, float), 0.0))
         self.handshake_seconds = float(
@@ -231,6 +231,15 @@ def handshake_request(key: str, content: dict[str, Any]) -> list[bytes]:
     }
     parts = [json.dumps(part).encode() for part in (header, {}, {}, content)]
     return [DELIMITER, sign(key, parts), *parts]
+
+
+def request_digest(frames: list[bytes]) -> str:
+    """What the daemon recognises our registration request by (SHA-256 over its frames)."""
+    digest = hashlib.sha256()
+    for frame in frames:
+        digest.update(len(frame).to_bytes(8, "big"))
+        digest.update(frame)
+    return digest.hexdigest()
 
 
 def refusal(key: str, frames: list[bytes]) -> str | None:
@@ -307,6 +316,8 @@ class Shim:
         self.returncode: int | None = None
         self.pipes: dict[int, tuple[int, Lines]] = {}  # fd: stream, lines
         self.kernel_dir = tempfile.mkdtemp(prefix="kallichore-kernel-")
+        # The kernel's HMAC key, made here (see `start`).
+        self.key = secrets.token_hex(16)
         self.attach_dir: str | None = None
         self.listener: socket.socket | None = None
         self.detached_deadline: float | None = None
@@ -331,17 +342,23 @@ class Shim:
         order = self.order
         ip = reachable_address(order.registration)
         ports = free_ports(ip, PORT_NAMES)
+        # The kernel's secrets are made here and go to the daemon only over the encrypted
+        # registration: the launch order crossed the network as the launcher carried it
+        # (srun forwards stdin unencrypted).
+        curve_publickey, curve_secretkey = (k.decode("ascii") for k in zmq.curve_keypair())
+        kernel_secrets = {
+            "key": self.key,
+            "curve_publickey": curve_publickey,
+            "curve_secretkey": curve_secretkey,
+        }
         info: dict[str, Any] = {
             **ports,
             "ip": ip,
             "transport": "tcp",
-            "key": order.key,
             "signature_scheme": order.signature_scheme,
             "kernel_name": "",
+            **kernel_secrets,
         }
-        if order.curve_publickey and order.curve_secretkey:
-            info["curve_publickey"] = order.curve_publickey
-            info["curve_secretkey"] = order.curve_secretkey
         path = os.path.join(self.kernel_dir, "kernel.json")
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
             json.dump(info, file)
@@ -367,6 +384,7 @@ class Shim:
         content = {
             **ports,
             "ip": ip,
+            **kernel_secrets,
             "kallichore": {
                 "pid": pid,
                 "host": socket.gethostname(),
@@ -374,10 +392,20 @@ class Shim:
                 "attach": attach_path,
             },
         }
+        request = handshake_request(self.key, content)
+        # Vouches for the request on the channel the daemon knows is ours: anybody can reach
+        # the registration socket, nobody else can put a line in our output.
+        self.outbox.put(
+            STDOUT, event_line(event="registering", digest=request_digest(request)), droppable=False
+        )
         self.registration = self.context.socket(zmq.REQ)
         self.registration.setsockopt(zmq.LINGER, 0)
+        client_publickey, client_secretkey = zmq.curve_keypair()
+        self.registration.curve_serverkey = order.registration_publickey.encode("ascii")
+        self.registration.curve_publickey = client_publickey
+        self.registration.curve_secretkey = client_secretkey
         self.registration.connect(order.registration)
-        self.registration.send_multipart(handshake_request(order.key, content), zmq.NOBLOCK)
+        self.registration.send_multipart(request, zmq.NOBLOCK)
         self.handshake_deadline = time.monotonic() + order.handshake_seconds
 
     def _listen(self) -> str:
@@ -453,7 +481,7 @@ class Shim:
         assert self.registration is not None
         self.registration.close()
         self.registration = None
-        why = refusal(self.order.key, frames)
+        why = refusal(self.key, frames)
         if why is not None:
             self.fail(why)
 
