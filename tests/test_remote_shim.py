@@ -209,6 +209,19 @@ def script_kernel(tmp: Path) -> list[str]:
     return [sys.executable, "-c", SCRIPT_KERNEL, str(tmp / "go"), str(tmp / "done")]
 
 
+def start_script_kernel(
+    shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path, **order: Any
+) -> tuple[Shim, dict[str, Any]]:
+    """A shim with `SCRIPT_KERNEL`, registered and started; the "kallichore" part of its
+    handshake, which matches its start event."""
+    shim = launch(shims, registration, tmp, script_kernel(tmp), **order)
+    about = register(registration)["kallichore"]
+    started = shim.stdout.event("started")
+    assert started == {"event": "started", "pid": about["pid"], "attach": about["attach"]}
+    shim.stdout.until("one")
+    return shim, about
+
+
 def assert_gone(pid: int, tmp: Path) -> None:
     """The kernel is no process any more and the shim left nothing in its TMPDIR."""
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -272,12 +285,11 @@ def test_a_kernel_registers_runs_code_over_curve_is_interrupted_and_killed(
         client.execute_interactive(code, output_hook=collect, timeout=HANG_GUARD)
         assert "".join(printed) == f"set by the order {tmp}\n"
 
-        msg_id = client.execute("import time; time.sleep(60)")
-        while not (
-            (msg := client.get_iopub_msg(timeout=HANG_GUARD))["msg_type"] == "execute_input"
-            and msg["parent_header"]["msg_id"] == msg_id
-        ):
+        # Interrupted once it runs the code: before that, ipykernel ignores SIGINT.
+        msg_id = client.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        while (msg := client.get_iopub_msg(timeout=HANG_GUARD))["msg_type"] != "stream":
             pass
+        assert msg["parent_header"]["msg_id"] == msg_id
         shim.send("signal 2")
         reply = client.get_shell_msg(timeout=HANG_GUARD)
         assert reply["parent_header"]["msg_id"] == msg_id
@@ -294,23 +306,18 @@ def test_a_kernel_registers_runs_code_over_curve_is_interrupted_and_killed(
 def test_stdin_ending_without_reconnect_kills_the_kernel(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
-    shim = launch(shims, registration, tmp, script_kernel(tmp))
-    register(registration)
-    pid = shim.stdout.event("started")["pid"]
-    shim.stdout.until("one")
+    shim, about = start_script_kernel(shims, registration, tmp)
     shim.hang_up()
     assert shim.wait() == 128 + 9
-    assert_gone(pid, tmp)
+    assert_gone(about["pid"], tmp)
 
 
 def test_the_shim_ignores_sigint_and_sighup_and_reports_the_kernel_on_sigterm(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
     """In the shim's process group (Slurm's case), `signal N` goes to the kernel itself."""
-    shim = launch(shims, registration, tmp, script_kernel(tmp), own_session=False)
-    register(registration)
-    pid = shim.stdout.event("started")["pid"]
-    shim.stdout.until("one")
+    shim, about = start_script_kernel(shims, registration, tmp, own_session=False)
+    pid = about["pid"]
     assert shim.stdout.seen[-2] == "\\x1ekallichore-shim " + SPOOF + "\n"
     assert os.getpgid(pid) == os.getpgid(shim.process.pid)
     shim.process.send_signal(signal.SIGINT)
@@ -326,12 +333,9 @@ def test_the_shim_ignores_sigint_and_sighup_and_reports_the_kernel_on_sigterm(
 def test_an_attach_gets_what_the_kernel_wrote_meanwhile_and_can_kill_it(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
-    shim = launch(shims, registration, tmp, script_kernel(tmp), reconnect_seconds=HANG_GUARD)
-    attach_path = register(registration)["kallichore"]["attach"]
-    started = shim.stdout.event("started")
-    assert started["attach"] == attach_path
+    shim, about = start_script_kernel(shims, registration, tmp, reconnect_seconds=HANG_GUARD)
+    attach_path = about["attach"]
     assert stat.S_IMODE(Path(attach_path).parent.stat().st_mode) == 0o700
-    shim.stdout.until("one")
     shim.hang_up()
     assert shim.stdout.rest()[-1] == "one\n"
     (tmp / "go").touch()
@@ -350,20 +354,17 @@ def test_an_attach_gets_what_the_kernel_wrote_meanwhile_and_can_kill_it(
     assert second.stdout.event("exited") == {"event": "exited", "returncode": -9}
     assert second.wait() == 128 + 9
     assert shim.wait() == 128 + 9
-    assert_gone(started["pid"], tmp)
+    assert_gone(about["pid"], tmp)
 
 
 def test_without_an_attach_the_kernel_is_killed_after_the_grace_period(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
-    shim = launch(shims, registration, tmp, script_kernel(tmp), reconnect_seconds=0.2)
-    attach_path = register(registration)["kallichore"]["attach"]
-    pid = shim.stdout.event("started")["pid"]
-    shim.stdout.until("one")
+    shim, about = start_script_kernel(shims, registration, tmp, reconnect_seconds=0.2)
     shim.hang_up()
     assert shim.wait() == 128 + 9
-    assert_gone(pid, tmp)
-    attached = Shim("attach", attach_path, env=dict(os.environ))
+    assert_gone(about["pid"], tmp)
+    attached = Shim("attach", about["attach"], env=dict(os.environ))
     assert attached.wait() == 1
     assert "cannot attach" in attached.stderr.rest()[0]
 
