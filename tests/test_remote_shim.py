@@ -380,14 +380,27 @@ def test_a_handshake_without_a_reply_kills_the_kernel(
     assert_gone(pid, tmp)
 
 
-def test_a_launch_order_with_a_mistake_is_named(
-    shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
+@pytest.mark.parametrize(
+    ("mistake", "said"),
+    [
+        (
+            {"key": None},
+            "invalid launch order: 'key' in the launch order has the wrong type",
+        ),
+        (
+            {"argv": ["/nonexistent/kernel"]},
+            "cannot start the kernel: [Errno 2] No such file or directory: '/nonexistent/kernel'",
+        ),
+    ],
+)
+def test_a_kernel_that_cannot_start_is_explained(
+    shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path, mistake: Any, said: str
 ) -> None:
-    shim = launch(shims, registration, tmp, [], key=None)
+    order = {"argv": IPYKERNEL_ARGV, **mistake}
+    shim = launch(shims, registration, tmp, **order)
     assert shim.wait() == 1
-    assert shim.stderr.rest() == [
-        "kallichore-shim: invalid launch order: 'key' in the launch order has the wrong type\n"
-    ]
+    assert shim.stderr.rest() == [f"kallichore-shim: {said}\n"]
+    assert shim.stdout.rest() == []
     assert list(tmp.iterdir()) == []
 
 

@@ -172,7 +172,11 @@ class Controller:
 
 
 class Order:
-    """The launch order from stdin, checked field by field so that a mistake is named."""
+    """The launch order from stdin, checked field by field so that a mistake is named.
+
+    Besides the fields the launchers send, `handshake_seconds` (default 60) bounds the wait for
+    the daemon's handshake reply.
+    """
 
     def __init__(self, raw: Any) -> None:
         if not isinstance(raw, dict):
@@ -337,7 +341,6 @@ class Shim:
             "transport": "tcp",
             "key": order.key,
             "signature_scheme": order.signature_scheme,
-            "kernel_name": "",
         }
         if order.curve_publickey and order.curve_secretkey:
             info["curve_publickey"] = order.curve_publickey
@@ -346,6 +349,7 @@ class Shim:
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
             json.dump(info, file)
         attach_path = self._listen() if order.reconnect_seconds > 0 else None
+        # ipykernel exits when its parent, the shim, is gone, even by SIGKILL: nothing orphaned.
         env = {**os.environ, **order.env, "JPY_PARENT_PID": str(os.getpid())}
         self.kernel = subprocess.Popen(
             [arg.replace("{connection_file}", path) for arg in order.argv],
@@ -659,7 +663,6 @@ def launch() -> int:
         try:
             shim.start()
         except (OSError, ValueError, zmq.ZMQError) as error:
-            shim.signal_kernel(signal.SIGKILL)
             if shim.kernel is None:
                 print(f"kallichore-shim: cannot start the kernel: {error}", file=sys.stderr)
                 return FAILED
