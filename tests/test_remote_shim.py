@@ -431,6 +431,20 @@ def test_the_outbox_drops_the_oldest_output_never_an_event_and_says_so() -> None
     ]
 
 
+def test_an_attach_gets_lines_tagged_with_their_stream_and_a_new_one_the_whole_line() -> None:
+    outbox = Outbox()
+    outbox.put(STDERR, b"err\n")
+    outbox.put(STDOUT, b"out\n")
+    outbox.restart(tagged=True)
+    assert outbox.first() == (STDERR, b"2err\n")
+    outbox.advance(2)
+    assert outbox.first() == (STDERR, b"rr\n")
+    outbox.restart(tagged=True)
+    assert outbox.first() == (STDERR, b"2err\n")
+    outbox.advance(5)
+    assert outbox.first() == (STDOUT, b"1out\n")
+
+
 def test_the_source_is_python_3_8() -> None:
     """Cluster nodes run old Pythons: the script must not use newer syntax."""
     ast.parse(SOURCE, feature_version=(3, 8))

@@ -104,16 +104,18 @@ class Outbox:
         self._lines.append((stream, line, droppable))
         if droppable:
             self._droppable_bytes += len(line)
-        while self._droppable_bytes > self._limit:
-            self._drop_oldest()
+        while self._droppable_bytes > self._limit and self._drop_oldest():
+            pass
 
-    def _drop_oldest(self) -> None:
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest line that may go; False if none may."""
         for index, (_, line, droppable) in enumerate(self._lines):
             if droppable and not (index == 0 and self._written):
                 del self._lines[index]
                 self._droppable_bytes -= len(line)
                 self._dropped += len(line)
-                return
+                return True
+        return False
 
     def restart(self, *, tagged: bool) -> None:
         """A new controller: it gets the first line from its start, framed as it needs."""
