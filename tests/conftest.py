@@ -24,6 +24,9 @@ from kallichore.server.http import RunningServer, serve_api
 from kallichore.session.model import InterruptMode, SessionConfig, SessionSpec
 from kallichore.supervisor import Supervisor, SupervisorConfig, open_supervisor
 
+# The Slurm cluster and the sshd of the remote launchers' tests (`slurm_cluster`, `ssh_host`).
+pytest_plugins = ("tests.remote_hosts",)
+
 IPYKERNEL_ARGV = (sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}")
 TOKEN = "test-token-0123456789"
 # A guard against hangs, not a measure of speed.

@@ -5,8 +5,9 @@ below, one by one). Every other block runs in the temporary copy of the reposito
 first command made `.venv`, while the daemon that command started is up (port 8182, `--token
 none`): `python` blocks as scripts with `.venv/bin/python`, `sh` blocks with `sh`. A block must
 end with status 0 and print the result of its example, which is always `6*7`: its output must
-contain 42. A block in another language fails `test_every_block_has_a_rule` until this module
-gets a rule for it.
+contain 42. A `json` block is a kernelspec (`kernel.json`): it must read as one, with a valid
+launcher block in its `metadata.kallichore`. A block in another language fails
+`test_every_block_has_a_rule` until this module gets a rule for it.
 
 The block of "Use JupyterLab with kallichore" is a server that runs until stopped: it runs
 with JupyterLab (from the servers' virtualenv, tests/jupyter/servers.py) first on PATH, and
@@ -35,6 +36,8 @@ import pytest
 import trio
 
 from kallichore.client import open_channels
+from kallichore.jupyter.kernelspec import load_kernelspec
+from kallichore.session.launch.options import LocalLauncher, parse_launcher
 from tests.jupyter.servers import gateway_bin, stop
 
 ROOT = Path(__file__).parent.parent
@@ -85,14 +88,26 @@ BLOCKS = readme_blocks()
 FIRST, OTHERS = BLOCKS[0], BLOCKS[1:]
 JUPYTERLAB_SECTION = "Use JupyterLab with kallichore"
 [JUPYTERLAB] = [block for block in OTHERS if block.section == JUPYTERLAB_SECTION]
-RUN_THROUGH = [block for block in OTHERS if block is not JUPYTERLAB]
+RUN_THROUGH = [block for block in OTHERS if block is not JUPYTERLAB and block.language != "json"]
+KERNELSPECS = [block for block in OTHERS if block.language == "json"]
 
 
 def test_every_block_has_a_rule() -> None:
     assert FIRST.language == "sh"
     assert len(FIRST.commands) == 2, "the first block is the newcomer's two commands"
     for block in OTHERS:
-        assert block.language in RUNNERS, f"no test runs the {block.language!r} block in {block}"
+        known = block.language in RUNNERS or block.language == "json"
+        assert known, f"no test runs the {block.language!r} block in {block}"
+
+
+@pytest.mark.parametrize("block", KERNELSPECS, ids=[b.section for b in KERNELSPECS])
+def test_kernelspec_block(block: Block, tmp_path: Path) -> None:
+    """A kernelspec shown in the README is one, and its launcher block is valid."""
+    (tmp_path / "kernel.json").write_text(block.code)
+    kernelspec = load_kernelspec("example", tmp_path / "kernel.json")
+    assert kernelspec.argv[-1] == "{connection_file}"
+    launcher = parse_launcher(kernelspec.metadata["kallichore"])
+    assert not isinstance(launcher, LocalLauncher)
 
 
 @attrs.frozen

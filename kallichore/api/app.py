@@ -69,6 +69,7 @@ from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.session.kernel_session import KernelSession
+from kallichore.session.launch.options import LocalLauncher
 from kallichore.session.model import SessionSpec, Status
 from kallichore.supervisor import Supervisor
 
@@ -140,6 +141,7 @@ def active_session(session: KernelSession, sockets: ChannelSockets | None) -> Ac
         session_id=session.session_id,
         argv=list(session.spec.argv),
         process_id=session.process_id,
+        launcher=session.location,
         username=session.spec.username,
         display_name=session.spec.display_name,
         language=session.spec.language,
@@ -207,13 +209,18 @@ def launching_kernelspec(spec: SessionSpec, name: str) -> SessionSpec:
     kernelspec = specs.get(name.lower())
     if kernelspec is None:
         raise BodyError(f"no kernelspec is named {name!r}; there are: {', '.join(sorted(specs))}")
-    launched = SessionSpec.from_kernelspec(spec.session_id, kernelspec)
+    requested = {} if spec.launcher == LocalLauncher() else {"launcher": spec.launcher}
+    try:
+        launched = SessionSpec.from_kernelspec(spec.session_id, kernelspec, **requested)
+    except KallichoreError as exc:
+        raise BodyError(f"kernelspec {name!r}: {exc.message}") from None
     return attrs.evolve(
         spec,
         argv=launched.argv,
         env=launched.env + spec.env,
         interrupt_mode=launched.interrupt_mode,
         kernel_name=launched.kernel_name,
+        launcher=launched.launcher,
         display_name=spec.display_name or launched.display_name,
         language=spec.language or launched.language,
     )

@@ -62,6 +62,7 @@ from kallichore.jupyter.kernelspec import (
     python_kernelspec,
 )
 from kallichore.session.kernel_session import KernelSession
+from kallichore.session.launch.options import parse_launcher
 from kallichore.session.model import (
     RestartOrigin,
     SessionMode,
@@ -170,23 +171,33 @@ class JupyterApi:
         )
 
     async def start_kernel(
-        self, name: str | None, env: dict[str, str], path: str | None
+        self,
+        name: str | None,
+        env: dict[str, str],
+        path: str | None,
+        launcher: dict[str, Any] | None = None,
     ) -> KernelSession:
         """A new kernel of kernelspec `name` (the default one if None), started in the
         background; `env` filtered as Kernel Gateway does; its directory from `env`'s
-        `KERNEL_WORKING_DIR`, else `path` (relative to the root directory), else the root."""
+        `KERNEL_WORKING_DIR`, else `path` (relative to the root directory), else the root;
+        launched by `launcher` (a launcher block), else as its kernelspec says."""
         kernelspec = find_kernelspec(name)
         actions = kernel_env(env, self.settings.env_allow)
         cwd = working_directory(self.settings.root_dir, env.get(WORKING_DIR_VARIABLE), path)
         kernel_id = str(uuid.uuid4())
-        spec = SessionSpec.from_kernelspec(
-            kernel_id,
-            kernelspec,
-            kernel_id=kernel_id,
-            working_directory=cwd,
-            username=env.get("KERNEL_USERNAME", ""),
-            session_mode=SessionMode.NOTEBOOK,
-        )
+        try:
+            requested = {} if launcher is None else {"launcher": parse_launcher(launcher)}
+            spec = SessionSpec.from_kernelspec(
+                kernel_id,
+                kernelspec,
+                kernel_id=kernel_id,
+                working_directory=cwd,
+                username=env.get("KERNEL_USERNAME", ""),
+                session_mode=SessionMode.NOTEBOOK,
+                **requested,
+            )
+        except KallichoreError as exc:
+            raise refused(400, exc.message) from None
         spec = attrs.evolve(spec, env=(*spec.env, *actions))
         session = await self.supervisor.create_session(spec)
         self.supervisor.start_soon(session)
@@ -487,7 +498,7 @@ def _kernel_location(model: KernelModel) -> str:
     },
 )
 async def start_kernel(api: JupyterApi, body: NewKernel) -> KernelModel:
-    session = await api.start_kernel(body.name, body.env, body.path)
+    session = await api.start_kernel(body.name, body.env, body.path, body.launcher)
     return api.kernel_model(session)
 
 

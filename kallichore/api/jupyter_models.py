@@ -34,6 +34,8 @@ class NewKernel:
     name: str | None = None
     path: str | None = None
     env: dict[str, str] = attrs.Factory(dict)
+    # Our extension: where to launch it (a launcher block), instead of the kernelspec's own.
+    launcher: dict[str, Any] | None = None
 
 
 @attrs.define

@@ -22,6 +22,7 @@ import cattrs
 from kallichore.errors import KallichoreError, StartupError
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.jupyter.wire import PROTOCOL_VERSION, JSONObject
+from kallichore.session.launch.options import LauncherOptions, LocalLauncher, parse_launcher
 from kallichore.session.model import (
     InterruptMode,
     SessionMode,
@@ -73,6 +74,9 @@ class NewSession:
     run_in_shell: bool | None = None
     # Our extension: launch this kernelspec (its argv, env and interrupt mode) instead of `argv`.
     kernel_name: str | None = None
+    # Our extension: what starts the kernel and where (a launcher block, see
+    # kallichore.session.launch.options); a kernelspec's own block otherwise, else local.
+    launcher: dict[str, Any] | None = None
 
     def to_spec(self) -> SessionSpec:
         if self.connection_timeout <= 0:
@@ -98,6 +102,7 @@ class NewSession:
             notebook_uri=self.notebook_uri,
             startup_environment=startup,
             startup_environment_arg=self.startup_environment_arg,
+            launcher=LocalLauncher() if self.launcher is None else launcher_options(self.launcher),
         )
 
 
@@ -105,6 +110,14 @@ class NewSession:
 class RestartSession:
     working_directory: str | None = None
     env: list[VarAction] | None = None
+
+
+def launcher_options(block: dict[str, Any]) -> LauncherOptions:
+    """A request's launcher block, parsed; a bad one is the request's fault (400)."""
+    try:
+        return parse_launcher(block)
+    except KallichoreError as exc:
+        raise BodyError(exc.message) from None
 
 
 def check_env(actions: list[VarAction]) -> None:
@@ -225,6 +238,8 @@ class ActiveSession:
     resource_usage: dict[str, int] | None = optional()
     socket_path: str | None = optional()
     kernel_id: str | None = optional()
+    # Our extension: where a remote kernel runs (launcher, host, job_id, pid).
+    launcher: dict[str, Any] | None = optional()
 
 
 # Kallichore serialises ActiveSession in this order; attrs needs defaults last, so the JSON
@@ -253,6 +268,7 @@ ACTIVE_SESSION_ORDER = (
     "busy_seconds",
     "socket_path",
     "kernel_id",
+    "launcher",
 )
 
 

@@ -148,6 +148,13 @@ ENUM_NOTES: dict[type[Enum], str] = {
 
 _PORT: Schema = {"type": "integer", "minimum": 1, "maximum": 65535}
 _KERNEL_INFO = "The content of the kernel's `kernel_info_reply`."
+_LAUNCHER = (
+    "Our extension: what starts the kernel, and where: a launcher block such as "
+    '`{"launcher": "ssh", "host": "gpu-box"}` or `{"launcher": "slurm", "partition": "gpu", '
+    '"time": "01:00:00", "extra_args": ["--gres=gpu:1"]}` (README, "Kernels on other '
+    "machines\"). Absent: the kernelspec's `metadata.kallichore` block, else a local child "
+    "process."
+)
 
 
 def _ref(name: str) -> Schema:
@@ -196,6 +203,7 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
             "whose argv, environment and interrupt mode the session launches; `argv` must then "
             "be empty. `display_name` and `language` default to the kernelspec's."
         ),
+        "launcher": _LAUNCHER,
     },
     models.RestartSession: {
         "working_directory": (
@@ -247,6 +255,7 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
             "(`--jupyter-env-allow`); the others are dropped. `KERNEL_WORKING_DIR` is where "
             "the kernel runs (an absolute path, or one relative to the root directory)."
         ),
+        "launcher": _LAUNCHER,
     },
     jupyter_models.NewSession: {
         "path": "The notebook's path; the kernel runs in its directory (under the root).",
@@ -297,6 +306,10 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         },
     },
     models.ActiveSession: {
+        "launcher": (
+            "Our extension, for a kernel on another machine: where it runs (`launcher`, and "
+            "`host`, `job_id`, `pid` as known)."
+        ),
         "kernel_id": (
             "Our extension: the session's id in the Jupyter Server kernels API (a UUID; the "
             "session id itself for a kernel started through that API)."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import zmq
 
 from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel, Signer
 
 TRANSPORTS = ("tcp", "ipc")
 _REQUIRED = ("control_port", "shell_port", "stdin_port", "hb_port", "iopub_port", "key")
-_OPTIONAL = ("signature_scheme", "transport", "ip")
+_OPTIONAL = ("signature_scheme", "transport", "ip", "curve_publickey", "curve_secretkey")
+# A CurveZMQ key in Z85: 32 bytes as 40 characters.
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
 # Give up rather than loop forever if the OS keeps handing back ports we have reserved.
 _MAX_ATTEMPTS_PER_PORT = 100
 _EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -61,6 +65,33 @@ def _check_ip(_instance: object, attribute: attrs.Attribute[str], value: str) ->
         raise ValueError(f"{attribute.name} must not be empty")
 
 
+def _check_curve_key(
+    _instance: object, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
+    if value is not None and not (isinstance(value, str) and _Z85_KEY.fullmatch(value)):
+        raise ValueError(f"{attribute.name} must be a CurveZMQ key in Z85 (40 characters)")
+
+
+def _check_curve_pair(
+    instance: ConnectionInfo, _attribute: attrs.Attribute[str | None], _value: str | None
+) -> None:
+    if (instance.curve_publickey is None) != (instance.curve_secretkey is None):
+        raise ValueError("curve_publickey and curve_secretkey go together")
+
+
+@attrs.frozen
+class CurveKeys:
+    """A CurveZMQ key pair in Z85, as connection files carry it."""
+
+    public: str
+    secret: str = attrs.field(repr=False)
+
+    @classmethod
+    def new(cls) -> CurveKeys:
+        public, secret = zmq.curve_keypair()
+        return cls(public.decode("ascii"), secret.decode("ascii"))
+
+
 @attrs.frozen
 class ConnectionInfo:
     """The contents of a connection file. Validated on construction, whatever the source."""
@@ -76,10 +107,23 @@ class ConnectionInfo:
     )
     transport: str = attrs.field(default="tcp", validator=[_check_str, _check_transport])
     ip: str = attrs.field(default="127.0.0.1", validator=[_check_str, _check_ip])
+    # The kernel's CurveZMQ key pair, when its sockets are to be encrypted (ipykernel 7 binds
+    # CurveZMQ servers with it; we connect as clients knowing its public key).
+    curve_publickey: str | None = attrs.field(
+        default=None, validator=[_check_curve_key, _check_curve_pair]
+    )
+    curve_secretkey: str | None = attrs.field(default=None, validator=_check_curve_key, repr=False)
+
+    @property
+    def curve(self) -> CurveKeys | None:
+        """The kernel's key pair, or None for a kernel whose traffic is not encrypted."""
+        if self.curve_publickey is None or self.curve_secretkey is None:
+            return None
+        return CurveKeys(self.curve_publickey, self.curve_secretkey)
 
     def to_dict(self) -> dict[str, Any]:
         """The connection file's JSON object, keys in the order Jupyter tools write them."""
-        return {
+        fields: dict[str, Any] = {
             "control_port": self.control_port,
             "shell_port": self.shell_port,
             "stdin_port": self.stdin_port,
@@ -90,6 +134,10 @@ class ConnectionInfo:
             "transport": self.transport,
             "ip": self.ip,
         }
+        if self.curve_publickey is not None:
+            fields["curve_publickey"] = self.curve_publickey
+            fields["curve_secretkey"] = self.curve_secretkey
+        return fields
 
     @classmethod
     def on_ports(cls, ports: Sequence[int], key: str) -> ConnectionInfo:

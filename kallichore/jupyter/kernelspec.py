@@ -64,7 +64,7 @@ def find_kernelspecs() -> dict[str, KernelSpec]:
         if name in specs:
             continue
         try:
-            specs[name] = _load(name, kernel_json)
+            specs[name] = load_kernelspec(name, kernel_json)
         except KernelSpecError as exc:
             logger.warning("skipping kernelspec: %s", exc)
     return specs
@@ -78,7 +78,7 @@ def get_kernelspec(name: str) -> KernelSpec:
         if candidate != wanted:
             continue
         try:
-            return _load(candidate, kernel_json)
+            return load_kernelspec(candidate, kernel_json)
         except KernelSpecError as exc:
             error = error or exc
     if error is not None:
@@ -123,7 +123,8 @@ def _candidates() -> Iterator[tuple[str, Path]]:
             yield name, kernel_json
 
 
-def _load(name: str, kernel_json: Path) -> KernelSpec:
+def load_kernelspec(name: str, kernel_json: Path) -> KernelSpec:
+    """The kernelspec `name` from its kernel.json; `KernelSpecError` says what is wrong."""
     try:
         data = json.loads(kernel_json.read_bytes())
     except (OSError, ValueError, RecursionError) as exc:

@@ -19,7 +19,7 @@ from types import TracebackType
 import trio
 import zmq
 
-from kallichore.jupyter.connection import ConnectionInfo
+from kallichore.jupyter.connection import ConnectionInfo, CurveKeys
 from kallichore.jupyter.wire import Channel, Message, Signer, deserialize, serialize
 from kallichore.session.events import DEFAULT_MAX_BYTES, EVENT_OVERHEAD_BYTES
 from kallichore.trio_zmq import TrioSocket
@@ -43,33 +43,38 @@ class KernelChannels:
         self._context = context
         self._info = info
         self._identity = identity
+        # Ours as a CurveZMQ client of an encrypting kernel: a fresh pair (the kernel accepts
+        # any client key; the messages' HMAC is what authenticates us).
+        self._client_keys = None if info.curve is None else CurveKeys.new()
         self._sockets: dict[Channel, TrioSocket] = {}
         try:
             for channel in (Channel.SHELL, Channel.CONTROL):
-                self._sockets[channel] = self._open(
-                    context, zmq.DEALER, info.address(channel), identity
-                )
-            iopub = self._open(context, zmq.SUB, info.address(Channel.IOPUB))
+                self._sockets[channel] = self._open(zmq.DEALER, info.address(channel), identity)
+            iopub = self._open(zmq.SUB, info.address(Channel.IOPUB))
             iopub.socket.setsockopt(zmq.SUBSCRIBE, b"")
             self._sockets[Channel.IOPUB] = iopub
-            heartbeat = self._open(context, zmq.REQ, info.address(Channel.HEARTBEAT))
+            heartbeat = self._open(zmq.REQ, info.address(Channel.HEARTBEAT))
             self._sockets[Channel.HEARTBEAT] = heartbeat
         except BaseException:
             self.close()
             raise
 
-    @staticmethod
     def _open(
-        context: zmq.Context[zmq.Socket[bytes]],
+        self,
         socket_type: int,
         address: str,
         identity: bytes | None = None,
         *,
         connect: bool = True,
     ) -> TrioSocket:
-        sock = context.socket(socket_type)
+        sock = self._context.socket(socket_type)
         try:
             sock.setsockopt(zmq.LINGER, 0)
+            if self._client_keys is not None:
+                assert self._info.curve_publickey is not None
+                sock.setsockopt(zmq.CURVE_SERVERKEY, self._info.curve_publickey.encode())
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._client_keys.public.encode())
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self._client_keys.secret.encode())
             if identity is not None:
                 sock.setsockopt(zmq.IDENTITY, identity)
             if socket_type == zmq.SUB:
@@ -90,7 +95,7 @@ class KernelChannels:
         """Connect the stdin DEALER and wait until its handshake with the kernel is done; call
         once the kernel has answered a kernel_info_request."""
         address = self._info.address(Channel.STDIN)
-        sock = self._open(self._context, zmq.DEALER, address, self._identity, connect=False)
+        sock = self._open(zmq.DEALER, address, self._identity, connect=False)
         self._sockets[Channel.STDIN] = sock
         monitor = sock.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         with TrioSocket(monitor) as events:

@@ -8,13 +8,14 @@ likes, and sends a signed `handshake_request` listing the ports. We answer with 
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 from typing import Any
 
 import trio
 import zmq
 
-from kallichore.jupyter.connection import ConnectionInfo
+from kallichore.jupyter.connection import ConnectionInfo, CurveKeys
 from kallichore.jupyter.wire import (
     SIGNATURE_SCHEME,
     Message,
@@ -28,6 +29,8 @@ from kallichore.jupyter.wire import (
 from kallichore.trio_zmq import TrioSocket
 
 __all__ = ["HandshakeError", "Registration", "wants_handshake"]
+
+logger = logging.getLogger(__name__)
 
 REGISTRATION_IP = "127.0.0.1"
 _PORT_FIELDS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
@@ -63,14 +66,30 @@ class Registration:
     closed; `close` may always be called, and must be if `wait` never ran to completion.
     """
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], key: str) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        key: str,
+        *,
+        ip: str = REGISTRATION_IP,
+        remote: bool = False,
+        curve: CurveKeys | None = None,
+    ) -> None:
+        """`ip`: where to listen. A `remote` kernel (our shim, on another machine) says which
+        address of its own to connect to; with `curve`, its sockets are CurveZMQ servers with
+        that key pair."""
         self._key = key
+        self._ip = ip
+        self._curve = curve
+        self._remote = remote
+        # What our remote shim said of where the kernel runs (its `kallichore` block).
+        self.announced: dict[str, Any] = {}
         self._signer = Signer(key.encode())
         # Our replies' header.session: any id that stays the same for this registration.
         self._session = new_msg_id()
         sock = context.socket(zmq.REP)
         try:
-            self._port = sock.bind_to_random_port(f"tcp://{REGISTRATION_IP}")
+            self._port = sock.bind_to_random_port(f"tcp://{ip}")
         except BaseException:
             sock.close(linger=0)
             raise
@@ -79,6 +98,10 @@ class Registration:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def url(self) -> str:
+        return f"tcp://{self._ip}:{self._port}"
 
     def file_contents(self) -> dict[str, Any]:
         """The registration file's JSON object; its path replaces ``{connection_file}``."""
@@ -99,12 +122,21 @@ class Registration:
         has been taken off the socket it is answered even if the caller's deadline passes
         meanwhile, because the kernel is blocked until it hears back.
         """
-        frames = await self._socket.recv_multipart()
-        try:
-            request, info = self._accept(frames)
-        except HandshakeError as exc:
-            await self._reply([dumps({"status": "error", "error": str(exc)})])
-            raise
+        while True:
+            frames = await self._socket.recv_multipart()
+            try:
+                request, info = self._accept(frames)
+            except HandshakeError as exc:
+                error = [dumps({"status": "error", "error": str(exc)})]
+                if not self._remote:
+                    await self._reply(error)
+                    raise
+                # Anybody on the network can reach this socket: only our kernel's signed
+                # request counts, and a stranger's cannot fail its start.
+                await self._reply(error, last=False)
+                logger.warning("ignored an invalid registration: %s", exc)
+                continue
+            break
         reply = Message.build(
             "handshake_reply",
             {"status": "ok", "capabilities": {}},
@@ -128,18 +160,23 @@ class Registration:
         missing = [name for name in _PORT_FIELDS if name not in content]
         if missing:
             raise HandshakeError(f"handshake_request content is missing {', '.join(missing)}")
+        ip = content.get("ip", self._ip) if self._remote else REGISTRATION_IP
         try:
             info = ConnectionInfo(
                 **{name: content[name] for name in _PORT_FIELDS},
                 key=self._key,
                 transport="tcp",
-                ip=REGISTRATION_IP,
+                ip=ip,
+                curve_publickey=None if self._curve is None else self._curve.public,
+                curve_secretkey=None if self._curve is None else self._curve.secret,
             )
         except ValueError as exc:
             raise HandshakeError(f"invalid handshake_request: {exc}") from None
+        announced = content.get("kallichore")
+        self.announced = announced if isinstance(announced, dict) else {}
         return request, info
 
-    async def _reply(self, frames: list[bytes]) -> None:
+    async def _reply(self, frames: list[bytes], *, last: bool = True) -> None:
         """Send the one reply and close the socket, making sure the reply still goes out.
 
         A REP socket that has just received never blocks on sending (the reply is queued, or
@@ -149,6 +186,8 @@ class Registration:
         """
         with trio.CancelScope(shield=True):
             await self._socket.send_multipart(frames)
+        if not last:
+            return
         self._socket.socket.close(linger=_REPLY_LINGER_MS)
         self._socket.close()
 

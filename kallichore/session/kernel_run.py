@@ -34,16 +34,21 @@ from kallichore.errors import ErrorCode, KallichoreError, StartupError
 from kallichore.footprint import Footprint
 from kallichore.jupyter.connection import (
     ConnectionInfo,
+    CurveKeys,
     PortAllocator,
     ipc_prefix_fits,
     write_json_file,
 )
-from kallichore.jupyter.wire import Channel, Message, WireError
+from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel, Message, WireError
 from kallichore.session import process as kernel_process
 from kallichore.session.channels import KernelChannels
 from kallichore.session.events import EventLog, OutputEvent, ResourceUsageEvent
 from kallichore.session.handshake import HandshakeError, Registration, wants_handshake
 from kallichore.session.heartbeat import keep_beating
+from kallichore.session.launch.options import LocalLauncher, SlurmLauncher, SshLauncher
+from kallichore.session.launch.remote import RemoteKernel, shim_python
+from kallichore.session.launch.slurm import SlurmPlan
+from kallichore.session.launch.ssh import SshPlan
 from kallichore.session.model import (
     SessionConfig,
     SessionSpec,
@@ -146,6 +151,8 @@ class KernelRun:
         self._readopted = adopted_process is not None
         self._connection = adopt
         self.process: trio.Process | None = None
+        # A kernel on another machine (ssh, slurm), run by our shim through a local command.
+        self.remote: RemoteKernel | None = None
         # The kernel's process as a record keeps it: ours, or the re-adopted one.
         self._identity = adopted_process
         self.channels: KernelChannels | None = None
@@ -170,12 +177,26 @@ class KernelRun:
 
     @property
     def process_id(self) -> int | None:
-        """The kernel's pid while it runs."""
+        """The kernel's pid while it runs (on its own host, for a remote kernel; until that
+        is known, the local command's)."""
         if self.exited.is_set():
+            return None
+        if self.remote is not None:
+            return self.remote.remote_pid or self.remote.pid
+        return self._local_pid()
+
+    def _local_pid(self) -> int | None:
+        """The pid of the kernel when it runs on this machine."""
+        if self.exited.is_set() or self.remote is not None:
             return None
         if self.process is not None:
             return self.process.pid
         return None if self._identity is None else self._identity.pid
+
+    @property
+    def location(self) -> dict[str, object] | None:
+        """Where a remote kernel runs (launcher, host, job id, pid); None for a local one."""
+        return None if self.remote is None else self.remote.details()
 
     @property
     def process_identity(self) -> ProcessIdentity | None:
@@ -207,7 +228,7 @@ class KernelRun:
         return self.channels
 
     def working_directory(self) -> str | None:
-        pid = self.process_id
+        pid = self._local_pid()
         return None if pid is None else kernel_process.current_directory(pid)
 
     # -- the run ---------------------------------------------------------------------------
@@ -227,7 +248,9 @@ class KernelRun:
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    if self.process is not None:
+                    if self.remote is not None:
+                        nursery.start_soon(self._watch_remote, self.remote)
+                    elif self.process is not None:
                         nursery.start_soon(self._watch_process, self.process)
                     elif self._identity is not None:
                         nursery.start_soon(self._watch_readopted, self._identity)
@@ -245,7 +268,7 @@ class KernelRun:
                         self.publish(out)
                         ctx.on_record()
                         nursery.start_soon(self._monitor_heartbeat, channels)
-                        if (pid := self.process_id) is not None:
+                        if (pid := self._local_pid()) is not None:
                             nursery.start_soon(self._sample_resources, pid)
                         task_status.started()
         except Exception:
@@ -265,6 +288,9 @@ class KernelRun:
         if not spec.argv:
             self._launch_failed("empty argv")
             raise StartupError(ErrorCode.PROCESS_START_FAILED, "the session has no argv to start")
+        if not isinstance(spec.launcher, LocalLauncher):
+            await self._launch_remote(spec.launcher)
+            return
         env = resolve_environment(os.environ, self._env)
         kernel_process.watch_parent(env, outlive=not ctx.config.tied_to_daemon)
         self.initial_env = env
@@ -314,6 +340,64 @@ class KernelRun:
                 exit_code=exc.errno,
             ) from exc
 
+    async def _launch_remote(self, options: SshLauncher | SlurmLauncher) -> None:
+        """Run our shim where the kernel is to run; it registers the kernel's ports with us.
+
+        Every remote kernel's sockets are CurveZMQ servers with a key pair made for this run;
+        the pair, the signing key and the kernel's argv go to the shim on its stdin.
+        """
+        ctx = self._ctx
+        spec = ctx.spec
+        plan: SshPlan | SlurmPlan = (
+            SshPlan(options)
+            if isinstance(options, SshLauncher)
+            else SlurmPlan(options, spec.session_id)
+        )
+        keys = CurveKeys.new()
+        try:
+            self._registration = Registration(
+                ctx.context, ctx.key, ip=plan.registration_ip(), remote=True, curve=keys
+            )
+            order = {
+                "argv": list(spec.argv),
+                # Set on top of the remote environment: append and prepend add to nothing here.
+                "env": resolve_environment({}, self._env),
+                "cwd": None,
+                "key": ctx.key,
+                "signature_scheme": SIGNATURE_SCHEME,
+                "curve_publickey": keys.public,
+                "curve_secretkey": keys.secret,
+                "registration": self._registration.url,
+                "own_session": plan.own_session,
+                "reconnect_seconds": plan.reconnect_seconds,
+            }
+            python = shim_python(options.python, spec.argv)
+            self.remote = RemoteKernel(plan, python, order, self._line, self._waiting)
+            await self.remote.start()
+            with trio.CancelScope(shield=True):
+                assert self.remote.pid is not None
+                await ctx.footprint.kernel_started(self.remote.pid, detached=False, paths=[])
+            logger.info("session %s: %s launcher started", spec.session_id, plan.name)
+            ctx.on_record()
+        except BaseException as exc:
+            if self.remote is not None:
+                with trio.CancelScope(shield=True):
+                    await self.remote.stop()
+            self._release()
+            self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
+            if not isinstance(exc, OSError):
+                raise
+            raise StartupError(
+                ErrorCode.PROCESS_START_FAILED,
+                f"failed to start the {plan.name} launcher: {exc.strerror or exc}",
+                exit_code=exc.errno,
+            ) from exc
+
+    def _waiting(self, reason: str) -> None:
+        out = Outbox()
+        self._ctx.state.waiting(reason, out)
+        self.publish(out)
+
     def _new_connection(self) -> ConnectionInfo:
         """Where a kernel we launch is to listen: Unix sockets in a fresh 0700 directory (in
         the runtime directory, or the system's temporary one if that path is too long for a
@@ -325,7 +409,7 @@ class KernelRun:
                 prefix = str(directory / "kernel")
                 if ipc_prefix_fits(prefix):
                     self._ipc_directory = directory
-                    return ConnectionInfo.over_ipc(prefix, ctx.key)
+                    return self._encrypted(ConnectionInfo.over_ipc(prefix, ctx.key))
                 directory.rmdir()
             logger.warning(
                 "session %s: no directory with a path short enough for Unix sockets; "
@@ -333,7 +417,15 @@ class KernelRun:
                 ctx.spec.session_id,
             )
         self._ports = ctx.ports.allocate(5)
-        return ConnectionInfo.on_ports(self._ports, ctx.key)
+        return self._encrypted(ConnectionInfo.on_ports(self._ports, ctx.key))
+
+    def _encrypted(self, info: ConnectionInfo) -> ConnectionInfo:
+        """`info` with a fresh CurveZMQ key pair when the kernelspec says the kernel takes one."""
+        launcher = self._ctx.spec.launcher
+        if not (isinstance(launcher, LocalLauncher) and launcher.curve):
+            return info
+        keys = CurveKeys.new()
+        return attrs.evolve(info, curve_publickey=keys.public, curve_secretkey=keys.secret)
 
     def _launch_failed(self, reason: str) -> None:
         out = Outbox()
@@ -411,6 +503,14 @@ class KernelRun:
                 output="".join(self._startup_output),
             )
         self._connection = connection
+        if self.remote is not None:
+            self.remote.announced(self._registration.announced)
+            # Its address, for a person reading the log (ports change with every start).
+            logger.info(
+                "session %s: the kernel registered from %s",
+                self._ctx.spec.session_id,
+                connection.ip,
+            )
         out = Outbox()
         self._ctx.state.registered(self._ctx.spec.session_id, connection, out)
         self.publish(out)
@@ -460,6 +560,12 @@ class KernelRun:
                 readers.start_soon(kernel_process.read_lines, process.stderr, "stderr", self._line)
             self.exit_code = await process.wait()
             readers.cancel_scope.deadline = trio.current_time() + OUTPUT_DRAIN_SECONDS
+        self.cancel_scope.cancel()
+
+    async def _watch_remote(self, remote: RemoteKernel) -> None:
+        """Follow a remote kernel until it ends, then end the run."""
+        await remote.run()
+        self.exit_code = remote.exit_code
         self.cancel_scope.cancel()
 
     async def _watch_readopted(self, identity: ProcessIdentity) -> None:
@@ -588,7 +694,13 @@ class KernelRun:
     async def _reap(self) -> None:
         """Make sure the kernel's process group is gone, then release everything of the run."""
         process = self.process
-        if process is not None:
+        if self.remote is not None:
+            await self.remote.stop()
+            self.exit_code = self.remote.exit_code
+            assert self.exit_code is not None
+            reason = self.remote.reason or "the remote kernel ended"
+            logger.info("session %s: %s", self._ctx.spec.session_id, reason)
+        elif process is not None:
             kernel_process.kill_group(process.pid)
             if process.returncode is None:
                 # It may have left its process group; the group kill would then miss it.
@@ -618,6 +730,8 @@ class KernelRun:
         self._release()
         if process is not None:
             await self._ctx.footprint.kernel_exited(process.pid)
+        elif self.remote is not None and self.remote.pid is not None:
+            await self._ctx.footprint.kernel_exited(self.remote.pid)
         out = Outbox()
         self._ctx.state.exited(self.exit_code, reason, out)
         self.publish(out)
@@ -641,7 +755,7 @@ class KernelRun:
     def kill(self) -> bool:
         """SIGKILL the kernel's process group (an adopted kernel: end the run); False if the
         process was not found."""
-        if self.process is None and self._identity is None:
+        if self.process is None and self._identity is None and self.remote is None:
             self.cancel_scope.cancel()
             return True
         return self.signal(signal.SIGKILL)
@@ -649,6 +763,8 @@ class KernelRun:
     def signal(self, signum: int) -> bool:
         """Signal the kernel's process group; False if there is no process of ours to signal
         (a re-adopted kernel's pid is only trusted while its start time is the recorded one)."""
+        if self.remote is not None:
+            return self.remote.signal(signum)
         if self.process is not None:
             return kernel_process.signal_group(self.process.pid, signum)
         identity = self._identity

@@ -190,6 +190,12 @@ class KernelSession:
         return run.process_id if run is not None else None
 
     @property
+    def location(self) -> dict[str, object] | None:
+        """Where a remote kernel runs (launcher, host, job id, pid); None for a local one."""
+        run = self._running_run()
+        return run.location if run is not None else None
+
+    @property
     def is_running(self) -> bool:
         """A kernel run exists (it may still be starting)."""
         return self._state.running

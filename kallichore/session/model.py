@@ -14,6 +14,7 @@ import attrs
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.kernelspec import KernelSpec
 from kallichore.jupyter.wire import PROTOCOL_VERSION
+from kallichore.session.launch.options import LauncherOptions, LocalLauncher, parse_launcher
 
 KernelTransport = Literal["ipc", "tcp"]
 
@@ -184,6 +185,9 @@ class SessionSpec:
     kernel_id: str = attrs.field(factory=lambda: str(uuid.uuid4()), converter=validate_kernel_id)
     # The kernelspec it was started from, by name, when it was (the Jupyter API's `name`).
     kernel_name: str = ""
+    # What starts the kernel, and where: a local child process unless the request or the
+    # kernelspec's `metadata.kallichore` block names another launcher.
+    launcher: LauncherOptions = attrs.field(factory=LocalLauncher)
 
     @classmethod
     def from_kernelspec(cls, session_id: str, kernelspec: KernelSpec, **fields: Any) -> SessionSpec:
@@ -193,10 +197,15 @@ class SessionSpec:
         interpreter, so a supervisor started from a virtualenv gets that virtualenv's kernel.
         The kernelspec's `kernel_protocol_version` is not copied: ipykernel 7 declares 5.5 but
         does not perform the JEP 66 handshake that 5.5 asks for, so kernels get a classic
-        connection file unless `protocol_version` is given.
+        connection file unless `protocol_version` is given. A kernel launched on another
+        machine keeps its argv's `python`: our interpreter's path means nothing there.
         """
         argv = list(kernelspec.argv)
-        if argv[0] in _PYTHON_NAMES:
+        block = kernelspec.metadata.get("kallichore")
+        launcher = fields.get("launcher") or (
+            LocalLauncher() if block is None else parse_launcher(block)
+        )
+        if argv[0] in _PYTHON_NAMES and isinstance(launcher, LocalLauncher):
             argv[0] = sys.executable
         resource_dir = str(kernelspec.resource_dir or "")
         argv = [arg.replace("{resource_dir}", resource_dir) for arg in argv]
@@ -210,6 +219,7 @@ class SessionSpec:
             "language": kernelspec.language,
             "env": env,
             "interrupt_mode": InterruptMode(kernelspec.interrupt_mode),
+            "launcher": launcher,
         }
         return cls(session_id=session_id, argv=argv, **(defaults | fields))
 

@@ -19,6 +19,14 @@ import cattrs
 
 from kallichore.errors import KallichoreError
 from kallichore.jupyter.connection import ConnectionInfo
+from kallichore.session.launch.options import (
+    LauncherOptions,
+    LocalLauncher,
+    SlurmLauncher,
+    SshLauncher,
+    launcher_block,
+    parse_launcher,
+)
 from kallichore.session.model import SessionSpec, Status
 
 # Bumped when a field changes meaning; a record of another format is skipped, not guessed at.
@@ -59,6 +67,11 @@ def _converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
     converter.register_unstructure_hook(ConnectionInfo, ConnectionInfo.to_dict)
     converter.register_structure_hook(ConnectionInfo, lambda data, _: _connection(data))
+    for kind in (LocalLauncher, SshLauncher, SlurmLauncher):
+        converter.register_unstructure_hook(kind, launcher_block)
+    converter.register_structure_hook_func(
+        lambda cls: cls == LauncherOptions, lambda data, _: parse_launcher(data)
+    )
     return converter
 
 

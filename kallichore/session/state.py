@@ -177,6 +177,11 @@ class SessionState:
         self._begin_run()
         self._set_status(Status.STARTING, "start API called", out)
 
+    def waiting(self, reason: str, out: Outbox) -> None:
+        """The kernel is not started yet for `reason` (a cluster job waiting in its queue)."""
+        if self._status is Status.STARTING:
+            out.events.append(StatusEvent(Status.STARTING, reason))
+
     def adopting(self, connection: ConnectionInfo) -> None:
         """A kernel somebody else started is being taken over."""
         self._begin_run()

@@ -1,0 +1,311 @@
+"""Kernels on another machine: the `ssh` launcher against a real sshd on loopback, and the
+`slurm` launcher on a real single-node Slurm cluster (tests/remote_hosts.py), through the
+real server, with real ipykernel processes.
+
+Each launcher: start, `print(6*7)` with its ZeroMQ traffic captured on loopback (encrypted: the
+code's text is not in it), an interrupt of `time.sleep(60)`, a restart, a kill (the remote
+process or job gone afterwards), and a kernel ended out of band (`kill` on the host, `scancel`)
+reported `exited` with the reason. Then the Jupyter API on a remote kernel, and a dropped ssh
+connection that the daemon reconnects without losing the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psutil
+import pytest
+import trio
+
+from kallichore.client import ApiError, KallichoreClient, StatusChanged
+from kallichore.session.launch.options import parse_launcher
+from kallichore.supervisor import open_supervisor
+from tests.conftest import (
+    IPYKERNEL_ARGV,
+    TIMEOUT,
+    TOKEN,
+    ipykernel_spec,
+    new_session_body,
+    serve,
+    supervisor_config,
+)
+from tests.loopback_capture import capture_loopback
+from tests.remote_hosts import SlurmCluster, SshHost
+
+# In the code and in its output: neither may cross loopback in plaintext.
+PROBE = "kallichore" + "-plaintext-probe"
+CODE = f"probe = {PROBE!r}\nprint(6*7, probe[::-1])"
+
+
+@attrs.frozen
+class Remote:
+    """A launcher under test: its block, and how to tell (and make) its kernel gone."""
+
+    name: str
+    block: dict[str, Any]
+    # Whether what the session's `launcher` details name still runs.
+    running: Callable[[dict[str, Any]], bool]
+    # End the kernel out of band (as its host's or cluster's owner would); the reason's words.
+    end_out_of_band: Callable[[dict[str, Any]], None]
+    ended_because: str
+
+
+def ssh_remote(host: SshHost) -> Remote:
+    def kill_on_host(details: dict[str, Any]) -> None:
+        os.kill(details["pid"], signal.SIGKILL)
+
+    return Remote(
+        name="ssh",
+        block={"launcher": "ssh", "host": host.destination, "ssh_args": list(host.options)},
+        running=lambda details: psutil.pid_exists(details["pid"]),
+        end_out_of_band=kill_on_host,
+        ended_because="killed by SIGKILL",
+    )
+
+
+def slurm_remote(cluster: SlurmCluster) -> Remote:
+    def cancel(details: dict[str, Any]) -> None:
+        cluster.run("scancel", details["job_id"])
+
+    return Remote(
+        name="slurm",
+        block={"launcher": "slurm", "partition": cluster.partition, "time": "00:10:00"},
+        running=lambda details: details["job_id"] in cluster.active_jobs(),
+        end_out_of_band=cancel,
+        ended_because="was cancelled",
+    )
+
+
+@pytest.fixture(params=["ssh", "slurm"])
+def remote(request: pytest.FixtureRequest) -> Remote:
+    if request.param == "ssh":
+        return ssh_remote(request.getfixturevalue("ssh_host"))
+    return slurm_remote(request.getfixturevalue("slurm_cluster"))
+
+
+@pytest.fixture
+async def client(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[KallichoreClient]:
+    async with open_supervisor(supervisor_config(tmp_path / "runtime")) as supervisor:
+        running = await serve(supervisor, nursery)
+        async with KallichoreClient(running.url, token=TOKEN, timeout=TIMEOUT) as client:
+            yield client
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    """Wait until `check()` holds (a hang guard, not a timing assumption)."""
+    with trio.fail_after(TIMEOUT):
+        while not check():
+            await trio.sleep(0.1)
+
+
+async def status_of(client: KallichoreClient, session_id: str) -> str:
+    details = await client.get_session(session_id)
+    status: str = details["status"]
+    return status
+
+
+async def test_a_remote_kernel_from_start_to_kill(client: KallichoreClient, remote: Remote) -> None:
+    sid = f"remote-{remote.name}"
+    await client.create_session(
+        **new_session_body(sid, interrupt_mode="signal", launcher=remote.block)
+    )
+    await client.start(sid)
+    details = (await client.get_session(sid))["launcher"]
+    assert details["launcher"] == remote.name
+    assert remote.running(details)
+
+    # Executed with its ZeroMQ traffic captured: encrypted, so the probe is not in it.
+    info = await client.connection_info(sid)
+    kernel_ports = [info.shell_port, info.iopub_port, info.control_port, info.stdin_port]
+    with capture_loopback() as capture:
+        outcome = await client.execute(sid, CODE)
+    assert outcome["status"] == "ok"
+    assert outcome["output"][0]["text"] == f"42 {PROBE[::-1]}\n"
+    kernel_traffic = capture.payload(ports=kernel_ports)
+    assert len(kernel_traffic) > 200  # the execution's messages went through those ports
+    assert PROBE.encode() not in kernel_traffic
+    assert PROBE[::-1].encode() not in kernel_traffic
+
+    # An interrupt reaches the remote kernel.
+    async with trio.open_nursery() as nursery:
+        outcomes: list[dict[str, Any]] = []
+
+        async def sleep_long() -> None:
+            outcomes.append(await client.execute(sid, "import time; time.sleep(60)"))
+
+        nursery.start_soon(sleep_long)
+        await eventually_async(lambda: status_is(client, sid, "busy"))
+        await client.interrupt(sid)
+    assert outcomes[0]["status"] == "error"
+    assert outcomes[0]["error_name"] == "KeyboardInterrupt"
+
+    # A restart is a new remote kernel (a new job); the old one is gone.
+    await client.restart(sid)
+    await eventually_async(lambda: status_is(client, sid, "idle"))
+    restarted = (await client.get_session(sid))["launcher"]
+    assert restarted != details
+    await eventually(lambda: not remote.running(details))
+    outcome = await client.execute(sid, "print(6*7)")
+    assert outcome["output"][0]["text"] == "42\n"
+
+    # A kill ends it, and nothing is left where it ran.
+    await client.kill(sid)
+    assert await status_of(client, sid) == "exited"
+    await eventually(lambda: not remote.running(restarted))
+
+    # Ended out of band: reported exited, with the reason (a new session: its channel holds
+    # nothing of before).
+    sid = f"remote-{remote.name}-2"
+    await client.create_session(**new_session_body(sid, launcher=remote.block))
+    async with client.channels(sid) as channels:
+        await client.start(sid)
+        details = (await client.get_session(sid))["launcher"]
+        remote.end_out_of_band(details)
+        with trio.fail_after(TIMEOUT):
+            events = await channels.receive_until(
+                lambda e: isinstance(e, StatusChanged) and e.status == "exited"
+            )
+    exited = events[-1]
+    assert isinstance(exited, StatusChanged)
+    assert exited.reason is not None
+    assert remote.ended_because in exited.reason
+    await eventually(lambda: not remote.running(details))
+
+
+async def status_is(client: KallichoreClient, session_id: str, status: str) -> bool:
+    return await status_of(client, session_id) == status
+
+
+async def eventually_async(check: Callable[[], Any]) -> None:
+    """`eventually` for a check that must be awaited."""
+    with trio.fail_after(TIMEOUT):
+        while not await check():
+            await trio.sleep(0.1)
+
+
+async def test_the_jupyter_api_on_a_kernelspec_that_runs_over_ssh(
+    client: KallichoreClient, ssh_host: SshHost, isolated_home: Path
+) -> None:
+    """A kernelspec whose `metadata.kallichore` names the ssh launcher, started through the
+    Jupyter API: its v1 channels run code, and deleting the kernel ends the remote process."""
+    block = ssh_remote(ssh_host).block
+    spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / "remote-python"
+    spec_dir.mkdir(parents=True)
+    kernel_json = {
+        "argv": list(IPYKERNEL_ARGV),
+        "display_name": "Python (over ssh)",
+        "language": "python",
+        "metadata": {"kallichore": block},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json))
+    try:
+        http = client.http
+        created = (await http.post("/api/kernels", json={"name": "remote-python"})).json()
+        kernel_id = created["id"]
+        await eventually_async(lambda: status_is(client, kernel_id, "idle"))
+        details = (await client.get_session(kernel_id))["launcher"]
+        assert details["launcher"] == "ssh"
+        async with client.jupyter_channels(kernel_id) as channels:
+            with trio.fail_after(TIMEOUT):
+                assert (await channels.execute("print(6*7)")).stdout == "42\n"
+        assert (await http.delete(f"/api/kernels/{kernel_id}")).status_code == 204
+        await eventually(lambda: not psutil.pid_exists(details["pid"]))
+    finally:
+        shutil.rmtree(spec_dir)
+
+
+def ssh_clients(*words: str) -> list[psutil.Process]:
+    """Our running `ssh` children whose command line holds `words`."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            command = " ".join(child.cmdline())
+            if child.name() == "ssh" and all(word in command for word in words):
+                found.append(child)
+        except psutil.Error:  # gone, or a zombie not reaped yet
+            continue
+    return found
+
+
+async def test_a_dropped_ssh_connection_is_made_again_and_the_kernel_kept(
+    client: KallichoreClient, ssh_host: SshHost
+) -> None:
+    sid = "remote-reconnected"
+    block = ssh_remote(ssh_host).block
+    await client.create_session(**new_session_body(sid, interrupt_mode="signal", launcher=block))
+    await client.start(sid)
+    await client.execute(sid, "x = 6")
+    (first,) = ssh_clients(ssh_host.destination)
+    first.kill()
+    # The daemon reattaches to the shim over a new connection; the kernel never noticed.
+    await eventually(lambda: len(ssh_clients("attach")) == 1)
+    outcome = await client.execute(sid, "print(x * 7)")
+    assert outcome["output"][0]["text"] == "42\n"
+    assert await status_of(client, sid) == "idle"
+    # Signals travel the new connection.
+    async with trio.open_nursery() as nursery:
+        outcomes: list[dict[str, Any]] = []
+
+        async def sleep_long() -> None:
+            outcomes.append(await client.execute(sid, "import time; time.sleep(60)"))
+
+        nursery.start_soon(sleep_long)
+        await eventually_async(lambda: status_is(client, sid, "busy"))
+        await client.interrupt(sid)
+    assert outcomes[0]["error_name"] == "KeyboardInterrupt"
+    details = (await client.get_session(sid))["launcher"]
+    await client.kill(sid)
+    await eventually(lambda: not psutil.pid_exists(details["pid"]))
+    assert ssh_clients(ssh_host.destination) == []
+
+
+async def test_a_job_waiting_in_the_queue_is_shown_and_given_up_after_the_timeout(
+    client: KallichoreClient, slurm_cluster: SlurmCluster
+) -> None:
+    """A job that cannot start yet (held until later) is `starting` with the queue as the
+    reason; past the session's `connection_timeout` the start fails and the job is gone."""
+    sid = "remote-queued"
+    block = slurm_remote(slurm_cluster).block | {"extra_args": ["--begin=now+3600"]}
+    await client.create_session(**new_session_body(sid, connection_timeout=3, launcher=block))
+    async with client.channels(sid) as channels:
+        with pytest.raises(ApiError) as refused:
+            await client.start(sid)
+        with trio.fail_after(TIMEOUT):
+            events = await channels.receive_until(
+                lambda e: isinstance(e, StatusChanged) and e.status == "exited"
+            )
+    reasons = [e.reason for e in events if isinstance(e, StatusChanged) and e.reason]
+    assert any("queued, waiting for resources" in reason for reason in reasons)
+    assert "did not register within 3 seconds" in str(refused.value)
+    await eventually(lambda: slurm_cluster.active_jobs() == [])
+
+
+@pytest.mark.parametrize("curve", [True, False])
+async def test_a_local_kernel_is_encrypted_when_its_launcher_says_curve(
+    tmp_path: Path, curve: bool
+) -> None:
+    """Over loopback TCP, a local kernel whose launcher block says `curve` (ipykernel >= 7)
+    carries no plaintext; without it the same capture does see the code (the check can fail)."""
+    config = supervisor_config(tmp_path / "runtime")
+    config = attrs.evolve(config, session=attrs.evolve(config.session, kernel_transport="tcp"))
+    spec = ipykernel_spec("local-curve", launcher=parse_launcher({"curve": curve}))
+    async with open_supervisor(config) as supervisor:
+        session = await supervisor.create_session(spec)
+        await session.start()
+        info = session.connection_info
+        assert info is not None
+        assert (info.curve is not None) == curve
+        with capture_loopback() as capture:
+            outcome = await session.run_code(CODE, timeout=TIMEOUT)
+        assert outcome.output[0]["text"] == f"42 {PROBE[::-1]}\n"
+        traffic = capture.payload(ports=[info.shell_port, info.iopub_port])
+        assert (PROBE.encode() in traffic) == (not curve)
+        assert (PROBE[::-1].encode() in traffic) == (not curve)
