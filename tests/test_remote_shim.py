@@ -346,11 +346,13 @@ def test_an_attach_gets_what_the_kernel_wrote_meanwhile_and_can_kill_it(
 
     attached = Shim("attach", attach_path, env=dict(os.environ))
     shims.append(attached)
+    assert attached.stdout.event("attached") == {"event": "attached"}
     assert attached.stdout.until("two") == "two\n"
     # A second attach takes over: the daemon may see a connection die before the shim does.
     second = Shim("attach", attach_path, env=dict(os.environ))
     shims.append(second)
     assert attached.wait() == 1
+    assert second.stdout.event("attached") == {"event": "attached"}
     second.send("kill")
     assert second.stdout.event("exited") == {"event": "exited", "returncode": -9}
     assert second.wait() == 128 + 9
@@ -432,15 +434,18 @@ def test_the_outbox_drops_the_oldest_output_never_an_event_and_says_so() -> None
     ]
 
 
-def test_an_attach_gets_lines_tagged_with_their_stream_and_a_new_one_the_whole_line() -> None:
+def test_an_attach_is_greeted_then_gets_lines_tagged_and_a_new_one_the_whole_line() -> None:
     outbox = Outbox()
     outbox.put(STDERR, b"err\n")
     outbox.put(STDOUT, b"out\n")
-    outbox.restart(tagged=True)
+    outbox.restart(b"hello\n", tagged=True)
+    assert outbox.first() == (STDOUT, b"1hello\n")
+    outbox.advance(7)
     assert outbox.first() == (STDERR, b"2err\n")
     outbox.advance(2)
     assert outbox.first() == (STDERR, b"rr\n")
-    outbox.restart(tagged=True)
+    outbox.restart(b"again\n", tagged=True)
+    outbox.advance(7)
     assert outbox.first() == (STDERR, b"2err\n")
     outbox.advance(5)
     assert outbox.first() == (STDOUT, b"1out\n")

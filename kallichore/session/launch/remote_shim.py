@@ -12,7 +12,8 @@ kernel; and tells the daemon where it listens with one signed JEP 66 ``handshake
 Then it relays the kernel's output (stderr lines to stderr), reports its own events as lines
 ``EVENT_PREFIX + JSON`` on stdout, and obeys ``signal N`` and ``kill`` lines on stdin. When
 stdin ends (the connection dropped) it may keep the kernel for ``reconnect_seconds``, buffering
-its output, until ``python3 -c SOURCE attach PATH`` connects to the attach socket and takes over.
+its output, until ``python3 -c SOURCE attach PATH`` connects to the attach socket and takes over
+(the new controller's first line is an ``attached`` event).
 
 One single-threaded poll loop over pipes, sockets and a signal wake-up pipe: no thread to race
 with the kernel's exit, and every wait has a deadline. Written for Python 3.8 and later, which
@@ -117,10 +118,12 @@ class Outbox:
                 return True
         return False
 
-    def restart(self, *, tagged: bool) -> None:
-        """A new controller: it gets the first line from its start, framed as it needs."""
+    def restart(self, greeting: bytes, *, tagged: bool) -> None:
+        """A new controller: it gets `greeting`, then the first line from its start, framed as
+        it needs."""
         self._written = 0
         self._tagged = tagged
+        self._lines.appendleft((STDOUT, greeting, False))
 
     def first(self) -> tuple[int, bytes]:
         """The stream and the framed bytes to write next (the rest, if partly written)."""
@@ -497,7 +500,7 @@ class Shim:
         if self.controller is not None:
             self.controller.close()
         self.controller = Controller(connection)
-        self.outbox.restart(tagged=True)
+        self.outbox.restart(event_line(event="attached"), tagged=True)
         self.detached_deadline = None
 
     def _command_input(self, controller: Controller) -> None:
