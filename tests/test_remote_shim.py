@@ -53,7 +53,8 @@ signal.signal(signal.SIGUSR1, lambda *_: print("usr1", flush=True))
 print("\\x1ekallichore-shim " + {SPOOF!r})
 print("one", flush=True)
 go, done = sys.argv[1:3]
-while not os.path.exists(go):
+give_up = time.monotonic() + 120  # should a failed test leave it behind
+while not os.path.exists(go) and time.monotonic() < give_up:
     time.sleep(0.02)
 print("two", flush=True)
 open(done, "w").close()
@@ -209,6 +210,19 @@ def script_kernel(tmp: Path) -> list[str]:
     return [sys.executable, "-c", SCRIPT_KERNEL, str(tmp / "go"), str(tmp / "done")]
 
 
+def start_script_kernel(
+    shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path, **order: Any
+) -> tuple[Shim, dict[str, Any]]:
+    """A shim with `SCRIPT_KERNEL`, registered and started; the "kallichore" part of its
+    handshake, which matches its start event."""
+    shim = launch(shims, registration, tmp, script_kernel(tmp), **order)
+    about = register(registration)["kallichore"]
+    started = shim.stdout.event("started")
+    assert started == {"event": "started", "pid": about["pid"], "attach": about["attach"]}
+    shim.stdout.until("one")
+    return shim, about
+
+
 def assert_gone(pid: int, tmp: Path) -> None:
     """The kernel is no process any more and the shim left nothing in its TMPDIR."""
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -272,12 +286,11 @@ def test_a_kernel_registers_runs_code_over_curve_is_interrupted_and_killed(
         client.execute_interactive(code, output_hook=collect, timeout=HANG_GUARD)
         assert "".join(printed) == f"set by the order {tmp}\n"
 
-        msg_id = client.execute("import time; time.sleep(60)")
-        while not (
-            (msg := client.get_iopub_msg(timeout=HANG_GUARD))["msg_type"] == "execute_input"
-            and msg["parent_header"]["msg_id"] == msg_id
-        ):
+        # Interrupted once it runs the code: before that, ipykernel ignores SIGINT.
+        msg_id = client.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        while (msg := client.get_iopub_msg(timeout=HANG_GUARD))["msg_type"] != "stream":
             pass
+        assert msg["parent_header"]["msg_id"] == msg_id
         shim.send("signal 2")
         reply = client.get_shell_msg(timeout=HANG_GUARD)
         assert reply["parent_header"]["msg_id"] == msg_id
@@ -294,23 +307,18 @@ def test_a_kernel_registers_runs_code_over_curve_is_interrupted_and_killed(
 def test_stdin_ending_without_reconnect_kills_the_kernel(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
-    shim = launch(shims, registration, tmp, script_kernel(tmp))
-    register(registration)
-    pid = shim.stdout.event("started")["pid"]
-    shim.stdout.until("one")
+    shim, about = start_script_kernel(shims, registration, tmp)
     shim.hang_up()
     assert shim.wait() == 128 + 9
-    assert_gone(pid, tmp)
+    assert_gone(about["pid"], tmp)
 
 
 def test_the_shim_ignores_sigint_and_sighup_and_reports_the_kernel_on_sigterm(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
     """In the shim's process group (Slurm's case), `signal N` goes to the kernel itself."""
-    shim = launch(shims, registration, tmp, script_kernel(tmp), own_session=False)
-    register(registration)
-    pid = shim.stdout.event("started")["pid"]
-    shim.stdout.until("one")
+    shim, about = start_script_kernel(shims, registration, tmp, own_session=False)
+    pid = about["pid"]
     assert shim.stdout.seen[-2] == "\\x1ekallichore-shim " + SPOOF + "\n"
     assert os.getpgid(pid) == os.getpgid(shim.process.pid)
     shim.process.send_signal(signal.SIGINT)
@@ -326,12 +334,9 @@ def test_the_shim_ignores_sigint_and_sighup_and_reports_the_kernel_on_sigterm(
 def test_an_attach_gets_what_the_kernel_wrote_meanwhile_and_can_kill_it(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
-    shim = launch(shims, registration, tmp, script_kernel(tmp), reconnect_seconds=HANG_GUARD)
-    attach_path = register(registration)["kallichore"]["attach"]
-    started = shim.stdout.event("started")
-    assert started["attach"] == attach_path
+    shim, about = start_script_kernel(shims, registration, tmp, reconnect_seconds=HANG_GUARD)
+    attach_path = about["attach"]
     assert stat.S_IMODE(Path(attach_path).parent.stat().st_mode) == 0o700
-    shim.stdout.until("one")
     shim.hang_up()
     assert shim.stdout.rest()[-1] == "one\n"
     (tmp / "go").touch()
@@ -341,29 +346,28 @@ def test_an_attach_gets_what_the_kernel_wrote_meanwhile_and_can_kill_it(
 
     attached = Shim("attach", attach_path, env=dict(os.environ))
     shims.append(attached)
+    assert attached.stdout.event("attached") == {"event": "attached"}
     assert attached.stdout.until("two") == "two\n"
     # A second attach takes over: the daemon may see a connection die before the shim does.
     second = Shim("attach", attach_path, env=dict(os.environ))
     shims.append(second)
     assert attached.wait() == 1
+    assert second.stdout.event("attached") == {"event": "attached"}
     second.send("kill")
     assert second.stdout.event("exited") == {"event": "exited", "returncode": -9}
     assert second.wait() == 128 + 9
     assert shim.wait() == 128 + 9
-    assert_gone(started["pid"], tmp)
+    assert_gone(about["pid"], tmp)
 
 
 def test_without_an_attach_the_kernel_is_killed_after_the_grace_period(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
-    shim = launch(shims, registration, tmp, script_kernel(tmp), reconnect_seconds=0.2)
-    attach_path = register(registration)["kallichore"]["attach"]
-    pid = shim.stdout.event("started")["pid"]
-    shim.stdout.until("one")
+    shim, about = start_script_kernel(shims, registration, tmp, reconnect_seconds=0.2)
     shim.hang_up()
     assert shim.wait() == 128 + 9
-    assert_gone(pid, tmp)
-    attached = Shim("attach", attach_path, env=dict(os.environ))
+    assert_gone(about["pid"], tmp)
+    attached = Shim("attach", about["attach"], env=dict(os.environ))
     assert attached.wait() == 1
     assert "cannot attach" in attached.stderr.rest()[0]
 
@@ -379,14 +383,27 @@ def test_a_handshake_without_a_reply_kills_the_kernel(
     assert_gone(pid, tmp)
 
 
-def test_a_launch_order_with_a_mistake_is_named(
-    shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
+@pytest.mark.parametrize(
+    ("mistake", "said"),
+    [
+        (
+            {"key": None},
+            "invalid launch order: 'key' in the launch order has the wrong type",
+        ),
+        (
+            {"argv": ["/nonexistent/kernel"]},
+            "cannot start the kernel: [Errno 2] No such file or directory: '/nonexistent/kernel'",
+        ),
+    ],
+)
+def test_a_kernel_that_cannot_start_is_explained(
+    shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path, mistake: Any, said: str
 ) -> None:
-    shim = launch(shims, registration, tmp, [], key=None)
+    order = {"argv": IPYKERNEL_ARGV, **mistake}
+    shim = launch(shims, registration, tmp, **order)
     assert shim.wait() == 1
-    assert shim.stderr.rest() == [
-        "kallichore-shim: invalid launch order: 'key' in the launch order has the wrong type\n"
-    ]
+    assert shim.stderr.rest() == [f"kallichore-shim: {said}\n"]
+    assert shim.stdout.rest() == []
     assert list(tmp.iterdir()) == []
 
 
@@ -415,6 +432,23 @@ def test_the_outbox_drops_the_oldest_output_never_an_event_and_says_so() -> None
         (STDERR, b"kallichore-shim: 12 bytes of kernel output dropped\n"),
         (STDOUT, b"three\n"),
     ]
+
+
+def test_an_attach_is_greeted_then_gets_lines_tagged_and_a_new_one_the_whole_line() -> None:
+    outbox = Outbox()
+    outbox.put(STDERR, b"err\n")
+    outbox.put(STDOUT, b"out\n")
+    outbox.restart(b"hello\n", tagged=True)
+    assert outbox.first() == (STDOUT, b"1hello\n")
+    outbox.advance(7)
+    assert outbox.first() == (STDERR, b"2err\n")
+    outbox.advance(2)
+    assert outbox.first() == (STDERR, b"rr\n")
+    outbox.restart(b"again\n", tagged=True)
+    outbox.advance(7)
+    assert outbox.first() == (STDERR, b"2err\n")
+    outbox.advance(5)
+    assert outbox.first() == (STDOUT, b"1out\n")
 
 
 def test_the_source_is_python_3_8() -> None:

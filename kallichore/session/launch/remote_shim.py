@@ -12,7 +12,8 @@ kernel; and tells the daemon where it listens with one signed JEP 66 ``handshake
 Then it relays the kernel's output (stderr lines to stderr), reports its own events as lines
 ``EVENT_PREFIX + JSON`` on stdout, and obeys ``signal N`` and ``kill`` lines on stdin. When
 stdin ends (the connection dropped) it may keep the kernel for ``reconnect_seconds``, buffering
-its output, until ``python3 -c SOURCE attach PATH`` connects to the attach socket and takes over.
+its output, until ``python3 -c SOURCE attach PATH`` connects to the attach socket and takes over
+(the new controller's first line is an ``attached`` event).
 
 One single-threaded poll loop over pipes, sockets and a signal wake-up pipe: no thread to race
 with the kernel's exit, and every wait has a deadline. Written for Python 3.8 and later, which
@@ -105,21 +106,25 @@ class Outbox:
         self._lines.append((stream, line, droppable))
         if droppable:
             self._droppable_bytes += len(line)
-        while self._droppable_bytes > self._limit:
-            self._drop_oldest()
+        while self._droppable_bytes > self._limit and self._drop_oldest():
+            pass
 
-    def _drop_oldest(self) -> None:
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest line that may go; False if none may."""
         for index, (_, line, droppable) in enumerate(self._lines):
             if droppable and not (index == 0 and self._written):
                 del self._lines[index]
                 self._droppable_bytes -= len(line)
                 self._dropped += len(line)
-                return
+                return True
+        return False
 
-    def restart(self, *, tagged: bool) -> None:
-        """A new controller: it gets the first line from its start, framed as it needs."""
+    def restart(self, greeting: bytes, *, tagged: bool) -> None:
+        """A new controller: it gets `greeting`, then the first line from its start, framed as
+        it needs."""
         self._written = 0
         self._tagged = tagged
+        self._lines.appendleft((STDOUT, greeting, False))
 
     def first(self) -> tuple[int, bytes]:
         """The stream and the framed bytes to write next (the rest, if partly written)."""
@@ -173,7 +178,11 @@ class Controller:
 
 
 class Order:
-    """The launch order from stdin, checked field by field so that a mistake is named."""
+    """The launch order from stdin, checked field by field so that a mistake is named.
+
+    Besides the fields the launchers send, `handshake_seconds` (default 60) bounds the wait for
+    the daemon's handshake reply.
+    """
 
     def __init__(self, raw: Any) -> None:
         if not isinstance(raw, dict):
@@ -356,13 +365,13 @@ class Shim:
             "ip": ip,
             "transport": "tcp",
             "signature_scheme": order.signature_scheme,
-            "kernel_name": "",
             **kernel_secrets,
         }
         path = os.path.join(self.kernel_dir, "kernel.json")
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
             json.dump(info, file)
         attach_path = self._listen() if order.reconnect_seconds > 0 else None
+        # ipykernel exits when its parent, the shim, is gone, even by SIGKILL: nothing orphaned.
         env = {**os.environ, **order.env, "JPY_PARENT_PID": str(os.getpid())}
         self.kernel = subprocess.Popen(
             [arg.replace("{connection_file}", path) for arg in order.argv],
@@ -519,7 +528,7 @@ class Shim:
         if self.controller is not None:
             self.controller.close()
         self.controller = Controller(connection)
-        self.outbox.restart(tagged=True)
+        self.outbox.restart(event_line(event="attached"), tagged=True)
         self.detached_deadline = None
 
     def _command_input(self, controller: Controller) -> None:
@@ -687,7 +696,6 @@ def launch() -> int:
         try:
             shim.start()
         except (OSError, ValueError, zmq.ZMQError) as error:
-            shim.signal_kernel(signal.SIGKILL)
             if shim.kernel is None:
                 print(f"kallichore-shim: cannot start the kernel: {error}", file=sys.stderr)
                 return FAILED
