@@ -1,8 +1,8 @@
 """The remote shim run as the launchers run it: `python -c SOURCE`, a real local subprocess.
 
-A plain pyzmq REP socket stands in for the daemon's registration socket and checks the shim's
-handshake with our own wire module; one real ipykernel is reached with jupyter_client over
-CurveZMQ; the other kernels are small Python scripts, which are all the shim needs to prove
+A plain pyzmq REP socket (a CurveZMQ server, as the daemon's is) stands in for the daemon's
+registration socket and checks the shim's handshake with our own wire module; one real
+ipykernel is reached with jupyter_client over CurveZMQ; the other kernels are small Python scripts, which are all the shim needs to prove
 signals, kills, detaching and attaching. Timeouts only turn a hang into a failure.
 """
 
@@ -28,7 +28,6 @@ import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
-from kallichore.jupyter.connection import new_key
 from kallichore.jupyter.wire import Message, Signer, deserialize, serialize
 from kallichore.session.launch.remote_shim import (
     EVENT_PREFIX,
@@ -38,10 +37,12 @@ from kallichore.session.launch.remote_shim import (
     STDOUT,
     Lines,
     Outbox,
+    request_digest,
 )
 
 HANG_GUARD = 60  # seconds
-KEY = new_key()
+# The registration socket's CurveZMQ key pair (the launch order carries the public key).
+REGISTRATION_PUBLIC, REGISTRATION_SECRET = zmq.curve_keypair()
 IPYKERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 # A stand-in kernel: prints a line that looks like the shim's exit event, and "one"; then "two"
 # once the file it is given appears (so the test knows "two" came while the shim had no
@@ -136,9 +137,11 @@ def ctx() -> Iterator[Context]:
 
 @pytest.fixture
 def registration(ctx: Context) -> Iterator[zmq.Socket[bytes]]:
-    """The daemon's side of JEP 66: a REP socket on a free loopback port."""
+    """The daemon's side of JEP 66: a REP socket on a free loopback port, encrypted."""
     with ctx.socket(zmq.REP) as sock:
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, REGISTRATION_SECRET)
         sock.setsockopt(zmq.RCVTIMEO, HANG_GUARD * 1000)
         sock.bind("tcp://127.0.0.1:0")
         yield sock
@@ -180,11 +183,9 @@ def launch(
                 "argv": argv,
                 "env": {"KALLICHORE_TEST": "set by the order"},
                 "cwd": str(tmp),
-                "key": KEY,
                 "signature_scheme": "hmac-sha256",
-                "curve_publickey": None,
-                "curve_secretkey": None,
                 "registration": endpoint,
+                "registration_publickey": REGISTRATION_PUBLIC.decode(),
                 "own_session": True,
                 "reconnect_seconds": 0,
                 **order,
@@ -195,15 +196,18 @@ def launch(
 
 
 def register(registration: zmq.Socket[bytes]) -> dict[str, Any]:
-    """Take the shim's handshake_request, check its signature, answer it; its content."""
-    signer = Signer(KEY.encode())
-    _, request = deserialize(registration.recv_multipart(), signer)
+    """Take the shim's handshake_request, check its signature with the key it brings, answer
+    it; its content, with the digest it is vouched for by under "digest"."""
+    frames = registration.recv_multipart()
+    key = json.loads(frames[-1])["key"]
+    signer = Signer(key.encode())
+    _, request = deserialize(frames, signer)
     assert request.msg_type == "handshake_request"
     reply = Message.build(
         "handshake_reply", {"status": "ok"}, session="test", parent=request.header
     )
     registration.send_multipart(serialize(reply, signer))
-    return request.content
+    return {**request.content, "digest": request_digest(frames)}
 
 
 def script_kernel(tmp: Path) -> list[str]:
@@ -232,13 +236,21 @@ def assert_gone(pid: int, tmp: Path) -> None:
 def test_a_kernel_registers_runs_code_over_curve_is_interrupted_and_killed(
     shims: list[Shim], registration: zmq.Socket[bytes], tmp: Path
 ) -> None:
-    public, secret = (key.decode() for key in zmq.curve_keypair())
-    shim = launch(
-        shims, registration, tmp, IPYKERNEL_ARGV, curve_publickey=public, curve_secretkey=secret
-    )
+    shim = launch(shims, registration, tmp, IPYKERNEL_ARGV)
     content = register(registration)
     started = shim.stdout.event("started")
     assert started == {"event": "started", "pid": started["pid"], "attach": None}
+    # The request came encrypted, with the secrets the shim made for the kernel, and the shim
+    # vouched for it on its own output.
+    assert shim.stdout.event("registering") == {
+        "event": "registering",
+        "digest": content.pop("digest"),
+    }
+    secrets = {name: content.pop(name) for name in ("key", "curve_publickey", "curve_secretkey")}
+    assert len(secrets["key"]) == 32
+    assert zmq.curve_public(secrets["curve_secretkey"].encode()) == (
+        secrets["curve_publickey"].encode()
+    )
     ports = {name: content.pop(name) for name in list(content) if name.endswith("_port")}
     assert sorted(ports) == ["control_port", "hb_port", "iopub_port", "shell_port", "stdin_port"]
     assert len(set(ports.values())) == 5
@@ -256,12 +268,10 @@ def test_a_kernel_registers_runs_code_over_curve_is_interrupted_and_killed(
     assert stat.S_IMODE(kernel_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(connection_file.stat().st_mode) == 0o600
     written = json.loads(connection_file.read_text())
-    assert written["curve_secretkey"] == secret
-    assert written["key"] == KEY
+    assert {name: written[name] for name in secrets} == secrets
 
-    # What the daemon knows: the ports from the handshake, the keys it sent.
-    info = {**ports, "ip": content["ip"], "key": KEY, "transport": "tcp"}
-    info.update(curve_publickey=public, curve_secretkey=secret)
+    # What the daemon knows: the ports and the secrets from the handshake.
+    info = {**ports, "ip": content["ip"], "transport": "tcp", **secrets}
     client = BlockingKernelClient()
     client.load_connection_info(cast(KernelConnectionInfo, info))
     client.start_channels()
@@ -387,8 +397,8 @@ def test_a_handshake_without_a_reply_kills_the_kernel(
     ("mistake", "said"),
     [
         (
-            {"key": None},
-            "invalid launch order: 'key' in the launch order has the wrong type",
+            {"registration_publickey": None},
+            "invalid launch order: 'registration_publickey' in the launch order has the wrong type",
         ),
         (
             {"argv": ["/nonexistent/kernel"]},
