@@ -2,8 +2,9 @@
 
 A plain pyzmq REP socket (a CurveZMQ server, as the daemon's is) stands in for the daemon's
 registration socket and checks the shim's handshake with our own wire module; one real
-ipykernel is reached with jupyter_client over CurveZMQ; the other kernels are small Python scripts, which are all the shim needs to prove
-signals, kills, detaching and attaching. Timeouts only turn a hang into a failure.
+ipykernel is reached with jupyter_client over CurveZMQ; the other kernels are small Python
+scripts, which are all the shim needs to prove signals, kills, detaching and attaching.
+Timeouts only turn a hang into a failure.
 """
 
 from __future__ import annotations
