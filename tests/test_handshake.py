@@ -28,7 +28,13 @@ from jupyter_client.session import Session
 
 from kallichore.jupyter.connection import ConnectionInfo, new_key
 from kallichore.jupyter.wire import DELIMITER, Signer, deserialize
-from kallichore.session.handshake import HandshakeError, Registration, wants_handshake
+from kallichore.session.handshake import (
+    HandshakeError,
+    Registration,
+    RemoteRegistration,
+    wants_handshake,
+)
+from kallichore.session.launch.remote_shim import request_digest
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -369,3 +375,56 @@ async def test_launcher_exits_when_the_handshake_is_rejected(ctx: Context, tmp_p
             await stop(process)
     assert "jep66_launcher: the supervisor rejected the handshake" in log.read_text()
     assert psutil.Process().children(recursive=True) == []
+
+
+def curve_kernel(
+    ctx: Context, registration: RemoteRegistration, frames: list[bytes]
+) -> list[bytes]:
+    """`fake_kernel` as our remote shim sends: a CurveZMQ client of the registration."""
+    with ctx.socket(zmq.REQ) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, PEER_TIMEOUT_MS)
+        sock.curve_serverkey = registration.public_key.encode()
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.connect(registration.url)
+        sock.send_multipart(frames)
+        return sock.recv_multipart()
+
+
+async def test_a_remote_registration_takes_only_the_request_its_shim_vouched_for(
+    ctx: Context,
+) -> None:
+    """Anybody who can reach the socket (and read the order, which names its public key) can
+    send a well-signed request with a key of their own: refused, and the registration goes on
+    waiting for the one whose digest the launcher's output vouched for."""
+    kernel_secrets = {"key": new_key(), "ip": "127.0.0.1"}
+    public, secret = (key.decode() for key in zmq.curve_keypair())
+    kernel_secrets |= {"curve_publickey": public, "curve_secretkey": secret}
+    _, ours = request_frames(content={**VALID_CONTENT, **kernel_secrets}, key=kernel_secrets["key"])
+    stranger_key = new_key()
+    _, stranger = request_frames(
+        content={**VALID_CONTENT, "key": stranger_key, "ip": "127.0.0.1"}, key=stranger_key
+    )
+    vouched_for = {request_digest(ours)}
+
+    async def vouched(digest: str) -> bool:
+        return digest in vouched_for
+
+    with RemoteRegistration(ctx, "127.0.0.1") as registration:
+        with trio.fail_after(HANG_GUARD):
+            async with trio.open_nursery() as nursery:
+                infos: list[ConnectionInfo] = []
+
+                async def daemon_side() -> None:
+                    infos.append(await registration.wait_vouched(vouched))
+
+                nursery.start_soon(daemon_side)
+                refused = await trio.to_thread.run_sync(curve_kernel, ctx, registration, stranger)
+                assert "no launcher of ours vouched" in error_reason(refused)
+                reply = await trio.to_thread.run_sync(curve_kernel, ctx, registration, ours)
+    _, answer = deserialize(reply, Signer(kernel_secrets["key"].encode()))
+    assert answer.msg_type == "handshake_reply"
+    [info] = infos
+    assert info.key == kernel_secrets["key"]
+    assert info.curve_secretkey == secret
+    assert info.shell_port == PORTS["shell_port"]

@@ -117,13 +117,21 @@ async def test_a_remote_kernel_from_start_to_kill(client: KallichoreClient, remo
     await client.create_session(
         **new_session_body(sid, interrupt_mode="signal", launcher=remote.block)
     )
-    await client.start(sid)
+    # Started with the loopback captured: what the launcher carries (srun forwards stdin and
+    # output unencrypted) holds none of the kernel's secrets.
+    with capture_loopback() as start:
+        await client.start(sid)
     details = (await client.get_session(sid))["launcher"]
     assert details["launcher"] == remote.name
     assert remote.running(details)
+    info = await client.connection_info(sid)
+    assert info.curve_secretkey is not None
+    seen = start.payload()
+    assert len(seen) > 1000  # the start's traffic is there
+    assert info.key.encode() not in seen
+    assert info.curve_secretkey.encode() not in seen
 
     # Executed with its ZeroMQ traffic captured: encrypted, so the probe is not in it.
-    info = await client.connection_info(sid)
     kernel_ports = [info.shell_port, info.iopub_port, info.control_port, info.stdin_port]
     with capture_loopback() as capture:
         outcome = await client.execute(sid, CODE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import trio
 import zmq
@@ -189,7 +189,7 @@ class Registration:
         """Close the socket, without waiting for anything. Idempotent."""
         self._socket.close()
 
-    def __enter__(self) -> Registration:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
