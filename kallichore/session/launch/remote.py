@@ -250,8 +250,6 @@ class RemoteKernel:
             logger.info("%s kernel: reconnected", self.plan.name)
         elif event.get("event") == "exited" and isinstance(event.get("returncode"), int):
             self.exit_code = event["returncode"]
-        elif event.get("event") == "note" and isinstance(event.get("text"), str):
-            self._on_line("stderr", event["text"] + "\n")
 
     async def _reattach(self, returncode: int) -> int:
         """Connect to the shim again while its reconnect window is open, and relay until the
