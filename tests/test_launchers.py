@@ -317,3 +317,34 @@ async def test_a_local_kernel_is_encrypted_when_its_launcher_says_curve(
         traffic = capture.payload(ports=[info.shell_port, info.iopub_port])
         assert (PROBE.encode() in traffic) == (not curve)
         assert (PROBE[::-1].encode() in traffic) == (not curve)
+
+
+async def test_a_misshapen_launcher_is_a_400_and_a_remote_argv_not_looked_for_here(
+    client: KallichoreClient, isolated_home: Path
+) -> None:
+    """A launcher named by something other than a string is the request's fault (400 naming
+    the launcher), in a request and in a kernelspec; and the program of a kernel that runs on
+    another machine need not exist on this one."""
+    http = client.http
+    body = new_session_body("wrong-shape", launcher={"launcher": ["ssh"]})
+    refused = await http.put("/sessions", json=body)
+    assert refused.status_code == 400
+    assert "invalid launcher: unknown launcher ['ssh']" in refused.text
+    spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / "wrong-shape"
+    spec_dir.mkdir(parents=True)
+    kernel_json = {
+        "argv": list(IPYKERNEL_ARGV),
+        "display_name": "Python (wrong launcher)",
+        "language": "python",
+        "metadata": {"kallichore": {"launcher": {"slurm": True}}},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json))
+    try:
+        refused = await http.post("/api/kernels", json={"name": "wrong-shape"})
+        assert refused.status_code == 400
+        assert "invalid launcher: unknown launcher" in refused.text
+    finally:
+        shutil.rmtree(spec_dir)
+    remote_argv = ["/opt/only-on-the-cluster/bin/python", "-m", "ipykernel_launcher"]
+    body = new_session_body("remote-argv", argv=remote_argv, launcher={"launcher": "slurm"})
+    assert (await http.put("/sessions", json=body)).status_code == 200

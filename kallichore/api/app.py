@@ -69,7 +69,7 @@ from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.session.kernel_session import KernelSession
-from kallichore.session.launch.options import LocalLauncher
+from kallichore.session.launch.options import LauncherOptions, LocalLauncher
 from kallichore.session.model import SessionSpec, Status
 from kallichore.supervisor import Supervisor
 
@@ -190,9 +190,10 @@ def _socket_path(session: KernelSession, sockets: ChannelSockets | None) -> str 
     return str(path) if path else None
 
 
-def argv_problem(argv: list[str]) -> str | None:
-    """Kallichore checks at creation that the kernel program exists."""
-    if not argv:
+def argv_problem(argv: list[str], launcher: LauncherOptions) -> str | None:
+    """Kallichore checks at creation that the kernel program exists; here, that is, unless
+    the launcher runs it on another machine."""
+    if not argv or not isinstance(launcher, LocalLauncher):
         return None
     program = argv[0]
     if os.path.isabs(program):
@@ -303,7 +304,7 @@ async def new_session(api: KallichoreApi, body: NewSession) -> NewSessionReply:
     spec = body.to_spec()
     if body.kernel_name is not None:
         spec = launching_kernelspec(spec, body.kernel_name)
-    elif problem := argv_problem(body.argv):
+    elif problem := argv_problem(body.argv, spec.launcher):
         raise KallichoreError(ErrorCode.KERNEL_PATH_NOT_FOUND, problem)
     session = await api.supervisor.create_session(spec)
     return NewSessionReply(session.session_id)

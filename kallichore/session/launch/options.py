@@ -143,7 +143,7 @@ def parse_launcher(block: object) -> LauncherOptions:
     if not isinstance(block, Mapping):
         raise _invalid("it must be an object")
     kind = block.get("launcher", "local")
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise _invalid(f"unknown launcher {kind!r}; one of {', '.join(_KINDS)}")
     cls = _KINDS[kind]
     known = {field.name for field in attrs.fields(cls)}
