@@ -348,3 +348,28 @@ async def test_a_misshapen_launcher_is_a_400_and_a_remote_argv_not_looked_for_he
     remote_argv = ["/opt/only-on-the-cluster/bin/python", "-m", "ipykernel_launcher"]
     body = new_session_body("remote-argv", argv=remote_argv, launcher={"launcher": "slurm"})
     assert (await http.put("/sessions", json=body)).status_code == 200
+
+
+def without_config_file(options: tuple[str, ...]) -> list[str]:
+    """ssh options with their `-F /dev/null` left out."""
+    at = options.index("-F")
+    return [*options[:at], *options[at + 2 :]]
+
+
+async def test_an_ssh_config_host_is_reached_by_its_host_name(
+    client: KallichoreClient, ssh_host: SshHost, tmp_path: Path
+) -> None:
+    """`host` may be a Host of an ssh_config: our address is found towards its HostName."""
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host kallichore-alias\n  HostName {ssh_host.host}\n")
+    block = {
+        "launcher": "ssh",
+        "host": f"{ssh_host.user}@kallichore-alias",
+        "ssh_args": ["-F", str(config), *without_config_file(ssh_host.options)],
+    }
+    sid = "remote-alias"
+    await client.create_session(**new_session_body(sid, launcher=block))
+    await client.start(sid)
+    details = (await client.get_session(sid))["launcher"]
+    await client.kill(sid)
+    await eventually(lambda: not psutil.pid_exists(details["pid"]))

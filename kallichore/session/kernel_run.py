@@ -360,7 +360,7 @@ class KernelRun:
             else SlurmPlan(options, spec.session_id)
         )
         try:
-            registration = RemoteRegistration(ctx.context, plan.registration_ip())
+            registration = RemoteRegistration(ctx.context, await plan.registration_ip())
             self._registration = registration
             order = {
                 "argv": list(spec.argv),

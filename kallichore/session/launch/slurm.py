@@ -61,7 +61,7 @@ class SlurmPlan:
     def __attrs_post_init__(self) -> None:
         self.job_name = f"kallichore-{self.session_id}-{secrets.token_hex(4)}"
 
-    def registration_ip(self) -> str:
+    async def registration_ip(self) -> str:
         """Our address the job's node connects back to: configured, or our host name's."""
         if self.options.registration_ip:
             return self.options.registration_ip

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import trio
 
 from kallichore.errors import ErrorCode, StartupError
 from kallichore.session import process as kernel_process
@@ -38,12 +39,13 @@ class SshPlan:
     def reconnect_seconds(self) -> float:
         return self.options.reconnect_seconds
 
-    def registration_ip(self) -> str:
+    async def registration_ip(self) -> str:
         """Our address the kernel connects back to: configured, or the one our routing uses
-        towards the host (no packet is sent to find it)."""
+        towards the host (no packet is sent to find it); the host as ssh resolves it, which
+        may be a Host of the ssh_config with a HostName."""
         if self.options.registration_ip:
             return self.options.registration_ip
-        host = self.options.host.rpartition("@")[2]
+        host = await self._host_name()
         try:
             family, kind, proto, _, address = socket.getaddrinfo(host, 22, type=socket.SOCK_DGRAM)[
                 0
@@ -54,13 +56,28 @@ class SshPlan:
         except OSError as exc:
             raise StartupError(
                 ErrorCode.PROCESS_START_FAILED,
-                f"cannot tell which address of ours {host!r} can reach: {exc}",
-                "set registration_ip in the launcher block to an address of this machine "
-                "that the host can connect to",
+                f"cannot find the ssh host {host!r}: {exc.strerror or exc}",
+                "check the launcher's host; if this machine cannot resolve it but ssh reaches "
+                "it (a jump host), set registration_ip to an address of this machine that the "
+                "host can connect to",
             ) from None
         return ip
 
-    def _ssh(self, remote: list[str]) -> list[str]:
+    async def _host_name(self) -> str:
+        """The name ssh connects to: `host`'s HostName in the ssh_config, if it has one."""
+        result = await trio.run_process(
+            [*self._ssh_options(), "-G", "--", self.options.host],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        for line in result.stdout.decode(errors="replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "hostname" and value:
+                return value
+        return self.options.host.rpartition("@")[2]
+
+    def _ssh_options(self) -> list[str]:
         options = self.options
         argv = ["ssh", "-T", "-o", "BatchMode=yes"]
         # A dead connection is noticed (and reattached) within about 15 seconds.
@@ -69,7 +86,10 @@ class SshPlan:
             argv += ["-p", str(options.port)]
         if options.identity_file is not None:
             argv += ["-i", options.identity_file]
-        return [*argv, *options.ssh_args, "--", options.host, shell_command(remote)]
+        return [*argv, *options.ssh_args]
+
+    def _ssh(self, remote: list[str]) -> list[str]:
+        return [*self._ssh_options(), "--", self.options.host, shell_command(remote)]
 
     def command(self, python: str) -> list[str]:
         return self._ssh(shim_command(python))
