@@ -356,6 +356,40 @@ def without_config_file(options: tuple[str, ...]) -> list[str]:
     return [*options[:at], *options[at + 2 :]]
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        # A key the host does not accept (its own host key) instead of ours.
+        (
+            lambda host: {
+                "ssh_args": [
+                    str(host.identity.parent / "host_key") if arg == str(host.identity) else arg
+                    for arg in host.options
+                ]
+            },
+            "ssh could not connect to",
+        ),
+        (
+            lambda host: {"python": "/nonexistent/python3"},
+            "'/nonexistent/python3' was not found on",
+        ),
+    ],
+)
+async def test_an_ssh_start_that_fails_says_why_and_leaves_nothing(
+    client: KallichoreClient,
+    ssh_host: SshHost,
+    change: Callable[[SshHost], dict[str, Any]],
+    says: str,
+) -> None:
+    sid = "remote-refused"
+    block = ssh_remote(ssh_host).block | change(ssh_host)
+    await client.create_session(**new_session_body(sid, launcher=block))
+    with pytest.raises(ApiError) as refused:
+        await client.start(sid)
+    assert f"the ssh launcher did not start the kernel: {says}" in str(refused.value)
+    assert ssh_clients(ssh_host.destination) == []
+
+
 async def test_an_ssh_config_host_is_reached_by_its_host_name(
     client: KallichoreClient, ssh_host: SshHost, tmp_path: Path
 ) -> None:

@@ -524,6 +524,14 @@ class KernelRun:
 
     def _exited_during_start(self) -> StartupError:
         output = "".join(self._startup_output)
+        if self.remote is not None and self.remote.remote_pid is None:
+            return StartupError(
+                ErrorCode.EXITED_BEFORE_CONNECTION,
+                f"the {self.remote.plan.name} launcher did not start the kernel: "
+                f"{self.remote.reason}",
+                exit_code=self.exit_code,
+                output=output,
+            )
         if self._registration is not None and self._connection is None:
             return StartupError(
                 ErrorCode.EXITED_BEFORE_CONNECTION,

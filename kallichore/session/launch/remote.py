@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 STOP_SECONDS = 10.0
 # An ssh client's exit status when the connection failed (the remote command's otherwise).
 CONNECTION_FAILED = 255
+# A POSIX shell's exit status when it cannot find the command (here: the shim's Python).
+COMMAND_NOT_FOUND = 127
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 5.0
 # How long a registration request may wait for the shim's word that it is its own.
@@ -96,6 +98,9 @@ class RemotePlan(Protocol):
 
     async def exit_reason(self, returncode: int) -> str:
         """Why the kernel's run ended, as a person reads it."""
+
+    async def start_failure(self, returncode: int, python: str) -> str:
+        """Why the command ended before the shim started the kernel, and what to check."""
 
 
 class RemoteKernel:
@@ -207,8 +212,14 @@ class RemoteKernel:
         if self.exit_code is None:
             self.exit_code = returncode
         if self.reason is None:
-            self.reason = await self.plan.exit_reason(self.exit_code)
+            self.reason = await self._explain(self.exit_code)
         self.ended.set()
+
+    async def _explain(self, returncode: int) -> str:
+        """Why the run ended: the kernel's end, or else what kept the shim from starting it."""
+        if self.remote_pid is None:
+            return await self.plan.start_failure(returncode, self._python)
+        return await self.plan.exit_reason(returncode)
 
     async def _follow(self, process: trio.Process) -> int:
         """Read one command's output until it exits; its exit status."""
@@ -307,5 +318,5 @@ class RemoteKernel:
             ended = None if process is None else process.returncode
             self.exit_code = -signal.SIGKILL if ended is None else ended
         if self.reason is None:
-            self.reason = await self.plan.exit_reason(self.exit_code)
+            self.reason = await self._explain(self.exit_code)
         self.ended.set()

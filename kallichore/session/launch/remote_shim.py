@@ -40,7 +40,13 @@ import uuid
 from collections import deque
 from typing import Any
 
-import zmq
+try:
+    import zmq
+except ImportError:
+    sys.exit(
+        f"kallichore-shim: {sys.executable} has no pyzmq, which the shim needs: set `python` "
+        "in the launcher block to a Python there that has it (a Python kernel's own has)"
+    )
 
 EVENT_PREFIX = "\x1ekallichore-shim "
 EVENT_PREFIX_BYTES = EVENT_PREFIX.encode()

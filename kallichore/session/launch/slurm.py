@@ -123,6 +123,18 @@ class SlurmPlan:
         ended = f"the kernel {kernel_process.describe_exit(returncode)}"
         if self.job_id is None:
             return ended
+        return await self._job_ended() or f"Slurm job {self.job_id}: {ended}"
+
+    async def start_failure(self, returncode: int, python: str) -> str:
+        return await self._job_ended() or (
+            f"srun ended with code {returncode} before the kernel started (its output says "
+            "why: check the launcher's partition, time and extra_args)"
+        )
+
+    async def _job_ended(self) -> str | None:
+        """Why Slurm ended the job (cancelled, time limit, ...), if it did."""
+        if self.job_id is None:
+            return None
         fields: dict[str, str] = {}
         with trio.move_on_after(SCONTROL_SECONDS):
             for _ in range(20):
@@ -130,10 +142,9 @@ class SlurmPlan:
                 if fields.get("JobState") not in _TRANSIENT:
                     break
                 await trio.sleep(0.25)
-        state = fields.get("JobState", "")
-        words = _STATES.get(state)
+        words = _STATES.get(fields.get("JobState", ""))
         if words is None:
-            return f"Slurm job {self.job_id}: {ended}"
+            return None
         reason = fields.get("Reason", "None")
         more = f" ({reason})" if reason not in ("None", "") else ""
         return f"Slurm job {self.job_id} {words}{more}"

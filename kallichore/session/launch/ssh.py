@@ -20,6 +20,7 @@ from kallichore.errors import ErrorCode, StartupError
 from kallichore.session import process as kernel_process
 from kallichore.session.launch.options import SshLauncher
 from kallichore.session.launch.remote import (
+    COMMAND_NOT_FOUND,
     CONNECTION_FAILED,
     RemoteKernel,
     shell_command,
@@ -113,3 +114,20 @@ class SshPlan:
         if returncode == CONNECTION_FAILED:
             return f"the connection to {self.options.host} failed"
         return f"the kernel on {self.options.host} {kernel_process.describe_exit(returncode)}"
+
+    async def start_failure(self, returncode: int, python: str) -> str:
+        host = self.options.host
+        if returncode == CONNECTION_FAILED:
+            return (
+                f"ssh could not connect to {host} (its output says why); `ssh {host}` must "
+                "work for the daemon's user without a prompt (a key, an agent or ssh_config)"
+            )
+        if returncode == COMMAND_NOT_FOUND:
+            return (
+                f"{python!r} was not found on {host}; set `python` in the launcher block to "
+                "a Python there that has pyzmq"
+            )
+        return (
+            f"our shim on {host} ended with code {returncode} before it started the kernel "
+            "(its output says why)"
+        )
