@@ -390,6 +390,21 @@ async def test_an_ssh_start_that_fails_says_why_and_leaves_nothing(
     assert ssh_clients(ssh_host.destination) == []
 
 
+async def test_a_launcher_program_not_on_path_is_named(
+    client: KallichoreClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    for block, program in [
+        ({"launcher": "slurm"}, "srun"),
+        ({"launcher": "ssh", "host": "h"}, "ssh"),
+    ]:
+        sid = f"no-{program}"
+        await client.create_session(**new_session_body(sid, launcher=block))
+        with pytest.raises(ApiError) as refused:
+            await client.start(sid)
+        assert f"failed to run '{program}' for the" in str(refused.value)
+
+
 async def test_an_ssh_config_host_is_reached_by_its_host_name(
     client: KallichoreClient, ssh_host: SshHost, tmp_path: Path
 ) -> None:

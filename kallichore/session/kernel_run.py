@@ -386,14 +386,18 @@ class KernelRun:
                 with trio.CancelScope(shield=True):
                     await self.remote.stop()
             self._release()
-            self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
             if not isinstance(exc, OSError):
+                self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
                 raise
-            raise StartupError(
+            program = f" {exc.filename!r}" if exc.filename else ""
+            failure = StartupError(
                 ErrorCode.PROCESS_START_FAILED,
-                f"failed to start the {plan.name} launcher: {exc.strerror or exc}",
+                f"failed to run{program} for the {plan.name} launcher: {exc.strerror or exc}",
+                "the daemon runs it from its own PATH",
                 exit_code=exc.errno,
-            ) from exc
+            )
+            self._launch_failed(failure.message)
+            raise failure from exc
 
     def _waiting(self, reason: str) -> None:
         out = Outbox()
