@@ -293,6 +293,7 @@ async def test_a_job_waiting_in_the_queue_is_shown_and_given_up_after_the_timeou
     reasons = [e.reason for e in events if isinstance(e, StatusChanged) and e.reason]
     assert any("queued, waiting for resources" in reason for reason in reasons)
     assert "did not register within 3 seconds" in str(refused.value)
+    assert "the slurm launcher had not started the kernel yet" in str(refused.value)
     await eventually(lambda: slurm_cluster.active_jobs() == [])
 
 

@@ -478,10 +478,14 @@ class KernelRun:
                 await channels.connect_stdin()
         except trio.TooSlowError:
             if self._registration is not None and self._connection is None:
+                remote = self.remote
                 return StartupError(
                     ErrorCode.HANDSHAKE_FAILED,
                     f"the kernel did not register within {timeout:g} seconds",
-                    "timed out waiting for the JEP 66 handshake",
+                    f"the {remote.plan.name} launcher had not started the kernel yet; a longer "
+                    "connection_timeout gives it more time"
+                    if remote is not None and remote.remote_pid is None
+                    else "timed out waiting for the JEP 66 handshake",
                 )
             return StartupError(
                 ErrorCode.SESSION_CONNECTION_TIMEOUT,
