@@ -343,6 +343,8 @@ def kernel_info(info: ConnectionInfo) -> dict[str, Any]:
 
 
 async def test_launcher_registers_a_running_ipykernel(ctx: Context, tmp_path: Path) -> None:
+    # Beside the session's sshd and Slurm daemons (tests/remote_hosts.py), if they run.
+    before = set(psutil.Process().children(recursive=True))
     key = new_key()
     log = tmp_path / "launcher.log"
     with trio.fail_after(HANG_GUARD), Registration(ctx, key) as registration:
@@ -358,10 +360,11 @@ async def test_launcher_registers_a_running_ipykernel(ctx: Context, tmp_path: Pa
             assert reply["content"]["implementation"] == "ipython"
         finally:
             await stop(process)
-    assert psutil.Process().children(recursive=True) == []
+    assert set(psutil.Process().children(recursive=True)) <= before
 
 
 async def test_launcher_exits_when_the_handshake_is_rejected(ctx: Context, tmp_path: Path) -> None:
+    before = set(psutil.Process().children(recursive=True))
     log = tmp_path / "launcher.log"
     with trio.fail_after(HANG_GUARD), Registration(ctx, KEY) as registration:
         wrong_key = {**registration.file_contents(), "key": new_key()}
@@ -374,7 +377,7 @@ async def test_launcher_exits_when_the_handshake_is_rejected(ctx: Context, tmp_p
         finally:
             await stop(process)
     assert "jep66_launcher: the supervisor rejected the handshake" in log.read_text()
-    assert psutil.Process().children(recursive=True) == []
+    assert set(psutil.Process().children(recursive=True)) <= before
 
 
 def curve_kernel(
