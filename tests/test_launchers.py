@@ -143,17 +143,9 @@ async def test_a_remote_kernel_from_start_to_kill(client: KallichoreClient, remo
     assert PROBE[::-1].encode() not in kernel_traffic
 
     # An interrupt reaches the remote kernel.
-    async with trio.open_nursery() as nursery:
-        outcomes: list[dict[str, Any]] = []
-
-        async def sleep_long() -> None:
-            outcomes.append(await client.execute(sid, "import time; time.sleep(60)"))
-
-        nursery.start_soon(sleep_long)
-        await eventually_async(lambda: status_is(client, sid, "busy"))
-        await client.interrupt(sid)
-    assert outcomes[0]["status"] == "error"
-    assert outcomes[0]["error_name"] == "KeyboardInterrupt"
+    outcome = await interrupted_sleep(client, sid)
+    assert outcome["status"] == "error"
+    assert outcome["error_name"] == "KeyboardInterrupt"
 
     # A restart is a new remote kernel (a new job); the old one is gone.
     await client.restart(sid)
@@ -186,6 +178,20 @@ async def test_a_remote_kernel_from_start_to_kill(client: KallichoreClient, remo
     assert exited.reason is not None
     assert remote.ended_because in exited.reason
     await eventually(lambda: not remote.running(details))
+
+
+async def interrupted_sleep(client: KallichoreClient, session_id: str) -> dict[str, Any]:
+    """The outcome of `time.sleep(60)`, interrupted once the kernel runs it."""
+    async with trio.open_nursery() as nursery:
+        outcomes: list[dict[str, Any]] = []
+
+        async def sleep_long() -> None:
+            outcomes.append(await client.execute(session_id, "import time; time.sleep(60)"))
+
+        nursery.start_soon(sleep_long)
+        await eventually_async(lambda: status_is(client, session_id, "busy"))
+        await client.interrupt(session_id)
+    return outcomes[0]
 
 
 async def status_is(client: KallichoreClient, session_id: str, status: str) -> bool:
@@ -259,16 +265,7 @@ async def test_a_dropped_ssh_connection_is_made_again_and_the_kernel_kept(
     assert outcome["output"][0]["text"] == "42\n"
     assert await status_of(client, sid) == "idle"
     # Signals travel the new connection.
-    async with trio.open_nursery() as nursery:
-        outcomes: list[dict[str, Any]] = []
-
-        async def sleep_long() -> None:
-            outcomes.append(await client.execute(sid, "import time; time.sleep(60)"))
-
-        nursery.start_soon(sleep_long)
-        await eventually_async(lambda: status_is(client, sid, "busy"))
-        await client.interrupt(sid)
-    assert outcomes[0]["error_name"] == "KeyboardInterrupt"
+    assert (await interrupted_sleep(client, sid))["error_name"] == "KeyboardInterrupt"
     details = (await client.get_session(sid))["launcher"]
     await client.kill(sid)
     await eventually(lambda: not psutil.pid_exists(details["pid"]))
