@@ -314,3 +314,26 @@ async def test_a_local_kernel_is_encrypted_when_its_launcher_says_curve(
         traffic = capture.payload(ports=[info.shell_port, info.iopub_port])
         assert (PROBE.encode() in traffic) == (not curve)
         assert (PROBE[::-1].encode() in traffic) == (not curve)
+
+
+async def test_a_remote_kernels_program_is_not_looked_for_here(client: KallichoreClient) -> None:
+    """The argv of a kernel on another machine names a program there: no KS-19 for it here,
+    as there is for a local kernel; a bad launcher block is a 400 naming the field."""
+    argv = [
+        "/opt/only-on-the-cluster/python",
+        "-m",
+        "ipykernel_launcher",
+        "-f",
+        "{connection_file}",
+    ]
+    block = {"launcher": "slurm", "partition": "gpu"}
+    await client.create_session(**new_session_body("remote-argv", argv=argv, launcher=block))
+    with pytest.raises(ApiError) as local:
+        await client.create_session(**new_session_body("local-argv", argv=argv))
+    assert local.value.code == "KS-19"
+    with pytest.raises(ApiError) as bad:
+        await client.create_session(
+            **new_session_body("bad-launcher", launcher={"launcher": "slurm", "time": 60})
+        )
+    assert bad.value.status == 400
+    assert "time must be a non-empty string" in str(bad.value)

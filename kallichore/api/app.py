@@ -200,16 +200,17 @@ def argv_problem(argv: list[str]) -> str | None:
     return None if shutil.which(program) else f"kernel program {program!r} was not found on PATH"
 
 
-def launching_kernelspec(spec: SessionSpec, name: str) -> SessionSpec:
+def launching_kernelspec(spec: SessionSpec, name: str, *, own_launcher: bool) -> SessionSpec:
     """`spec` made to launch the kernelspec `name`: a client that knows a kernel by name need
-    not know the server's paths and interpreters (`python` in a kernelspec is the server's)."""
+    not know the server's paths and interpreters (`python` in a kernelspec is the server's).
+    `own_launcher`: the request chose the launcher, which overrides the kernelspec's."""
     if spec.argv:
         raise BodyError("give either argv or kernel_name, not both")
     specs = kernelspecs()
     kernelspec = specs.get(name.lower())
     if kernelspec is None:
         raise BodyError(f"no kernelspec is named {name!r}; there are: {', '.join(sorted(specs))}")
-    requested = {} if spec.launcher == LocalLauncher() else {"launcher": spec.launcher}
+    requested = {"launcher": spec.launcher} if own_launcher else {}
     try:
         launched = SessionSpec.from_kernelspec(spec.session_id, kernelspec, **requested)
     except KallichoreError as exc:
@@ -302,8 +303,9 @@ async def list_sessions(api: KallichoreApi, authorized: bool) -> SessionList:
 async def new_session(api: KallichoreApi, body: NewSession) -> NewSessionReply:
     spec = body.to_spec()
     if body.kernel_name is not None:
-        spec = launching_kernelspec(spec, body.kernel_name)
-    elif problem := argv_problem(body.argv):
+        spec = launching_kernelspec(spec, body.kernel_name, own_launcher=body.launcher is not None)
+    # A remote kernel's program is looked for where it runs, not here.
+    elif isinstance(spec.launcher, LocalLauncher) and (problem := argv_problem(body.argv)):
         raise KallichoreError(ErrorCode.KERNEL_PATH_NOT_FOUND, problem)
     session = await api.supervisor.create_session(spec)
     return NewSessionReply(session.session_id)
