@@ -288,6 +288,8 @@ async def open_supervisor(config: SupervisorConfig | None = None) -> AsyncIterat
     )
     runtime_dir.mkdir(parents=True, exist_ok=True)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    # Five sockets a kernel: ZeroMQ's default of 1,023 per context would stop at ~200 kernels.
+    context.set(zmq.MAX_SOCKETS, context.get(zmq.SOCKET_LIMIT))
     try:
         async with _single_error(), trio.open_nursery() as nursery:
             supervisor = Supervisor(nursery, context, runtime_dir, config, state_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -15,6 +16,7 @@ import psutil
 import pytest
 import trio
 
+from kallichore.cli import OPEN_FILES, raise_open_files_limit
 from kallichore.client import ApiError, KallichoreClient, execute_request, open_channels
 from tests.conftest import (
     TIMEOUT,
@@ -541,3 +543,15 @@ def test_python_dash_m_and_the_console_script_are_the_same_program() -> None:
         daemon_command("--version"), capture_output=True, text=True, check=True
     )
     assert by_script.stdout == by_module.stdout
+
+
+def test_the_daemon_raises_its_soft_limit_of_open_files() -> None:
+    """A soft limit of 1,024 would stop the daemon at about 75 kernels (13 descriptors each)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        raise_open_files_limit()
+        raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert raised == (OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

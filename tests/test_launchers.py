@@ -143,17 +143,9 @@ async def test_a_remote_kernel_from_start_to_kill(client: KallichoreClient, remo
     assert PROBE[::-1].encode() not in kernel_traffic
 
     # An interrupt reaches the remote kernel.
-    async with trio.open_nursery() as nursery:
-        outcomes: list[dict[str, Any]] = []
-
-        async def sleep_long() -> None:
-            outcomes.append(await client.execute(sid, "import time; time.sleep(60)"))
-
-        nursery.start_soon(sleep_long)
-        await eventually_async(lambda: status_is(client, sid, "busy"))
-        await client.interrupt(sid)
-    assert outcomes[0]["status"] == "error"
-    assert outcomes[0]["error_name"] == "KeyboardInterrupt"
+    outcome = await interrupted_sleep(client, sid)
+    assert outcome["status"] == "error"
+    assert outcome["error_name"] == "KeyboardInterrupt"
 
     # A restart is a new remote kernel (a new job); the old one is gone.
     await client.restart(sid)
@@ -186,6 +178,20 @@ async def test_a_remote_kernel_from_start_to_kill(client: KallichoreClient, remo
     assert exited.reason is not None
     assert remote.ended_because in exited.reason
     await eventually(lambda: not remote.running(details))
+
+
+async def interrupted_sleep(client: KallichoreClient, session_id: str) -> dict[str, Any]:
+    """The outcome of `time.sleep(60)`, interrupted once the kernel runs it."""
+    async with trio.open_nursery() as nursery:
+        outcomes: list[dict[str, Any]] = []
+
+        async def sleep_long() -> None:
+            outcomes.append(await client.execute(session_id, "import time; time.sleep(60)"))
+
+        nursery.start_soon(sleep_long)
+        await eventually_async(lambda: status_is(client, session_id, "busy"))
+        await client.interrupt(session_id)
+    return outcomes[0]
 
 
 async def status_is(client: KallichoreClient, session_id: str, status: str) -> bool:
@@ -259,16 +265,7 @@ async def test_a_dropped_ssh_connection_is_made_again_and_the_kernel_kept(
     assert outcome["output"][0]["text"] == "42\n"
     assert await status_of(client, sid) == "idle"
     # Signals travel the new connection.
-    async with trio.open_nursery() as nursery:
-        outcomes: list[dict[str, Any]] = []
-
-        async def sleep_long() -> None:
-            outcomes.append(await client.execute(sid, "import time; time.sleep(60)"))
-
-        nursery.start_soon(sleep_long)
-        await eventually_async(lambda: status_is(client, sid, "busy"))
-        await client.interrupt(sid)
-    assert outcomes[0]["error_name"] == "KeyboardInterrupt"
+    assert (await interrupted_sleep(client, sid))["error_name"] == "KeyboardInterrupt"
     details = (await client.get_session(sid))["launcher"]
     await client.kill(sid)
     await eventually(lambda: not psutil.pid_exists(details["pid"]))
@@ -320,12 +317,10 @@ async def test_a_local_kernel_is_encrypted_when_its_launcher_says_curve(
         assert (PROBE[::-1].encode() in traffic) == (not curve)
 
 
-async def test_a_misshapen_launcher_is_a_400_and_a_remote_argv_not_looked_for_here(
+async def test_a_launcher_named_by_a_list_or_object_is_a_400(
     client: KallichoreClient, isolated_home: Path
 ) -> None:
-    """A launcher named by something other than a string is the request's fault (400 naming
-    the launcher), in a request and in a kernelspec; and the program of a kernel that runs on
-    another machine need not exist on this one."""
+    """Not a 500: in a request and in a kernelspec, the message names the launcher."""
     http = client.http
     body = new_session_body("wrong-shape", launcher={"launcher": ["ssh"]})
     refused = await http.put("/sessions", json=body)
@@ -346,9 +341,6 @@ async def test_a_misshapen_launcher_is_a_400_and_a_remote_argv_not_looked_for_he
         assert "invalid launcher: unknown launcher" in refused.text
     finally:
         shutil.rmtree(spec_dir)
-    remote_argv = ["/opt/only-on-the-cluster/bin/python", "-m", "ipykernel_launcher"]
-    body = new_session_body("remote-argv", argv=remote_argv, launcher={"launcher": "slurm"})
-    assert (await http.put("/sessions", json=body)).status_code == 200
 
 
 def without_config_file(options: tuple[str, ...]) -> list[str]:
@@ -403,7 +395,9 @@ async def test_a_launcher_program_not_on_path_is_named(
         await client.create_session(**new_session_body(sid, launcher=block))
         with pytest.raises(ApiError) as refused:
             await client.start(sid)
-        assert f"failed to run '{program}' for the" in str(refused.value)
+        assert f"failed to start the {block['launcher']} launcher: '{program}'" in str(
+            refused.value
+        )
 
 
 async def test_an_ssh_config_host_is_reached_by_its_host_name(
@@ -423,3 +417,26 @@ async def test_an_ssh_config_host_is_reached_by_its_host_name(
     details = (await client.get_session(sid))["launcher"]
     await client.kill(sid)
     await eventually(lambda: not psutil.pid_exists(details["pid"]))
+
+
+async def test_a_remote_kernels_program_is_not_looked_for_here(client: KallichoreClient) -> None:
+    """The argv of a kernel on another machine names a program there: no KS-19 for it here,
+    as there is for a local kernel; a bad launcher block is a 400 naming the field."""
+    argv = [
+        "/opt/only-on-the-cluster/python",
+        "-m",
+        "ipykernel_launcher",
+        "-f",
+        "{connection_file}",
+    ]
+    block = {"launcher": "slurm", "partition": "gpu"}
+    await client.create_session(**new_session_body("remote-argv", argv=argv, launcher=block))
+    with pytest.raises(ApiError) as local:
+        await client.create_session(**new_session_body("local-argv", argv=argv))
+    assert local.value.code == "KS-19"
+    with pytest.raises(ApiError) as bad:
+        await client.create_session(
+            **new_session_body("bad-launcher", launcher={"launcher": "slurm", "time": 60})
+        )
+    assert bad.value.status == 400
+    assert "time must be a non-empty string" in str(bad.value)

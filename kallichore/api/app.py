@@ -69,7 +69,7 @@ from kallichore.channels.kallichore_framing import queued_message, wire_status
 from kallichore.errors import ErrorCode, KallichoreError
 from kallichore.jupyter.connection import ConnectionInfo
 from kallichore.session.kernel_session import KernelSession
-from kallichore.session.launch.options import LauncherOptions, LocalLauncher
+from kallichore.session.launch.options import LocalLauncher
 from kallichore.session.model import SessionSpec, Status
 from kallichore.supervisor import Supervisor
 
@@ -190,10 +190,9 @@ def _socket_path(session: KernelSession, sockets: ChannelSockets | None) -> str 
     return str(path) if path else None
 
 
-def argv_problem(argv: list[str], launcher: LauncherOptions) -> str | None:
-    """Kallichore checks at creation that the kernel program exists; here, that is, unless
-    the launcher runs it on another machine."""
-    if not argv or not isinstance(launcher, LocalLauncher):
+def argv_problem(argv: list[str]) -> str | None:
+    """Kallichore checks at creation that the kernel program exists."""
+    if not argv:
         return None
     program = argv[0]
     if os.path.isabs(program):
@@ -201,16 +200,17 @@ def argv_problem(argv: list[str], launcher: LauncherOptions) -> str | None:
     return None if shutil.which(program) else f"kernel program {program!r} was not found on PATH"
 
 
-def launching_kernelspec(spec: SessionSpec, name: str) -> SessionSpec:
+def launching_kernelspec(spec: SessionSpec, name: str, *, own_launcher: bool) -> SessionSpec:
     """`spec` made to launch the kernelspec `name`: a client that knows a kernel by name need
-    not know the server's paths and interpreters (`python` in a kernelspec is the server's)."""
+    not know the server's paths and interpreters (`python` in a kernelspec is the server's).
+    `own_launcher`: the request chose the launcher, which overrides the kernelspec's."""
     if spec.argv:
         raise BodyError("give either argv or kernel_name, not both")
     specs = kernelspecs()
     kernelspec = specs.get(name.lower())
     if kernelspec is None:
         raise BodyError(f"no kernelspec is named {name!r}; there are: {', '.join(sorted(specs))}")
-    requested = {} if spec.launcher == LocalLauncher() else {"launcher": spec.launcher}
+    requested = {"launcher": spec.launcher} if own_launcher else {}
     try:
         launched = SessionSpec.from_kernelspec(spec.session_id, kernelspec, **requested)
     except KallichoreError as exc:
@@ -303,8 +303,9 @@ async def list_sessions(api: KallichoreApi, authorized: bool) -> SessionList:
 async def new_session(api: KallichoreApi, body: NewSession) -> NewSessionReply:
     spec = body.to_spec()
     if body.kernel_name is not None:
-        spec = launching_kernelspec(spec, body.kernel_name)
-    elif problem := argv_problem(body.argv, spec.launcher):
+        spec = launching_kernelspec(spec, body.kernel_name, own_launcher=body.launcher is not None)
+    # A remote kernel's program is looked for where it runs, not here.
+    elif isinstance(spec.launcher, LocalLauncher) and (problem := argv_problem(body.argv)):
         raise KallichoreError(ErrorCode.KERNEL_PATH_NOT_FOUND, problem)
     session = await api.supervisor.create_session(spec)
     return NewSessionReply(session.session_id)

@@ -336,14 +336,22 @@ class KernelRun:
             ctx.on_record()
         except BaseException as exc:
             self._release()
-            self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
-            if not isinstance(exc, OSError):
+            error = self._launch_error(exc, f"the kernel {spec.argv[0]!r}")
+            if error is exc:
                 raise
-            raise StartupError(
-                ErrorCode.PROCESS_START_FAILED,
-                f"failed to start the kernel {spec.argv[0]!r}: {exc.strerror or exc}",
-                exit_code=exc.errno,
-            ) from exc
+            raise error from exc
+
+    def _launch_error(self, exc: BaseException, what: str) -> BaseException:
+        """What a launch that raised `exc` raises, once its failure is published: an OSError
+        (the program is missing, say) as a StartupError naming `what`; anything else as is."""
+        self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
+        if not isinstance(exc, OSError):
+            return exc
+        return StartupError(
+            ErrorCode.PROCESS_START_FAILED,
+            f"failed to start {what}: {exc.strerror or exc}",
+            exit_code=exc.errno,
+        )
 
     async def _launch_remote(self, options: SshLauncher | SlurmLauncher) -> None:
         """Run our shim where the kernel is to run; it registers the kernel's ports with us.
@@ -386,18 +394,14 @@ class KernelRun:
                 with trio.CancelScope(shield=True):
                     await self.remote.stop()
             self._release()
-            if not isinstance(exc, OSError):
-                self._launch_failed(exc.message if isinstance(exc, KallichoreError) else str(exc))
+            what = f"the {plan.name} launcher"
+            if isinstance(exc, OSError) and exc.filename:
+                # The program missing from the daemon's PATH, most likely: ssh or srun.
+                what += f": {exc.filename!r}"
+            error = self._launch_error(exc, what)
+            if error is exc:
                 raise
-            program = f" {exc.filename!r}" if exc.filename else ""
-            failure = StartupError(
-                ErrorCode.PROCESS_START_FAILED,
-                f"failed to run{program} for the {plan.name} launcher: {exc.strerror or exc}",
-                "the daemon runs it from its own PATH",
-                exit_code=exc.errno,
-            )
-            self._launch_failed(failure.message)
-            raise failure from exc
+            raise error from exc
 
     def _waiting(self, reason: str) -> None:
         out = Outbox()
