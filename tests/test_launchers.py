@@ -205,21 +205,27 @@ async def eventually_async(check: Callable[[], Any]) -> None:
             await trio.sleep(0.1)
 
 
+def write_kernelspec(name: str, block: dict[str, Any]) -> Path:
+    """An ipykernel kernelspec `name` in the tests' Jupyter data dir whose
+    `metadata.kallichore` is `block`; its directory (for the test to remove)."""
+    spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    kernel_json = {
+        "argv": list(IPYKERNEL_ARGV),
+        "display_name": f"Python ({name})",
+        "language": "python",
+        "metadata": {"kallichore": block},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json))
+    return spec_dir
+
+
 async def test_the_jupyter_api_on_a_kernelspec_that_runs_over_ssh(
     client: KallichoreClient, ssh_host: SshHost, isolated_home: Path
 ) -> None:
     """A kernelspec whose `metadata.kallichore` names the ssh launcher, started through the
     Jupyter API: its v1 channels run code, and deleting the kernel ends the remote process."""
-    block = ssh_remote(ssh_host).block
-    spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / "remote-python"
-    spec_dir.mkdir(parents=True)
-    kernel_json = {
-        "argv": list(IPYKERNEL_ARGV),
-        "display_name": "Python (over ssh)",
-        "language": "python",
-        "metadata": {"kallichore": block},
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json))
+    spec_dir = write_kernelspec("remote-python", ssh_remote(ssh_host).block)
     try:
         http = client.http
         created = (await http.post("/api/kernels", json={"name": "remote-python"})).json()
@@ -326,15 +332,7 @@ async def test_a_launcher_named_by_a_list_or_object_is_a_400(
     refused = await http.put("/sessions", json=body)
     assert refused.status_code == 400
     assert "invalid launcher: unknown launcher ['ssh']" in refused.text
-    spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / "wrong-shape"
-    spec_dir.mkdir(parents=True)
-    kernel_json = {
-        "argv": list(IPYKERNEL_ARGV),
-        "display_name": "Python (wrong launcher)",
-        "language": "python",
-        "metadata": {"kallichore": {"launcher": {"slurm": True}}},
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json))
+    spec_dir = write_kernelspec("wrong-shape", {"launcher": {"slurm": True}})
     try:
         refused = await http.post("/api/kernels", json={"name": "wrong-shape"})
         assert refused.status_code == 400
