@@ -11,6 +11,7 @@ connection that the daemon reconnects without losing the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from tests.conftest import (
     IPYKERNEL_ARGV,
     TIMEOUT,
     TOKEN,
+    daemon,
     ipykernel_spec,
     new_session_body,
     serve,
@@ -438,3 +440,27 @@ async def test_a_remote_kernels_program_is_not_looked_for_here(client: Kallichor
         )
     assert bad.value.status == 400
     assert "time must be a non-empty string" in str(bad.value)
+
+
+async def test_a_queued_job_goes_with_a_killed_daemon(
+    tmp_path: Path, slurm_cluster: SlurmCluster
+) -> None:
+    """srun waiting for a queued job reads nothing: the daemon's death is told it by SIGTERM,
+    on which it cancels the job."""
+    block = slurm_remote(slurm_cluster).block | {"extra_args": ["--begin=now+3600"]}
+    async with daemon(tmp_path) as killed, killed.client() as client:
+        sid = "queued-orphan"
+        await client.create_session(**new_session_body(sid, launcher=block))
+
+        async def start() -> None:
+            with contextlib.suppress(Exception):  # the daemon dies meanwhile
+                await client.start(sid)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            await eventually(lambda: slurm_cluster.active_jobs() != [])
+            killed.process.kill()
+            await killed.wait()
+            nursery.cancel_scope.cancel()
+    await eventually(lambda: slurm_cluster.active_jobs() == [])
+    assert not any("srun" in p.name() for p in psutil.Process().children(recursive=True))

@@ -37,6 +37,11 @@ RECONNECT_MAX_DELAY = 5.0
 VOUCH_SECONDS = 30.0
 # Commands waiting for the shim while the connection to it is being made again.
 COMMAND_QUEUE = 16
+# Beside each local command: SIGTERM to its process group once our end of the watchdog's stdin
+# is closed, which only the daemon's death does (we kill the watchdog when the command ends).
+# A running shim notices a dead daemon itself (its stdin ends), but srun waiting for a queued
+# job reads nothing and would wait with it; srun cancels the job on SIGTERM.
+WATCHDOG = ["sh", "-c", 'read -r _; kill -TERM -"$1"', "watchdog"]
 
 LineHandler = Callable[[Literal["stdout", "stderr"], str], None]
 
@@ -132,6 +137,7 @@ class RemoteKernel:
         self._vouched_for: set[str] = set()
         self._vouching = trio.Event()
         self._send_commands, self._commands = trio.open_memory_channel[int](COMMAND_QUEUE)
+        self._watchdogs: dict[trio.Process, trio.Process] = {}
 
     @property
     def pid(self) -> int | None:
@@ -159,16 +165,31 @@ class RemoteKernel:
         assert self.process.stdin is not None
         await self.process.stdin.send_all(json.dumps(self._order).encode() + b"\n")
 
-    @staticmethod
-    async def _spawn(argv: list[str]) -> trio.Process:
+    async def _spawn(self, argv: list[str]) -> trio.Process:
         # A session of its own: a Ctrl-C in the daemon's terminal is not an interrupt.
-        return await trio.lowlevel.open_process(
+        process = await trio.lowlevel.open_process(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        # Shielded: the command is not ours to end until it is returned.
+        with trio.CancelScope(shield=True):
+            self._watchdogs[process] = await trio.lowlevel.open_process(
+                [*WATCHDOG, str(process.pid)], stdin=subprocess.PIPE, start_new_session=True
+            )
+        return process
+
+    async def _unwatch(self, process: trio.Process) -> None:
+        """End the watchdog of `process`, which has ended."""
+        watchdog = self._watchdogs.pop(process, None)
+        if watchdog is not None:
+            watchdog.kill()
+            with trio.CancelScope(shield=True):
+                await watchdog.wait()
+                if watchdog.stdin is not None:
+                    await watchdog.stdin.aclose()
 
     def signal(self, signum: int) -> bool:
         """Queue `signum` for the kernel; False once it has ended."""
@@ -229,6 +250,7 @@ class RemoteKernel:
             readers.start_soon(kernel_process.read_lines, process.stdout, "stdout", self._line)
             readers.start_soon(kernel_process.read_lines, process.stderr, "stderr", self._line)
             returncode = await process.wait()
+            await self._unwatch(process)
             readers.cancel_scope.deadline = trio.current_time() + 1.0
         return returncode
 
@@ -314,6 +336,8 @@ class RemoteKernel:
             kernel_process.kill_group(process.pid)
             process.kill()
             await process.wait()
+        if process is not None:
+            await self._unwatch(process)
         if self.exit_code is None:
             ended = None if process is None else process.returncode
             self.exit_code = -signal.SIGKILL if ended is None else ended
