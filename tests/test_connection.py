@@ -18,6 +18,7 @@ from jupyter_client.session import Session
 
 from kallichore.jupyter.connection import (
     ConnectionInfo,
+    CurveKeys,
     PortAllocator,
     new_key,
     quiet_ports,
@@ -435,3 +436,27 @@ def test_this_machines_allocator_hands_out_bindable_ports_from_its_quiet_range()
     for port in everything:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"curve_publickey": "#" * 40, "curve_secretkey": "0" * 40},  # in the alphabet, not Z85
+        {"curve_publickey": "0" * 39, "curve_secretkey": "0" * 40},
+        {"curve_publickey": "0" * 40},  # a pair goes together
+        {"curve_secretkey": "0" * 40},
+    ],
+)
+def test_curve_keys_are_checked(keys: dict[str, str]) -> None:
+    """A key ZeroMQ would refuse (EINVAL when the socket is made) is refused when read."""
+    with pytest.raises(ValueError, match="curve_"):
+        ConnectionInfo.from_dict(valid_dict() | keys)
+
+
+def test_curve_keys_round_trip() -> None:
+    keys = CurveKeys.new()
+    data = valid_dict() | {"curve_publickey": keys.public, "curve_secretkey": keys.secret}
+    info = ConnectionInfo.from_dict(data)
+    assert info.curve == keys
+    assert ConnectionInfo.from_dict(info.to_dict()) == info
+    assert keys.secret not in repr(info)

@@ -246,6 +246,11 @@ FIELD_NOTES: dict[type, dict[str, Note]] = {
         "key": "The HMAC key that signs messages; empty for unsigned messages.",
         "signature_scheme": {"type": "string", "enum": [SIGNATURE_SCHEME]},
         "transport": {"type": "string", "enum": list(TRANSPORTS)},
+        "curve_publickey": (
+            "The kernel's CurveZMQ public key (Z85, 40 characters), when its sockets are "
+            "encrypted; its secret key comes with it (jupyter_client >= 8.10 reads both)."
+        ),
+        "curve_secretkey": "The kernel's CurveZMQ secret key (Z85), with `curve_publickey`.",
     },
     jupyter_models.NewKernel: {
         "name": "A kernelspec name; the default kernelspec if absent.",

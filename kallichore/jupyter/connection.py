@@ -13,12 +13,14 @@ import random
 import re
 import secrets
 import socket
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import zmq
+from zmq.utils import z85
 
 from kallichore.jupyter.wire import SIGNATURE_SCHEME, Channel, Signer
 
@@ -68,8 +70,17 @@ def _check_ip(_instance: object, attribute: attrs.Attribute[str], value: str) ->
 def _check_curve_key(
     _instance: object, attribute: attrs.Attribute[str | None], value: str | None
 ) -> None:
-    if value is not None and not (isinstance(value, str) and _Z85_KEY.fullmatch(value)):
-        raise ValueError(f"{attribute.name} must be a CurveZMQ key in Z85 (40 characters)")
+    if value is None:
+        return
+    if isinstance(value, str) and _Z85_KEY.fullmatch(value):
+        try:
+            # Some strings of the alphabet encode more than 32 bits a group: not a key.
+            z85.decode(value)
+        except struct.error:
+            pass
+        else:
+            return
+    raise ValueError(f"{attribute.name} must be a CurveZMQ key in Z85 (40 characters)")
 
 
 def _check_curve_pair(
