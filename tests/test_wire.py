@@ -16,6 +16,7 @@ from kallichore.jupyter.wire import (
     Message,
     Signer,
     WireError,
+    check_spliceable,
     deserialize,
     dumps,
     loads,
@@ -467,3 +468,25 @@ def test_integers_past_64_bits_are_read_exactly(number: int) -> None:
     text = f'{{"n": {number}, "s": "{number}"}}'
     assert loads(text) == loads(text.encode()) == {"n": number, "s": str(number)}
     assert loads(dumps({"n": number})) == {"n": number}
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[]", b"null", b"{", b"|\xc3'\x06h-", b"[" * 100_000, b'{"n": ' + b"9" * 5000 + b"}"]
+)
+def test_what_clients_get_spliced_must_be_a_json_object(raw: bytes) -> None:
+    """A signed message whose content or metadata is not a JSON object is refused before it is
+    spliced into a client's frame (a hostile kernel's garbage broke the client's JSON)."""
+    for fields in ({"content": raw}, {"metadata": raw}):
+        _, message = deserialize(serialize(sample_message(**fields), SIGNER), SIGNER)
+        with pytest.raises(WireError, match=next(iter(fields))):
+            check_spliceable(message)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{}", b'{"text": "caf\\u00e9"}', b'{"n": NaN}', b'{"text": "\xff\xfe"}', b'{"n": 1e999}'],
+)
+def test_json_objects_are_spliced_as_they_came(raw: bytes) -> None:
+    """Invalid UTF-8 inside an object is replaced in the client's text frame, so it passes."""
+    _, message = deserialize(serialize(sample_message(content=raw), SIGNER), SIGNER)
+    check_spliceable(message)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -87,8 +86,16 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
-_LONG_NUMBER_BYTES = re.compile(rb"[0-9]{19}")
-_LONG_NUMBER_TEXT = re.compile(r"[0-9]{19}")
+# Every digit made "0", every other byte a space: a run of 19 digits is then a plain substring,
+# which `bytes.translate` and a substring search find at C speed (a regular expression costs
+# ~20 ns a byte: 2 us a header, 1.4 ms for 64 KiB of output).
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_NINETEEN_DIGITS = b"0" * 19
+
+
+def _has_long_number(data: bytes) -> bool:
+    """Whether `data` holds a run of 19 ASCII digits."""
+    return _NINETEEN_DIGITS in data.translate(_DIGITS_AS_ZEROS)
 
 
 def loads(data: bytes | str) -> Any:
@@ -97,11 +104,8 @@ def loads(data: bytes | str) -> Any:
     error."""
     # orjson reads an integer past 64 bits as a float, silently: text with a run of 19 digits
     # (every such integer has one) goes to the standard library, which keeps it exact.
-    if isinstance(data, bytes):
-        orjson_is_exact = _LONG_NUMBER_BYTES.search(data) is None
-    else:
-        orjson_is_exact = _LONG_NUMBER_TEXT.search(data) is None
-    if orjson_is_exact:
+    encoded = data if isinstance(data, bytes) else data.encode(errors="surrogatepass")
+    if not _has_long_number(encoded):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -280,6 +284,40 @@ def _as_json(value: Mapping[str, Any] | bytes | None) -> bytes:
     if isinstance(value, bytes):
         return value
     return dumps(value)
+
+
+def check_spliceable(message: Message) -> None:
+    """Raise `WireError` unless the message's metadata and content are JSON objects.
+
+    For what is forwarded to clients: those bytes are spliced, unparsed, into every client's
+    frame, where anything else would break the frame (and the client reading it). The parse is
+    thrown away; `deserialize` itself stays lazy for those who never look.
+    """
+    _check_json_object(message.metadata_json, "metadata")
+    _check_json_object(message.content_json, "content")
+
+
+def _check_json_object(data: bytes, what: str) -> None:
+    """Raise `WireError` unless `data` reads as a JSON object once invalid UTF-8 is replaced,
+    as the client's text frame replaces it. Only validity counts here, so orjson's reading of
+    huge integers does not matter, and the standard library sees only what orjson refuses."""
+    if data == b"{}":
+        return
+    if not _is_json_object(data):
+        replaced = data.decode(errors="replace").encode()
+        if replaced == data or not _is_json_object(replaced):
+            raise WireError(f"{what} is not a JSON object")
+
+
+def _is_json_object(data: bytes) -> bool:
+    try:
+        return type(orjson.loads(data)) is dict
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return isinstance(json.loads(data), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _json_object(data: bytes, what: str) -> JSONObject:

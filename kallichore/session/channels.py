@@ -20,7 +20,14 @@ import trio
 import zmq
 
 from kallichore.jupyter.connection import ConnectionInfo, CurveKeys
-from kallichore.jupyter.wire import Channel, Message, Signer, deserialize, serialize
+from kallichore.jupyter.wire import (
+    Channel,
+    Message,
+    Signer,
+    check_spliceable,
+    deserialize,
+    serialize,
+)
 from kallichore.session.events import DEFAULT_MAX_BYTES, EVENT_OVERHEAD_BYTES
 from kallichore.trio_zmq import TrioSocket
 
@@ -114,8 +121,11 @@ class KernelChannels:
         await sock.send_multipart(serialize(message, self.signer))
 
     def parse(self, frames: list[bytes]) -> Message:
-        """Verify and parse frames received on any of the channels (raises `WireError`)."""
-        return deserialize(frames, self.signer)[1]
+        """Verify and parse frames received on any of the channels (raises `WireError`), and
+        check that what clients get spliced from them is JSON."""
+        message = deserialize(frames, self.signer)[1]
+        check_spliceable(message)
+        return message
 
     def close(self) -> None:
         for sock in self._sockets.values():
