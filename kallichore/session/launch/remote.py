@@ -131,8 +131,8 @@ class RemoteKernel:
         self.exit_code: int | None = None
         self.reason: str | None = None
         self.ended = trio.Event()
-        # When the latest reconnect window opened (a dropped connection, or a taken attach).
-        self._window_opened = 0.0
+        # Whether the shim took the latest attach ("attached"): its end is then a new drop.
+        self._attached = False
         # The registration requests the shim vouched for, by digest; set at each new one.
         self._vouched_for: set[str] = set()
         self._vouching = trio.Event()
@@ -278,8 +278,7 @@ class RemoteKernel:
             self._vouching.set()
             self._vouching = trio.Event()
         elif event.get("event") == "attached":
-            # A reconnect took: the next drop opens a new window.
-            self._window_opened = trio.current_time()
+            self._attached = True
             logger.info("%s kernel: reconnected", self.plan.name)
         elif event.get("event") == "exited" and isinstance(event.get("returncode"), int):
             self.exit_code = event["returncode"]
@@ -288,41 +287,39 @@ class RemoteKernel:
         """Connect to the shim again while its reconnect window is open, and relay until the
         kernel ends; the last command's exit status.
 
-        The window opens when the command ends without the kernel's exit (the connection
-        dropped, or somebody killed our ssh client); an attach the shim took ("attached")
-        closes it until the next drop. An attach that ends with ssh's 255 did not connect: try
-        again. Any other end without the kernel's means the shim is gone.
+        A window opens whenever a command ends without the kernel's exit (the connection
+        dropped, or somebody killed our ssh client), the first one's or that of an attach the
+        shim took ("attached"). An attach that ends with ssh's 255 did not connect: try again.
+        Any other end without the kernel's means the shim is gone.
         """
         path = self._attach_path
         command = None if path is None else self.plan.attach_command(self._python, path)
         if command is None:
             return returncode
         logger.warning("%s kernel: the connection dropped; reconnecting", self.plan.name)
-        self._window_opened = trio.current_time()
+        closes = trio.current_time() + self.plan.reconnect_seconds
         delay = RECONNECT_FIRST_DELAY
-        while self.exit_code is None:
-            remaining = self._window_opened + self.plan.reconnect_seconds - trio.current_time()
-            if remaining <= 0:
-                break
-            with trio.move_on_after(remaining) as window:
+        while self.exit_code is None and trio.current_time() < closes:
+            with trio.move_on_at(closes) as window:
+                self._attached = False
                 attach = self.process = await self._spawn(command)
             if window.cancelled_caught:
                 break
             returncode = await self._follow(attach)
             if self.exit_code is not None or returncode != CONNECTION_FAILED:
                 break
-            await trio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            if self._attached:
+                logger.warning("%s kernel: the connection dropped again", self.plan.name)
+                closes = trio.current_time() + self.plan.reconnect_seconds
+                delay = RECONNECT_FIRST_DELAY
+            else:
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
         return returncode
 
     async def _deliver_commands(self) -> None:
         async for signum in self._commands:
-            try:
-                await self.plan.deliver(self, signum)
-            except OSError as exc:
-                logger.warning(
-                    "%s kernel: could not deliver signal %d: %s", self.plan.name, signum, exc
-                )
+            await self.plan.deliver(self, signum)
 
     async def stop(self) -> None:
         """Make sure the kernel has ended: kill it, and its local command if that does not

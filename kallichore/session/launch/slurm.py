@@ -66,9 +66,11 @@ class SlurmPlan:
         if self.options.registration_ip:
             return self.options.registration_ip
         try:
-            return socket.gethostbyname(socket.gethostname())
+            # Through trio: a slow resolver must not hold up every other session.
+            found = await trio.socket.getaddrinfo(socket.gethostname(), 0, socket.AF_INET)
         except OSError:
             return "127.0.0.1"
+        return str(found[0][4][0])
 
     def command(self, python: str) -> list[str]:
         options = self.options
@@ -111,7 +113,13 @@ class SlurmPlan:
             argv = ["scancel", *self._target()]
         else:
             argv = ["scancel", f"--signal={signal.Signals(signum).name[3:]}", *self._target()]
-        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        try:
+            result = await trio.run_process(
+                argv, capture_stdout=True, capture_stderr=True, check=False
+            )
+        except OSError as exc:  # scancel gone from PATH since the start
+            logger.warning("slurm: %s failed: %s", " ".join(argv), exc)
+            return
         if result.returncode != 0:
             logger.warning(
                 "slurm: %s failed: %s",

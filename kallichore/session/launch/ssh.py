@@ -48,9 +48,9 @@ class SshPlan:
             return self.options.registration_ip
         host = await self._host_name()
         try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, 22, type=socket.SOCK_DGRAM)[
-                0
-            ]
+            # Through trio: a slow resolver must not hold up every other session.
+            found = await trio.socket.getaddrinfo(host, 22, type=socket.SOCK_DGRAM)
+            family, kind, proto, _, address = found[0]
             with socket.socket(family, kind, proto) as probe:
                 probe.connect(address)
                 ip: str = probe.getsockname()[0]
