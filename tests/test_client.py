@@ -44,7 +44,10 @@ async def kallichore(
     """A client made from the connection file (and its generated token) of a daemon on each
     transport."""
     connection_file = tmp_path / "kallichore.json"
+    # The grace a kernel gets to shut down is a hang guard here: on a loaded machine ipykernel
+    # took more than the default 10 s, and the restart test then saw it killed (-9).
     args = ["--transport", request.param, "--socket-dir", str(short_dir)]
+    args += ["--shutdown-grace", str(TIMEOUT)]
     async with (
         daemon(tmp_path, *args, connection_file=connection_file),
         KallichoreClient.from_connection_file(connection_file, timeout=TIMEOUT) as client,
