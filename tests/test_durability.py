@@ -135,7 +135,7 @@ async def test_a_plain_client_dropped_uncleanly_loses_nothing(
     abort(first.stream)
     await wait_for_session(client, "python-1", connected=False)
     async with client.channels("python-1") as second:
-        replayed = await until_finished(second, request["header"]["msg_id"])
+        replayed = await until_finished(second, request["header"]["msg_id"], before=seen)
     assert set(printed(seen) + printed(replayed)) == set(range(LINES)), "nothing is lost"
     msg_ids = [f["header"]["msg_id"] for f in replayed if f["kind"] == "jupyter"]
     assert len(msg_ids) == len(set(msg_ids)), "the replay has no message twice"
