@@ -22,6 +22,7 @@ from kallichore.channels import websocket
 from kallichore.channels.broker import ChannelBroker
 from kallichore.channels.websocket import MAX_UNANSWERED_PINGS
 from kallichore.client import Channels, execute_request, open_channels
+from kallichore.server import session_sockets
 from kallichore.server.private_dir import private_socket_dir, socket_base
 from kallichore.server.session_sockets import (
     MAX_SOCKET_PATH_BYTES,
@@ -256,6 +257,32 @@ async def test_a_client_without_a_websocket_handshake_is_closed(
         assert "raw WebSocket frames are not supported" in caplog.text
     assert not session.connected
     # The listener is still there for the next client.
+    async with connect(path, session.session_id) as channels:
+        await refused_frame(channels)
+
+
+async def test_a_connection_that_fails_ends_alone(
+    supervisor: Supervisor,
+    sockets: SessionSockets,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug met while serving one client is logged; the listener serves the next one."""
+    session = await supervisor.create_session(ipykernel_spec())
+    path = await sockets.open(session)
+    async def failing(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(session_sockets, "serve_channels", websocket.serve_channels)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(session_sockets, "serve_channels", failing)
+    async with await trio.open_unix_socket(str(path)) as stream:
+        await stream.send_all(
+            b"GET /api/channels/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 101 ")
+    assert "a channels connection failed" in caplog.text
     async with connect(path, session.session_id) as channels:
         await refused_frame(channels)
 

@@ -117,6 +117,22 @@ async def test_our_close_waits_briefly_for_the_clients(
     assert await client.stream.receive_some() == b""  # and the socket is closed
 
 
+async def test_pings_due_after_our_close_are_not_sent(
+    pair: tuple[WebSocket, Client], autojump_clock: trio.testing.MockClock
+) -> None:
+    """The ping loop outlives our Close (a session deleted under a client): its pings are
+    dropped, not an error that ends every connection of the listener."""
+    server, client = pair
+    await server.close(1001, "going away")
+    with trio.move_on_after(5 * websocket.PING_INTERVAL_SECONDS):
+        await server.ping_until_unanswered(websocket.PING_INTERVAL_SECONDS / 10)
+    await server.close(1000, "again")  # a second Close is not sent either
+    assert await client.next_event() == wsproto.events.CloseConnection(1001, "going away")
+    await client.send(wsproto.events.CloseConnection(1001, "going away"))
+    await server.aclose()
+    assert await client.stream.receive_some() == b""  # nothing after the Close
+
+
 async def test_a_pong_acknowledges_the_events_written_before_its_ping(
     pair: tuple[WebSocket, Client],
 ) -> None:

@@ -239,8 +239,10 @@ class WebSocket:
             state = self._connection.state
             if self._broken or state is ConnectionState.CLOSED:
                 return
-            if isinstance(event, Pong) and state is ConnectionState.LOCAL_CLOSING:
-                return  # a ping that crossed our Close: wsproto sends nothing more
+            if state is not ConnectionState.OPEN and not isinstance(event, CloseConnection):
+                return  # a ping or pong that crossed a Close: nothing but a Close goes out now
+            if isinstance(event, CloseConnection) and state is ConnectionState.LOCAL_CLOSING:
+                return  # our Close is out already
             if isinstance(event, Ping):
                 counter = int.from_bytes(event.payload, "big")
                 self._pings.append((counter, self._sent_through))

@@ -183,9 +183,12 @@ class SessionSockets:
             await trio.aclose_forcefully(stream)
             return
         websocket, resume = accepted
-        await serve_channels(
-            self._broker, session, websocket, resume=resume, ping_interval=self._ping_interval
-        )
+        try:
+            await serve_channels(
+                self._broker, session, websocket, resume=resume, ping_interval=self._ping_interval
+            )
+        except* Exception:
+            logger.exception("session %s: a channels connection failed", session.session_id)
 
 
 async def _listen_privately(path: Path) -> trio.SocketListener:
