@@ -8,6 +8,7 @@ session's `connection_info` hands out and the session adopts it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,6 +53,10 @@ class HostileKernel:
             self.sockets[channel] = TrioSocket(sock)
         # The supervisor's shell identity, learnt from its first request.
         self.peer: bytes | None = None
+        # Shell requests other than kernel_info (and kernel_info too while `hold_kernel_info`),
+        # for the test to answer (or not).
+        self.hold_kernel_info = False
+        self._held_send, self.held = trio.open_memory_channel[tuple[list[bytes], Message]](math.inf)
 
     async def serve(self) -> None:
         """Answer kernel_info and shutdown requests (shell and control) and heartbeats until
@@ -71,19 +76,14 @@ class HostileKernel:
                 continue
             if channel is Channel.SHELL:
                 self.peer = identities[0]
-            if request.msg_type == "kernel_info_request":
-                await self.reply(channel, identities, request, "kernel_info_reply", KERNEL_INFO)
-                # As a real kernel does, and how the supervisor learns its iopub is live.
-                for state in ("busy", "idle"):
-                    status = Message.build(
-                        "status",
-                        {"execution_state": state},
-                        session="hostile",
-                        parent=request.header,
-                    )
-                    await self.send_raw(Channel.IOPUB, serialize(status, self.signer))
+            if request.msg_type == "kernel_info_request" and not (
+                channel is Channel.SHELL and self.hold_kernel_info
+            ):
+                await self.answer_kernel_info(channel, identities, request)
             elif request.msg_type == "shutdown_request":
                 await self.reply(channel, identities, request, "shutdown_reply", request.content)
+            elif channel is Channel.SHELL:
+                self._held_send.send_nowait((identities, request))
 
     async def _echo_heartbeat(self) -> None:
         sock = self.sockets[Channel.HEARTBEAT]
@@ -104,6 +104,21 @@ class HostileKernel:
     async def send_raw(self, channel: Channel, frames: Sequence[bytes]) -> None:
         """Frames as they are, on `channel` (shell and control need the peer's identity first)."""
         await self.sockets[channel].send_multipart(frames)
+
+    async def answer_kernel_info(
+        self, channel: Channel, identities: Sequence[bytes], request: Message
+    ) -> None:
+        await self.reply(channel, identities, request, "kernel_info_reply", KERNEL_INFO)
+        # As a real kernel does, and how the supervisor learns its iopub is live.
+        for state in ("busy", "idle"):
+            await self.publish_status(request, state)
+
+    async def publish_status(self, parent: Message, state: str) -> None:
+        """The kernel's `busy` or `idle` for `parent`, on iopub."""
+        status = Message.build(
+            "status", {"execution_state": state}, session="hostile", parent=parent.header
+        )
+        await self.send_raw(Channel.IOPUB, serialize(status, self.signer))
 
     async def publish_stream(self, text: str) -> None:
         """A well-formed, correctly signed `stream` message on iopub."""

@@ -151,6 +151,7 @@ async def test_a_timeout_interrupts_and_the_next_call_works(agent: KallichoreCli
     assert slept["output"][0] == {"type": "stream", "stream_name": "stdout", "text": "sleeping\n"}
     assert items(slept, "error")[0]["error_name"] == "KeyboardInterrupt"
     after = await agent.execute("python-1", "kept")
+    assert after["status"] == "ok", after
     assert after["data"] == {"text/plain": "'yes'"}
 
     # Stuck where SIGINT cannot reach it: the kernel is restarted and its state is gone.

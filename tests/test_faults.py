@@ -23,7 +23,10 @@ import pytest
 import trio
 
 from kallichore.client import KallichoreClient, message
+from kallichore.jupyter.wire import Channel
+from kallichore.session.state import REPLY_IDLE_GRACE_SECONDS
 from tests.conftest import (
+    TIMEOUT,
     TOKEN,
     daemon,
     is_idle,
@@ -34,6 +37,7 @@ from tests.conftest import (
     stream_text,
     until,
 )
+from tests.hostile_kernel import served_hostile_kernel
 from tests.raw_channels import RawChannels
 from tests.suites import (
     assert_no_traceback,
@@ -390,3 +394,54 @@ async def test_the_daemon_logs_a_session_s_life(tmp_path: Path) -> None:
         await client.kill("python-logged")
     log = d.log.read_text()
     assert log.count("python-logged") >= 2, log[-2000:]
+
+
+@pytest.mark.parametrize("idle", ["late", "lost"])
+async def test_an_idle_late_or_lost_holds_the_queue_until_the_kernel_answers_a_probe(
+    tmp_path: Path, idle: str
+) -> None:
+    """An execution's idle that has not come a grace period after its reply: the session asks
+    the kernel (a kernel_info_request on shell, which no client sees). An idle that was late
+    (a loaded machine) comes before the kernel's answer and lets the next execution go as
+    usual; one that was lost (a PUB socket drops messages) is proven lost by the answer."""
+    async with (
+        served_hostile_kernel(tmp_path / "runtime") as (client, _, kernel),
+        client.channels("hostile") as channels,
+    ):
+        assert await kernel.published(channels, "ready")
+        kernel.hold_kernel_info = True
+        first = await channels.send(message("execute_request", {"code": "1"}))
+        second = await channels.send(message("execute_request", {"code": "2"}))
+        with trio.fail_after(TIMEOUT):
+            identities, request = await kernel.held.receive()
+        assert request.msg_id == first
+        await kernel.publish_status(request, "busy")
+        await kernel.reply(Channel.SHELL, identities, request, "execute_reply", {"status": "ok"})
+        with trio.fail_after(TIMEOUT):
+            probe_identities, probe = await kernel.held.receive()
+        assert probe.msg_type == "kernel_info_request"
+        # However long the kernel takes to answer, the queue waits for it.
+        with trio.move_on_after(REPLY_IDLE_GRACE_SECONDS):
+            too_soon = await kernel.held.receive()
+            pytest.fail(f"{too_soon[1].msg_type} sent before the kernel answered the probe")
+        if idle == "late":
+            await kernel.publish_status(request, "idle")
+        else:
+            await kernel.answer_kernel_info(Channel.SHELL, probe_identities, probe)
+        with trio.fail_after(TIMEOUT):
+            identities, request = await kernel.held.receive()
+        assert request.msg_id == second
+        if idle == "late":
+            await kernel.answer_kernel_info(Channel.SHELL, probe_identities, probe)
+        await kernel.publish_status(request, "busy")
+        await kernel.reply(Channel.SHELL, identities, request, "execute_reply", {"status": "ok"})
+        await kernel.publish_status(request, "idle")
+        frames = await until(channels, lambda f: is_idle(f, second))
+        seen = {
+            (f["header"]["msg_type"], f["parent_header"].get("msg_id"))
+            for f in frames
+            if f.get("kind") == "jupyter"
+        }
+        assert ("execute_reply", first) in seen
+        assert {msg_type for msg_type, _ in seen} == {"status", "execute_reply"}
+        assert {parent for _, parent in seen} == {first, second}  # nothing of the probe

@@ -26,7 +26,12 @@ from kallichore.session.events import (
     WorkingDirChangedEvent,
 )
 from kallichore.session.model import SessionSpec, Status
-from kallichore.session.state import REPLY_IDLE_GRACE_SECONDS, Outbox, SessionState
+from kallichore.session.state import (
+    PROBE_GRACE_SECONDS,
+    REPLY_IDLE_GRACE_SECONDS,
+    Outbox,
+    SessionState,
+)
 from tests.conftest import ipykernel_spec
 
 
@@ -176,8 +181,9 @@ def test_a_control_request_during_an_execution_keeps_the_session_busy_and_the_qu
     assert statuses(out) == [Status.IDLE]
 
 
-def test_an_execution_whose_idle_never_comes_lets_the_queue_go_after_a_grace_period() -> None:
-    clock = Clock()
+def overdue_first(clock: Clock) -> tuple[SessionState, Message, Message, Message]:
+    """A state whose active execution replied a grace period ago without its idle, a second
+    execution queued behind it, and the probe the state sent: (state, first, second, probe)."""
     state = ready_state(clock=clock)
     first, second = client("execute_request", code="1"), client("execute_request", code="2")
     run_to_busy(state, first)
@@ -186,9 +192,54 @@ def test_an_execution_whose_idle_never_comes_lets_the_queue_go_after_a_grace_per
     clock.now += REPLY_IDLE_GRACE_SECONDS / 2
     out = Outbox()
     state.check_overdue(out)
-    assert out.to_kernel == []
-    assert state.status is Status.BUSY
+    assert out == Outbox()
     clock.now += REPLY_IDLE_GRACE_SECONDS
+    state.check_overdue(out)
+    [(channel, probe)] = out.to_kernel
+    assert (channel, probe.msg_type) == (Channel.SHELL, "kernel_info_request")
+    assert out.events == []
+    assert state.status is Status.BUSY
+    assert state.execution_queue.active == first
+    state.check_overdue(out)  # one probe at a time
+    assert len(out.to_kernel) == 1
+    return state, first, second, probe
+
+
+def test_a_lost_idle_is_proven_lost_by_the_probe_that_follows_it() -> None:
+    state, _, second, probe = overdue_first(Clock())
+    out = Outbox()
+    state.from_kernel(Channel.IOPUB, busy(probe), out)
+    assert sent(out) == [second.msg_id]
+    assert statuses(out) == [Status.IDLE]
+    assert [e for e in out.events if isinstance(e, JupyterEvent)] == []  # the probe is ours
+    # The rest of the probe is not forwarded either, and changes nothing.
+    rest = Outbox()
+    state.from_kernel(Channel.SHELL, reply(probe), rest)
+    state.from_kernel(Channel.IOPUB, idle(probe), rest)
+    assert rest == Outbox()
+    assert state.execution_queue.active == second
+
+
+def test_a_late_idle_comes_before_the_probe_and_is_followed_as_usual() -> None:
+    state, first, second, probe = overdue_first(Clock())
+    out = Outbox()
+    state.from_kernel(Channel.IOPUB, idle(first), out)
+    assert sent(out) == [second.msg_id]
+    late = Outbox()
+    state.from_kernel(Channel.IOPUB, busy(probe), late)
+    state.from_kernel(Channel.IOPUB, idle(probe), late)
+    assert late == Outbox()
+
+
+def test_a_kernel_silent_for_the_probe_is_given_up_on_after_a_longer_wait() -> None:
+    clock = Clock()
+    state, first, second, probe = overdue_first(clock)
+    out = Outbox()
+    state.from_kernel(Channel.SHELL, reply(probe), out)
+    clock.now += PROBE_GRACE_SECONDS / 2
+    state.check_overdue(out)
+    assert out == Outbox()
+    clock.now += PROBE_GRACE_SECONDS
     state.check_overdue(out)
     assert sent(out) == [second.msg_id]
     assert statuses(out) == [Status.IDLE]
@@ -314,7 +365,9 @@ class KernelAndClients(RuleBasedStateMachine):
         self.kernel_shell: list[Message] = []
         self.working: Message | None = None
         self.replied: Message | None = None
-        self.replied_at = 0.0
+        # The session's probes (by msg_id) and when the latest was sent.
+        self.probes: set[str] = set()
+        self.probe_sent_at: float | None = None
         self.control_working: list[Message] = []
         self.submitted: list[str] = []
         self.sent_executions: list[str] = []
@@ -330,6 +383,10 @@ class KernelAndClients(RuleBasedStateMachine):
                 if message.msg_type == "execute_request":
                     assert message.msg_id not in self.sent_executions, "sent twice"
                     self.sent_executions.append(message.msg_id)
+                else:
+                    assert message.msg_type == "kernel_info_request"
+                    self.probes.add(message.msg_id)
+                    self.probe_sent_at = self.clock.now
                 self.kernel_shell.append(message)
             else:
                 self.control_working.append(message)
@@ -371,7 +428,8 @@ class KernelAndClients(RuleBasedStateMachine):
     @rule(lose_busy=st.booleans())
     def kernel_starts_the_next_shell_request(self, lose_busy: bool) -> None:
         self.working = self.kernel_shell.pop(0)
-        self.busy_delivered = not lose_busy
+        # The session does not show the kernel busy with its own probe.
+        self.busy_delivered = not lose_busy and self.working.msg_id not in self.probes
         if not lose_busy:
             self.from_kernel(Channel.IOPUB, busy(self.working))
 
@@ -380,7 +438,6 @@ class KernelAndClients(RuleBasedStateMachine):
     def kernel_replies(self) -> None:
         assert self.working is not None
         self.replied = self.working
-        self.replied_at = self.clock.now
         self.from_kernel(Channel.SHELL, reply(self.working))
 
     @precondition(lambda self: self.replied is not None)
@@ -401,18 +458,21 @@ class KernelAndClients(RuleBasedStateMachine):
         self.from_kernel(Channel.CONTROL, reply(request))
         self.from_kernel(Channel.IOPUB, idle(request))
 
-    @rule(seconds=st.sampled_from([0.1, 1.0, REPLY_IDLE_GRACE_SECONDS * 1.5]))
+    @rule(seconds=st.sampled_from([0.1, 1.0, REPLY_IDLE_GRACE_SECONDS * 1.5, PROBE_GRACE_SECONDS]))
     def time_passes(self, seconds: float) -> None:
         self.clock.now += seconds
-        if (
-            self.replied is not None
-            and self.clock.now - self.replied_at >= REPLY_IDLE_GRACE_SECONDS
-        ):
-            # Replied long ago and still no idle: the session stops waiting for it.
-            self.abandoned.add(self.replied.msg_id)
+        before = self.state.execution_queue.active
         out = Outbox()
         self.state.check_overdue(out)
         self.feed(out)
+        if before is None or before == self.state.execution_queue.active:
+            return
+        if before.msg_id not in self.finished:
+            # Let go of while the kernel still works on it: only when the kernel published
+            # nothing for a probe for PROBE_GRACE_SECONDS.
+            assert self.probe_sent_at is not None
+            assert self.clock.now - self.probe_sent_at >= PROBE_GRACE_SECONDS
+            self.abandoned.add(before.msg_id)
 
     @rule(answered=st.booleans())
     def heartbeat(self, answered: bool) -> None:
@@ -428,8 +488,8 @@ class KernelAndClients(RuleBasedStateMachine):
     @invariant()
     def one_execution_at_a_time(self) -> None:
         """The kernel is never handed a second execution while one runs (one abandoned by an
-        interrupt, or whose idle did not come within the grace after its reply, aside: the
-        kernel itself queues what follows it)."""
+        interrupt, or by a probe the kernel published nothing for, aside: the kernel itself
+        queues what follows it)."""
         unfinished = [m for m in self.sent_executions if m not in self.finished | self.abandoned]
         assert len(unfinished) <= 1, unfinished
 

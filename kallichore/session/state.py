@@ -13,8 +13,12 @@ Status follows the kernel's iopub `busy`/`idle`, but per request: the session is
 any request the kernel said it was working on has not gone idle yet, so a control request
 answered during a long execution (a `kernel_info_request`, a debugger request) does not make
 the session look idle, and does not release the next queued execution: the queue advances only
-on the idle of the active execution, or, for a kernel whose idle never comes (or got lost), a
-grace period after its `execute_reply`.
+on the idle of the active execution. When the idle has not come a grace period after the
+reply, the session asks the kernel whether it is still to come: it sends a `kernel_info_request`
+of its own on shell (a "probe", never forwarded). The kernel takes shell requests in order and
+publishes on iopub in order, so the probe's first iopub message proves the idle before it was
+lost (a dropped PUB message); an idle that was only late (a loaded machine) still comes first.
+Only a kernel that publishes nothing for the probe either is given up on, after a longer wait.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ from kallichore.session.model import RestartOrigin, SessionSpec, Status
 
 logger = logging.getLogger(__name__)
 
-# How long after an execute_reply the session waits for the execution's idle before it lets
-# the next queued execution go anyway (and forgets the request in flight).
+# How long after a reply the session waits for the request's idle before it probes the kernel.
 REPLY_IDLE_GRACE_SECONDS = 2.0
+# How long after sending its probe the session waits for any iopub message of it before it goes
+# on without the idles it probed for (a kernel that publishes no status at all).
+PROBE_GRACE_SECONDS = 10.0
 
 # What a client may send, and on which channel.
 CLIENT_CHANNELS = (Channel.SHELL, Channel.CONTROL, Channel.STDIN)
@@ -93,16 +99,21 @@ class SessionState:
         # Of the current kernel run:
         self._running = False
         self._ready = False
-        self._startup_requests: set[str] = set()
+        # Our own requests (kernel_info at start, probes): followed, never forwarded.
+        self._own_requests: set[str] = set()
         # Who is restarting the kernel of this run, if anybody is: its exit says so.
         self._restart: RestartOrigin | None = None
         self._kernel_info_received = False
         self._iopub_alive = False
         # Requests the kernel said `busy` for and not yet `idle` (by msg_id; "" for none).
         self._in_flight: set[str] = set()
-        # Requests whose reply came before their idle: when to stop waiting for it, and the
-        # request's type.
+        # Requests whose reply came before their idle: when to probe for it, and the request's
+        # type.
         self._idle_due: dict[str, tuple[float, str]] = {}
+        # The probe out (msg_id), when to give up on it, and the requests it was sent for.
+        self._probe: str | None = None
+        self._probe_due = 0.0
+        self._probed: dict[str, str] = {}
 
     # -- what the session is -------------------------------------------------------------------
 
@@ -203,7 +214,7 @@ class SessionState:
 
     def startup_request(self, msg_id: str) -> None:
         """We sent our own request (kernel_info): its replies and status are not forwarded."""
-        self._startup_requests.add(msg_id)
+        self._own_requests.add(msg_id)
 
     def kernel_ready(self, out: Outbox, reason: str | None = None) -> None:
         """The kernel answered and our iopub subscription is live.
@@ -288,11 +299,15 @@ class SessionState:
             self._history.note(message)
         if channel is Channel.IOPUB:
             self._iopub_alive = True
-            if msg_type == "iopub_welcome" or parent in self._startup_requests:
+            if parent in self._own_requests:
+                if parent == self._probe:
+                    self._end_probe(out)
+                return
+            if msg_type == "iopub_welcome":
                 return
             if msg_type == "status":
                 self._on_kernel_status(message, out)
-        elif parent in self._startup_requests:
+        elif parent in self._own_requests:
             if msg_type == "kernel_info_reply" and not self._kernel_info_received:
                 self._store_kernel_info(message)
                 self._kernel_info_received = True
@@ -305,19 +320,52 @@ class SessionState:
         out.events.append(JupyterEvent(channel, message))
 
     def check_overdue(self, out: Outbox) -> None:
-        """Give up waiting for the idle of requests that replied a grace period ago."""
+        """Probe the kernel for idles overdue after their reply; give up on an unanswered probe."""
+        if self._probe is not None:
+            if self._clock() >= self._probe_due:
+                logger.info(
+                    "session %s: the kernel published nothing for our probe; going on without "
+                    "the idle it was for",
+                    self._spec.session_id,
+                )
+                self._end_probe(out)
+            return
         if not self._idle_due:
             return
         now = self._clock()
         for msg_id, (due, request_type) in list(self._idle_due.items()):
             if due <= now:
-                logger.info(
-                    "session %s: no idle for %s %s after its reply; going on without it",
-                    self._spec.session_id,
-                    request_type,
-                    msg_id,
-                )
-                self._went_idle(msg_id, request_type, out)
+                del self._idle_due[msg_id]
+                self._probed[msg_id] = request_type
+        if not self._probed:
+            return
+        probe = Message.build(
+            "kernel_info_request",
+            {},
+            session=self._spec.session_id,
+            username=self._spec.username or "kallichore",
+        )
+        logger.info(
+            "session %s: no idle for %s a grace period after the reply; probing the kernel",
+            self._spec.session_id,
+            ", ".join(f"{request_type} {msg_id}" for msg_id, request_type in self._probed.items()),
+        )
+        self._probe = probe.msg_id
+        self._probe_due = now + PROBE_GRACE_SECONDS
+        self._own_requests.add(probe.msg_id)
+        out.to_kernel.append((Channel.SHELL, probe))
+
+    def _end_probe(self, out: Outbox) -> None:
+        """The probe was answered (or given up on): the idles it was for will not come."""
+        probed, self._probed, self._probe = self._probed, {}, None
+        for msg_id, request_type in probed.items():
+            logger.info(
+                "session %s: the idle of %s %s was lost; going on without it",
+                self._spec.session_id,
+                request_type,
+                msg_id,
+            )
+            self._went_idle(msg_id, request_type, out)
 
     def _on_kernel_status(self, message: Message, out: Outbox) -> None:
         try:
@@ -337,6 +385,7 @@ class SessionState:
         """The kernel finished `request`: maybe rest, maybe send the next queued execution."""
         self._in_flight.discard(request)
         self._idle_due.pop(request, None)
+        self._probed.pop(request, None)
         if request_type == "execute_request":
             self._history.ended(request)
         active = self._queue.active
@@ -367,11 +416,13 @@ class SessionState:
     def _begin_run(self) -> None:
         self._running = True
         self._ready = False
-        self._startup_requests.clear()
+        self._own_requests.clear()
         self._kernel_info_received = False
         self._iopub_alive = False
         self._in_flight.clear()
         self._idle_due.clear()
+        self._probed.clear()
+        self._probe = None
 
     def _set_status(self, status: Status, reason: str | None, out: Outbox) -> None:
         if status is self._status:
@@ -385,6 +436,8 @@ class SessionState:
             self._history.end_all()
             self._in_flight.clear()
             self._idle_due.clear()
+        self._probed.clear()
+        self._probe = None
         if status in _RESTING:
             out.rested = True
         out.events.append(StatusEvent(status, reason))
