@@ -270,6 +270,7 @@ async def test_a_connection_that_fails_ends_alone(
     """A bug met while serving one client is logged; the listener serves the next one."""
     session = await supervisor.create_session(ipykernel_spec())
     path = await sockets.open(session)
+
     async def failing(*args: Any, **kwargs: Any) -> None:
         monkeypatch.setattr(session_sockets, "serve_channels", websocket.serve_channels)
         raise RuntimeError("a bug")
