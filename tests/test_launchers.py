@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import pytest
 import trio
 
 from kallichore.client import ApiError, KallichoreClient, StatusChanged
-from kallichore.session.launch.options import parse_launcher
+from kallichore.session.launch.options import SshLauncher, parse_launcher
+from kallichore.session.launch.ssh import SshPlan
 from kallichore.supervisor import open_supervisor
 from tests.conftest import (
     IPYKERNEL_ARGV,
@@ -381,6 +383,40 @@ async def test_an_ssh_start_that_fails_says_why_and_leaves_nothing(
         await client.start(sid)
     assert f"the ssh launcher did not start the kernel: {says}" in str(refused.value)
     assert ssh_clients(ssh_host.destination) == []
+
+
+async def test_an_ssh_host_that_never_answers_fails_the_start_and_says_so(
+    client: KallichoreClient, ssh_host: SshHost
+) -> None:
+    """A host whose port takes the connection and never speaks: ssh gives up after its
+    ConnectTimeout, within the session's connection_timeout, with ssh's own words."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        at = ssh_host.options.index("-p")
+        block = {
+            "launcher": "ssh",
+            "host": ssh_host.destination,
+            "port": silent.getsockname()[1],
+            "ssh_args": [*ssh_host.options[:at], *ssh_host.options[at + 2 :]],
+        }
+        sid = "remote-silent"
+        await client.create_session(**new_session_body(sid, launcher=block))
+        refused = await client.http.post(f"/sessions/{sid}/start")
+    assert refused.status_code == 500
+    assert "ssh could not connect to" in refused.json()["error"]["message"]
+    assert "timed out" in refused.json()["output"]  # ssh's own words
+    assert ssh_clients(ssh_host.destination) == []
+
+
+def test_ssh_args_come_before_our_ssh_options_so_that_theirs_win() -> None:
+    """ssh takes the first value of an option given twice (ssh_config(5))."""
+    block = {"launcher": "ssh", "host": "h", "ssh_args": ["-o", "ConnectTimeout=3"]}
+    options = parse_launcher(block)
+    assert isinstance(options, SshLauncher)
+    argv = SshPlan(options).command("python3")
+    assert argv.index("ConnectTimeout=3") < argv.index("ConnectTimeout=10")
+    assert argv.index("ConnectTimeout=3") < argv.index("BatchMode=yes")
 
 
 async def test_a_launcher_program_not_on_path_is_named(

@@ -27,6 +27,9 @@ from kallichore.session.launch.remote import (
     shim_command,
 )
 
+# How long ssh waits for a host to answer (connect and greeting).
+CONNECT_TIMEOUT_SECONDS = 10
+
 
 @attrs.define
 class SshPlan:
@@ -79,15 +82,18 @@ class SshPlan:
         return self.options.host.rpartition("@")[2]
 
     def _ssh_options(self) -> list[str]:
+        """The user's `ssh_args` first: for an `-o` option given twice, ssh takes the first."""
         options = self.options
-        argv = ["ssh", "-T", "-o", "BatchMode=yes"]
-        # A dead connection is noticed (and reattached) within about 15 seconds.
+        argv = ["ssh", "-T", *options.ssh_args, "-o", "BatchMode=yes"]
+        # A host that does not answer fails a start (or one reattach attempt) in 10 seconds; a
+        # dead connection is noticed (and reattached) within about 15.
+        argv += ["-o", f"ConnectTimeout={CONNECT_TIMEOUT_SECONDS}"]
         argv += ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
         if options.port is not None:
             argv += ["-p", str(options.port)]
         if options.identity_file is not None:
             argv += ["-i", options.identity_file]
-        return [*argv, *options.ssh_args]
+        return argv
 
     def _ssh(self, remote: list[str]) -> list[str]:
         return [*self._ssh_options(), "--", self.options.host, shell_command(remote)]
