@@ -156,7 +156,8 @@ class Dispatcher:
         except Exception:
             logger.exception("%s %s failed", request.method, repr(request.path)[1:-1])
             response = ApiResponse(500)
-        log_response(request.method, request.path, response.status)
+        if not response.quiet:
+            log_response(request.method, request.path, response.status)
         return response
 
     async def _respond(self, request: ApiRequest) -> ApiResponse:

@@ -44,3 +44,5 @@ class ApiResponse:
     content_type: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     stream: StreamedBody | None = None
+    # An error status that is an answer, not a failure (a probe's "unhealthy"): not logged.
+    quiet: bool = False

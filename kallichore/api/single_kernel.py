@@ -174,7 +174,8 @@ async def health(api: SingleKernelApi) -> ApiResponse | Health:
         assert session is not None
         return Health("healthy", True, session.process_id)
     pid = session.process_id if session is not None else None
-    return json_response(Health("unhealthy", False, pid), 503)
+    # Probes ask every few seconds: their answer is not a failure to log each time.
+    return attrs.evolve(json_response(Health("unhealthy", False, pid), 503), quiet=True)
 
 
 # The agent API's execute route, whose body, answers and handler `/kernel/execute` shares.
