@@ -445,3 +445,33 @@ async def test_an_idle_late_or_lost_holds_the_queue_until_the_kernel_answers_a_p
         assert ("execute_reply", first) in seen
         assert {msg_type for msg_type, _ in seen} == {"status", "execute_reply"}
         assert {parent for _, parent in seen} == {first, second}  # nothing of the probe
+
+
+async def test_an_execution_sent_after_an_interrupt_waits_for_the_interrupted_one_to_end(
+    tmp_path: Path,
+) -> None:
+    """An interrupt drops the executions held, but the one at the kernel keeps its place until
+    its idle: sent earlier, the next would reach ipykernel while it still aborts what comes
+    after the interrupted execution's error (an agent's next call came back `aborted`)."""
+    async with (
+        served_hostile_kernel(tmp_path / "runtime") as (client, _, kernel),
+        client.channels("hostile") as channels,
+    ):
+        assert await kernel.published(channels, "ready")
+        await channels.send(message("execute_request", {"code": "sleep"}))
+        with trio.fail_after(TIMEOUT):
+            identities, request = await kernel.held.receive()
+        await kernel.publish_status(request, "busy")
+        held = await channels.send(message("execute_request", {"code": "held"}))
+        await until(channels, lambda f: f.get("executionQueued") == held)
+        await channels.send(message("interrupt_request", {}, "control"))
+        after = await channels.send(message("execute_request", {"code": "after"}))
+        await until(channels, lambda f: f.get("executionQueued") == after)
+        with pytest.raises(trio.WouldBlock):
+            kernel.held.receive_nowait()
+        error = {"status": "error", "ename": "KeyboardInterrupt", "evalue": "", "traceback": []}
+        await kernel.reply(Channel.SHELL, identities, request, "execute_reply", error)
+        await kernel.publish_status(request, "idle")
+        with trio.fail_after(TIMEOUT):
+            _, request = await kernel.held.receive()
+        assert request.msg_id == after  # `held` was dropped by the interrupt

@@ -264,17 +264,30 @@ def test_an_idle_before_its_reply_needs_no_grace_period() -> None:
     assert out == Outbox()
 
 
-def test_interrupt_and_shutdown_requests_drop_the_queue() -> None:
+def test_interrupt_and_shutdown_requests_drop_what_is_held_and_the_active_ends_first() -> None:
+    """The executions held are dropped (the kernel would abort them); the one at the kernel
+    keeps its place until its idle: ipykernel aborts an execution that arrives while it is
+    still ending an interrupted one."""
     for msg_type in ("interrupt_request", "shutdown_request"):
         state = ready_state()
-        run_to_busy(state, client("execute_request", code="1"))
-        state.from_client(Channel.SHELL, client("execute_request", code="2"), Outbox())
+        first, second = client("execute_request", code="1"), client("execute_request", code="2")
+        run_to_busy(state, first)
+        state.from_client(Channel.SHELL, second, Outbox())
         out = Outbox()
         request = client(msg_type)
         state.from_client(Channel.CONTROL, request, out)
         assert sent(out) == [request.msg_id]
-        assert state.execution_queue.active is None
+        assert state.execution_queue.active == first
         assert len(state.execution_queue) == 0
+        [dropped] = [e for e in state.history.entries() if e["msg_id"] == second.msg_id]
+        assert dropped["status"] == "aborted"
+        third = client("execute_request", code="3")
+        out = Outbox()
+        state.from_client(Channel.SHELL, third, out)
+        state.from_kernel(Channel.SHELL, reply(first), out)
+        assert sent(out) == []
+        state.from_kernel(Channel.IOPUB, idle(first), out)
+        assert sent(out) == [third.msg_id]
 
 
 def test_heartbeat_offline_and_back_to_what_the_kernel_is_doing() -> None:
@@ -416,10 +429,7 @@ class KernelAndClients(RuleBasedStateMachine):
 
     @rule()
     def client_interrupts(self) -> None:
-        queued = self.state.execution_queue
-        self.dropped.update(m.msg_id for m in queued.pending)
-        if queued.active is not None:
-            self.abandoned.add(queued.active.msg_id)
+        self.dropped.update(m.msg_id for m in self.state.execution_queue.pending)
         out = Outbox()
         self.state.from_client(Channel.CONTROL, client("interrupt_request"), out)
         self.feed(out)
@@ -487,9 +497,9 @@ class KernelAndClients(RuleBasedStateMachine):
 
     @invariant()
     def one_execution_at_a_time(self) -> None:
-        """The kernel is never handed a second execution while one runs (one abandoned by an
-        interrupt, or by a probe the kernel published nothing for, aside: the kernel itself
-        queues what follows it)."""
+        """The kernel is never handed a second execution while one runs (one abandoned after
+        a probe the kernel published nothing for aside: the kernel itself queues what follows
+        it)."""
         unfinished = [m for m in self.sent_executions if m not in self.finished | self.abandoned]
         assert len(unfinished) <= 1, unfinished
 

@@ -51,6 +51,12 @@ class ExecutionQueue:
                 return True
         return False
 
+    def drop_pending(self) -> list[Message]:
+        """Drop the held requests (the active one keeps its place); those dropped, in order."""
+        dropped = list(self.pending)
+        self.pending.clear()
+        return dropped
+
     def clear(self) -> None:
         self.active = None
         self.pending.clear()

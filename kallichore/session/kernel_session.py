@@ -563,7 +563,7 @@ class KernelSession:
             with contextlib.suppress(KallichoreError):
                 await self.interrupt()
             grace = trio.current_time() + self._config.interrupt_grace
-            # At the kernel: an interrupt by message takes it out of the queue, not off the kernel.
+            # At the kernel: it has a reply to come, even if its idle came first.
             if await self._follow(watch, msg_id, collector, on_item, grace, at_kernel=True):
                 return collector.outcome("timeout")
         logger.warning(

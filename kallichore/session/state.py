@@ -55,7 +55,10 @@ PROBE_GRACE_SECONDS = 10.0
 
 # What a client may send, and on which channel.
 CLIENT_CHANNELS = (Channel.SHELL, Channel.CONTROL, Channel.STDIN)
-# Requests that end what the kernel is doing: queued executions are dropped when one passes.
+# Requests that end what the kernel is doing: held executions are dropped when one passes (the
+# kernel would abort them). The active one keeps its place until its idle: one sent while the
+# kernel is still ending it would be aborted (ipykernel aborts what arrives before it has
+# stopped aborting after an interrupted execution's error).
 _QUEUE_CLEARING = frozenset(("interrupt_request", "shutdown_request"))
 _RESTING = frozenset((Status.IDLE, Status.EXITED))
 # The status reason of a kernel that a restarted daemon took over again.
@@ -288,7 +291,7 @@ class SessionState:
                 return
             self._history.began(message.msg_id)
         elif message.msg_type in _QUEUE_CLEARING:
-            self._clear_queue()
+            self._drop_held()
         out.to_kernel.append((channel, message))
 
     def from_kernel(self, channel: Channel, message: Message, out: Outbox) -> None:
@@ -442,10 +445,14 @@ class SessionState:
             out.rested = True
         out.events.append(StatusEvent(status, reason))
 
-    def _clear_queue(self) -> None:
-        """Drop the held executions (they never reach the kernel) and the active one's place."""
-        for request in self._queue.pending:
+    def _drop_held(self) -> None:
+        """Drop the held executions: they never reach the kernel."""
+        for request in self._queue.drop_pending():
             self._history.ended(request.msg_id, "aborted")
+
+    def _clear_queue(self) -> None:
+        """Drop the held executions and the active one's place (its kernel is gone)."""
+        self._drop_held()
         self._queue.clear()
 
     def _store_kernel_info(self, reply: Message) -> None:
