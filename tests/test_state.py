@@ -220,6 +220,16 @@ def test_a_lost_idle_is_proven_lost_by_the_probe_that_follows_it() -> None:
     assert state.execution_queue.active == second
 
 
+def test_a_probe_outlives_status_changes_while_it_is_out() -> None:
+    state, _, second, probe = overdue_first(Clock())
+    out = Outbox()
+    state.heartbeat_missed(out)
+    state.heartbeat_answered(out)
+    assert statuses(out) == [Status.OFFLINE, Status.BUSY]
+    state.from_kernel(Channel.IOPUB, busy(probe), out)
+    assert sent(out) == [second.msg_id]
+
+
 def test_a_late_idle_comes_before_the_probe_and_is_followed_as_usual() -> None:
     state, first, second, probe = overdue_first(Clock())
     out = Outbox()
@@ -494,6 +504,29 @@ class KernelAndClients(RuleBasedStateMachine):
             self.state.heartbeat_missed(out)
             assert self.state.status is Status.OFFLINE
         self.feed(out)
+
+    @rule()
+    def kernel_and_clock_settle(self) -> None:
+        """However it got here: once the kernel does all it was sent, with every message of
+        it delivered, and time passes, every execution has been sent and the session rests.
+        Nothing waits for ever (a probe forgotten, an idle waited for that will not come)."""
+        self.heartbeat(answered=True)
+        for _ in range(200):
+            if self.control_working:
+                self.kernel_answers_on_control()
+            elif self.working is not None:
+                if self.replied is None:
+                    self.kernel_replies()
+                self.kernel_goes_idle(lose_idle=False)
+            elif self.kernel_shell:
+                self.kernel_starts_the_next_shell_request(lose_busy=False)
+            else:
+                self.time_passes(REPLY_IDLE_GRACE_SECONDS + PROBE_GRACE_SECONDS)
+                if not self.kernel_shell:
+                    break
+        queue = self.state.execution_queue
+        assert (queue.active, len(queue)) == (None, 0)
+        assert self.state.status is Status.IDLE
 
     @invariant()
     def one_execution_at_a_time(self) -> None:

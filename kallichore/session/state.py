@@ -439,8 +439,8 @@ class SessionState:
             self._history.end_all()
             self._in_flight.clear()
             self._idle_due.clear()
-        self._probed.clear()
-        self._probe = None
+            self._probed.clear()
+            self._probe = None
         if status in _RESTING:
             out.rested = True
         out.events.append(StatusEvent(status, reason))
