@@ -189,6 +189,7 @@ class SessionSockets:
             )
         except* Exception:
             logger.exception("session %s: a channels connection failed", session.session_id)
+            await trio.aclose_forcefully(stream)
 
 
 async def _listen_privately(path: Path) -> trio.SocketListener:
