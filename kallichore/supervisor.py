@@ -77,6 +77,8 @@ class Supervisor:
         self._ports = PortAllocator.for_this_machine()
         self._sessions: dict[str, KernelSession] = {}
         self._by_kernel_id: dict[str, KernelSession] = {}
+        # The session ids and kernel ids of sessions being created (their nursery starting).
+        self._creating: set[tuple[str, str]] = set()
         # Sessions whose kernel `start_soon` is starting, and the event set once it is done.
         self._starting: dict[str, trio.Event] = {}
         self._sample_interval = SampleInterval(config.resource_sample_interval_ms)
@@ -114,11 +116,11 @@ class Supervisor:
 
     async def create_session(self, spec: SessionSpec) -> KernelSession:
         """Register a new session (nothing is launched until `KernelSession.start()`)."""
-        if spec.session_id in self._sessions:
+        if spec.session_id in self._sessions or ("session", spec.session_id) in self._creating:
             raise KallichoreError(
                 ErrorCode.SESSION_EXISTS, f"session {spec.session_id} already exists"
             )
-        if spec.kernel_id in self._by_kernel_id:
+        if spec.kernel_id in self._by_kernel_id or ("kernel", spec.kernel_id) in self._creating:
             raise KallichoreError(
                 ErrorCode.SESSION_EXISTS, f"a session with kernel id {spec.kernel_id} exists"
             )
@@ -143,9 +145,15 @@ class Supervisor:
             key=key,
             created=created,
         )
+        # Reserved while its nursery starts; found by requests only once it can run a kernel.
+        reserved = {("session", spec.session_id), ("kernel", spec.kernel_id)}
+        self._creating |= reserved
+        try:
+            await self._nursery.start(session.run)
+        finally:
+            self._creating -= reserved
         self._sessions[spec.session_id] = session
         self._by_kernel_id[spec.kernel_id] = session
-        await self._nursery.start(session.run)
         logger.info(
             "session %s: created (%s, %s)", spec.session_id, spec.display_name, spec.language
         )

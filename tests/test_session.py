@@ -82,6 +82,35 @@ def statuses(events: list[Event]) -> list[tuple[Status, str | None]]:
     return [(e.status, e.reason) for e in events if isinstance(e, StatusEvent)]
 
 
+async def test_a_session_is_found_only_once_it_can_run_a_kernel(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request for a session still being created (two clients at once: schemathesis's
+    workers did it) must not find it half made: its start would fail with a 500."""
+    looked_up: list[str] = []
+    run = KernelSession.run
+
+    async def run_looked_up(
+        session: KernelSession, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # What a request served while the session's nursery starts would find.
+        try:
+            supervisor.get(session.session_id)
+        except KallichoreError:
+            looked_up.append("not found")
+        else:
+            looked_up.append("found half made")
+        await run(session, task_status=task_status)
+
+    monkeypatch.setattr(KernelSession, "run", run_looked_up)
+    session = await supervisor.create_session(ipykernel_spec())
+    assert looked_up == ["not found"]
+    assert supervisor.get(session.session_id) is session
+    with pytest.raises(KallichoreError) as twice:
+        await supervisor.create_session(ipykernel_spec())
+    assert twice.value.code is ErrorCode.SESSION_EXISTS
+
+
 async def test_start_returns_kernel_info_and_session_is_idle(supervisor: Supervisor) -> None:
     session = await supervisor.create_session(ipykernel_spec())
     assert session.status is Status.UNINITIALIZED

@@ -491,7 +491,7 @@ class KernelAndClients(RuleBasedStateMachine):
             # Let go of while the kernel still works on it: only when the kernel published
             # nothing for a probe for PROBE_GRACE_SECONDS.
             assert self.probe_sent_at is not None
-            assert self.clock.now - self.probe_sent_at >= PROBE_GRACE_SECONDS
+            assert self.clock.now >= self.probe_sent_at + PROBE_GRACE_SECONDS
             self.abandoned.add(before.msg_id)
 
     @rule(answered=st.booleans())
